@@ -1,0 +1,64 @@
+# transferlab: `make run` (the pipeline) and `make test` set everything up themselves.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+TF ?= cpu
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed-$(TF)
+export PATH := $(BIN):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Quiet DVC's anonymous usage report (it cannot reach its server from offline machines anyway).
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: setup test test-fast run demo sweep ui bench params lint format lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q -e '.[$(TF),dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: setup            ## the whole test suite (about 10 minutes on 2 cores)
+	$(BIN)/pytest
+
+test-fast: setup       ## skip the tests that train models or start servers
+	$(BIN)/pytest -m "not slow"
+
+run: setup             ## the main job: download -> split -> train -> evaluate with DVC
+	$(BIN)/dvc repro
+
+demo: setup            ## the whole pipeline offline on synthetic images, in a scratch copy
+	$(BIN)/python -m transferlab.demo
+
+sweep: setup           ## an example Hydra multirun sweep on the prepared splits
+	$(BIN)/transferlab-train -m train.learning_rate=1e-2,1e-3 model.dropout=0.2,0.5
+
+ui: setup              ## the MLflow UI on this project's store
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
+
+bench: setup           ## benchmark figures; writes reports/bench.json
+	$(BIN)/python bench/run.py
+
+params: setup          ## rewrite params.yaml from conf/ (add OVERRIDES="a=b c=d")
+	$(BIN)/transferlab compose $(OVERRIDES)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+lock: setup            ## refresh requirements.lock from the current venv
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^tensorflow' \
+		| sed '1i # Exact versions installed by `make setup` (Python 3.11), except TensorFlow: see pyproject extras. `make lock` regenerates.' \
+		> requirements.lock
+
+clean:
+	rm -rf build outputs .pytest_cache .ruff_cache

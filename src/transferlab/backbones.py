@@ -1,0 +1,69 @@
+"""Backbone registry: config name -> Keras application, its preprocessing and input size.
+
+Importing this module does not import TensorFlow; the constructor is looked up on
+`keras.applications` only when a model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+# How raw RGB pixels in [0, 255] are turned into what the backbone expects.
+#   builtin: the application rescales internally (EfficientNet)
+#   tf:      scale to [-1, 1] (MobileNet family)
+#   caffe:   RGB -> BGR and subtract the ImageNet channel means (ResNet)
+Preprocessing = Literal["builtin", "tf", "caffe"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one `keras.applications` backbone."""
+
+    application: str
+    preprocessing: Preprocessing
+    default_image_size: int
+    alphas: tuple[float, ...] | None = None
+    # File name Keras caches ImageNet no-top weights under; `{alpha}` and `{size}` are filled.
+    imagenet_file: str | None = None
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_b0": BackboneSpec("EfficientNetB0", "builtin", 224, imagenet_file="efficientnetb0_notop.h5"),
+    "efficientnet_b1": BackboneSpec("EfficientNetB1", "builtin", 240, imagenet_file="efficientnetb1_notop.h5"),
+    "efficientnet_b2": BackboneSpec("EfficientNetB2", "builtin", 260, imagenet_file="efficientnetb2_notop.h5"),
+    "efficientnet_b3": BackboneSpec("EfficientNetB3", "builtin", 300, imagenet_file="efficientnetb3_notop.h5"),
+    "mobilenet_v2": BackboneSpec(
+        "MobileNetV2",
+        "tf",
+        224,
+        alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
+        imagenet_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5",
+    ),
+    "mobilenet": BackboneSpec(
+        "MobileNet",
+        "tf",
+        224,
+        alphas=(0.25, 0.5, 0.75, 1.0),
+        imagenet_file="mobilenet_{alpha_code}_{size}_tf_no_top.h5",
+    ),
+    "resnet50": BackboneSpec(
+        "ResNet50", "caffe", 224, imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    ),
+}
+
+
+def imagenet_weights_filename(backbone: str, alpha: float | None, image_size: int) -> str | None:
+    """The file name under `$KERAS_HOME/models/` that Keras reads ImageNet weights from."""
+    spec = BACKBONES[backbone]
+    if spec.imagenet_file is None:
+        return None
+    alpha = alpha if alpha is not None else 1.0
+    alpha_code = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}.get(alpha, str(alpha))
+    size = image_size if image_size in (96, 128, 160, 192, 224) else 224
+    return spec.imagenet_file.format(alpha=alpha, alpha_code=alpha_code, size=size)
+
+
+def resolve_image_size(backbone: str, configured: int | None) -> int:
+    """The configured input size, or the backbone's native one."""
+    return configured if configured is not None else BACKBONES[backbone].default_image_size

@@ -1,0 +1,397 @@
+"""The one owner of configuration: compose `conf/` with Hydra, validate, hash, flatten.
+
+Every entry point (DVC stage commands, the Hydra app, `dvc exp run -S`) ends up with a
+plain mapping. `validate` turns it into a frozen `Config` or raises `ConfigError` with one
+line naming the offending key. Nothing else in the package reads YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from transferlab import atomic
+from transferlab.backbones import BACKBONES
+from transferlab.errors import ConfigError
+
+CONFIG_NAME = "config"
+SYNTHETIC_SOURCE = "synthetic"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Procedural dataset: one class per shape/colour, drawn with noise."""
+
+    num_classes: int = 3
+    images_per_class: int = 40
+    image_size: int = 96
+    seed: int = 0
+
+    def check(self) -> None:
+        _require(2 <= self.num_classes <= 8, "data.synthetic.num_classes", "in [2, 8]", self.num_classes)
+        _require(self.images_per_class >= 3, "data.synthetic.images_per_class", ">= 3", self.images_per_class)
+        _require(16 <= self.image_size <= 1024, "data.synthetic.image_size", "in [16, 1024]", self.image_size)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are split."""
+
+    name: str
+    source: str
+    sha256: str | None = None
+    image_size: int | None = None
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 123
+    synthetic: SyntheticConfig | None = None
+
+    def check(self) -> None:
+        _require(bool(_SAFE_NAME.match(self.name)), "data.name", "a plain folder name", self.name)
+        _require(bool(self.source.strip()), "data.source", "a URL, archive or folder", self.source)
+        if self.sha256 is not None:
+            _require(bool(_SHA256.match(self.sha256)), "data.sha256", "64 lowercase hex digits", self.sha256)
+        if self.image_size is not None:
+            _require(32 <= self.image_size <= 1024, "data.image_size", "in [32, 1024]", self.image_size)
+        _require(0 < self.val_fraction < 1, "data.val_fraction", "in (0, 1)", self.val_fraction)
+        _require(0 <= self.test_fraction < 1, "data.test_fraction", "in [0, 1)", self.test_fraction)
+        total = self.val_fraction + self.test_fraction
+        _require(total < 1, "data.val_fraction + data.test_fraction", "below 1", round(total, 6))
+        if self.source == SYNTHETIC_SOURCE:
+            if self.synthetic is None:
+                raise ConfigError("data.synthetic must be set when data.source is 'synthetic'")
+            self.synthetic.check()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone, its ImageNet (or local) weights and the head's dropout."""
+
+    backbone: str = "efficientnet_b0"
+    alpha: float | None = None
+    weights: str | None = "imagenet"
+    dropout: float = 0.2
+
+    def check(self) -> None:
+        known = ", ".join(sorted(BACKBONES))
+        _require(self.backbone in BACKBONES, "model.backbone", f"one of {known}", self.backbone)
+        spec = BACKBONES[self.backbone]
+        if self.alpha is not None:
+            _require(spec.alphas is not None, "model.alpha", f"null for {self.backbone}", self.alpha)
+            assert spec.alphas is not None
+            allowed = ", ".join(str(a) for a in spec.alphas)
+            _require(self.alpha in spec.alphas, "model.alpha", f"one of {allowed}", self.alpha)
+        if self.weights not in (None, "imagenet"):
+            ok = self.weights.endswith((".h5", ".keras"))
+            _require(ok, "model.weights", "imagenet, null or a .h5/.keras file path", self.weights)
+        _require(0 <= self.dropout < 1, "model.dropout", "in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Random training-time augmentation; all zero means none."""
+
+    flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "none"
+    rotation: float = 0.0
+    zoom: float = 0.0
+    translation: float = 0.0
+    contrast: float = 0.0
+
+    def check(self) -> None:
+        _require(0 <= self.rotation <= 0.5, "augment.rotation", "in [0, 0.5] (fraction of a turn)", self.rotation)
+        _require(0 <= self.zoom < 1, "augment.zoom", "in [0, 1)", self.zoom)
+        _require(0 <= self.translation <= 0.5, "augment.translation", "in [0, 0.5]", self.translation)
+        _require(0 <= self.contrast <= 1, "augment.contrast", "in [0, 1]", self.contrast)
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one random layer is active."""
+        return self.flip != "none" or any((self.rotation, self.zoom, self.translation, self.contrast))
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How much of the backbone trains, and an optional second phase."""
+
+    unfreeze: int | Literal["all"] = 0
+    epochs: int = 0
+    learning_rate: float | None = None
+
+    def check(self) -> None:
+        if self.unfreeze != "all":
+            _require(self.unfreeze >= 0, "finetune.unfreeze", ">= 0 or 'all'", self.unfreeze)
+        _require(self.epochs >= 0, "finetune.epochs", ">= 0", self.epochs)
+        if self.learning_rate is not None:
+            _require(self.learning_rate > 0, "finetune.learning_rate", "> 0", self.learning_rate)
+        if self.epochs > 0:
+            _require(self.unfreeze != 0, "finetune.unfreeze", "> 0 when finetune.epochs > 0", self.unfreeze)
+            _require(
+                self.learning_rate is not None,
+                "finetune.learning_rate",
+                "set when finetune.epochs > 0",
+                self.learning_rate,
+            )
+
+    @property
+    def two_phase(self) -> bool:
+        """Head first with the backbone frozen, then unfreeze and continue."""
+        return self.epochs > 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and execution settings."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    label_smoothing: float = 0.0
+    seed: int = 123
+    deterministic: bool = False
+    strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"
+    mixed_precision: bool = False
+    feature_cache: bool = True
+
+    def check(self) -> None:
+        _require(1 <= self.epochs <= 10_000, "train.epochs", "in [1, 10000]", self.epochs)
+        _require(1 <= self.batch_size <= 65_536, "train.batch_size", "in [1, 65536]", self.batch_size)
+        _require(0 < self.learning_rate <= 10, "train.learning_rate", "in (0, 10]", self.learning_rate)
+        _require(0 <= self.label_smoothing < 1, "train.label_smoothing", "in [0, 1)", self.label_smoothing)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What the evaluate stage reports."""
+
+    top_k: int = 2
+    misclassified: int = 16
+    calibration_bins: int = 10
+
+    def check(self) -> None:
+        _require(self.top_k >= 1, "evaluate.top_k", ">= 1", self.top_k)
+        _require(0 <= self.misclassified <= 100, "evaluate.misclassified", "in [0, 100]", self.misclassified)
+        _require(2 <= self.calibration_bins <= 100, "evaluate.calibration_bins", "in [2, 100]", self.calibration_bins)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Tracking store and experiment; MLFLOW_TRACKING_URI overrides tracking_uri."""
+
+    tracking_uri: str | None = None
+    experiment: str = "transferlab"
+    log_model: bool = True
+    system_metrics: bool = True
+
+    def check(self) -> None:
+        _require(bool(self.experiment.strip()), "mlflow.experiment", "a non-empty name", self.experiment)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Multirun behaviour."""
+
+    skip_finished: bool = True
+
+    def check(self) -> None:
+        """Nothing to range-check; types are checked by `validate`."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated, composed configuration of one run."""
+
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def check(self) -> None:
+        for section in dataclasses.fields(self):
+            getattr(self, section.name).check()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, as written to params.yaml."""
+        return dataclasses.asdict(self)
+
+
+# Sections whose values change what a training run produces.
+TRAINING_SECTIONS = ("data", "model", "augment", "finetune", "train")
+
+
+def _require(ok: bool, key: str, expected: str, got: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {expected}, got {got!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    args = typing.get_args(tp)
+    if args:
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be one of {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {_join(prefix, unknown[0])} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key} is required")
+            continue
+        kwargs[f.name] = _coerce(raw[f.name], hints[f.name], key)
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def validate(raw: Mapping[str, Any]) -> Config:
+    """Turn a composed mapping into a checked `Config`, or raise `ConfigError`."""
+    cfg = _build(Config, raw, "")
+    cfg.check()
+    return cfg
+
+
+def conf_dir() -> Path:
+    """`conf/` of the project in the working directory, else of this source checkout."""
+    local = Path.cwd() / "conf"
+    if (local / f"{CONFIG_NAME}.yaml").is_file():
+        return local
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_raw(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:
+    """Compose `conf/` with Hydra's compose API (the same composition DVC performs)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    directory = (config_dir or conf_dir()).resolve()
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+            composed = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        return typing.cast(dict[str, Any], OmegaConf.to_container(composed, resolve=True, throw_on_missing=True))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_first_line(exc)) from exc
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    key = getattr(exc, "full_key", None)  # OmegaConf names only the leaf ("source") in the first line
+    return f"{first} ({key})" if key and key not in first else first
+
+
+def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> Config:
+    """Compose and validate."""
+    return validate(compose_raw(overrides, config_dir))
+
+
+def from_omegaconf(node: Any) -> Config:
+    """Validate a DictConfig handed over by `@hydra.main`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        raw = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_first_line(exc)) from exc
+    return validate(typing.cast(dict[str, Any], raw))
+
+
+def load_params(path: Path) -> Config:
+    """Read and validate a params.yaml written by `compose` (or by DVC's Hydra integration)."""
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run `transferlab compose` to write it")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {_first_line(exc)}") from exc
+    return validate(raw or {})
+
+
+def write_params(cfg: Config, path: Path) -> None:
+    """Write the composed config as YAML, atomically."""
+    text = "# Written by `transferlab compose` from conf/. Edit conf/, not this file.\n"
+    text += yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic.write_text(path, text)
+
+
+def config_hash(cfg: Config) -> str:
+    """Short digest of the sections that determine a training result."""
+    payload = {name: dataclasses.asdict(getattr(cfg, name)) for name in TRAINING_SECTIONS}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """`{"model.dropout": 0.2, ...}` for logging as MLflow params."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(_join(prefix, key), value)
+        else:
+            flat[prefix] = node
+
+    walk("", cfg.to_dict())
+    return flat

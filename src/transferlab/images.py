@@ -1,0 +1,89 @@
+"""Image file checks: does a file fully decode as an image the input pipeline can read?
+
+Used by the split stage to keep unreadable files out of the manifests, and reusable by
+anything else that takes image files from users. Pillow only; no TensorFlow here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+# Formats `tf.io.decode_image` reads (MPO is the multi-picture JPEG some cameras write).
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP"})
+_ACCEPTED = "JPEG, PNG, GIF, BMP"
+
+
+def is_hidden(name: str) -> bool:
+    """Dot files and folders (.DS_Store, .ipynb_checkpoints, editor swap files)."""
+    return name.startswith(".")
+
+
+def check_image(path: Path) -> str | None:
+    """None when `path` decodes completely as a supported image, else why it does not.
+
+    `verify()` checks the structure without decoding pixels; a second open and `load()`
+    decodes them, which is what catches truncated files. Grayscale, CMYK, palette and alpha
+    images pass: the input pipeline converts them to RGB.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            if image.format not in SUPPORTED_FORMATS:
+                return f"unsupported image format {image.format} (accepted: {_ACCEPTED})"
+            if image.format == "BMP" and (problem := _bmp_problem(path, image.mode)):
+                return problem
+            image.verify()
+        with Image.open(path) as image:
+            # JPEG: decode at 1/8 scale; every compressed byte is still read, so truncation shows.
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except UnidentifiedImageError:
+        return f"not an image ({_ACCEPTED} accepted)"
+    except Image.DecompressionBombError as exc:
+        return f"too large to decode safely: {exc}"
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...) on bad data
+        return f"corrupt or truncated: {_one_line(exc)}"
+    return None
+
+
+def check_images(paths: Sequence[Path], *, workers: int | None = None) -> list[str | None]:
+    """`check_image` for many files, in order, on a thread pool (Pillow decodes without the GIL).
+
+    The progress bar shows only when stderr is a terminal.
+    """
+    if not paths:
+        return []
+    workers = workers or min(32, (os.cpu_count() or 1) + 2)
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(paths), desc="checking images", unit="img", disable=None) as bar,
+    ):
+        results = []
+        for reason in pool.map(check_image, paths):
+            results.append(reason)
+            bar.update()
+    return results
+
+
+def _bmp_problem(path: Path, mode: str) -> str | None:
+    """TensorFlow's BMP decoder reads 24- and 32-bit pixels, and 8-bit ones as gray levels."""
+    with path.open("rb") as f:
+        header = f.read(30)
+    header_size = int.from_bytes(header[14:18], "little")
+    bits = int.from_bytes(header[24:26] if header_size == 12 else header[28:30], "little")
+    if bits in (24, 32) or (bits == 8 and mode == "L"):
+        return None
+    kind = "8-bit palette" if bits == 8 else f"{bits}-bit"
+    return f"{kind} BMP is not readable by the input pipeline (save it as 24-bit BMP, PNG or JPEG)"
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__

@@ -1,0 +1,118 @@
+"""Where every stage reads and writes: defined once, used by stages, tests and dvc.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# DVC runs queued and `--temp` experiments in a copy of the repo at <repo>/.dvc/tmp/exps/...
+_DVC_TEMP_MARKER = (".dvc", "tmp", "exps")
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project a command runs in: the working directory (DVC runs stages from the repo root)."""
+    return (start or Path.cwd()).resolve()
+
+
+def tracking_root(start: Path | None = None) -> Path:
+    """Where `mlruns/` lives: the project root, or the real repo when DVC runs in a temp copy.
+
+    Experiments queued with `dvc exp run --queue` execute in a throwaway copy of the repo;
+    their MLflow runs must land in the repo's own store, not in the copy.
+    """
+    root = project_root(start)
+    parts = root.parts
+    for i in range(len(parts) - len(_DVC_TEMP_MARKER) + 1):
+        if parts[i : i + len(_DVC_TEMP_MARKER)] == _DVC_TEMP_MARKER:
+            return Path(*parts[:i])
+    return root
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """The file contract between the download, split, train and evaluate stages.
+
+    Data (raw images, splits, caches) lives under `root`; what a training run produces
+    (models, reports, checkpoints) under `output_root`, which is `root` for the DVC pipeline
+    and the Hydra job folder for `transferlab-train`, so sweep jobs never overwrite each other.
+    """
+
+    root: Path
+    output_root: Path | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.output_root if self.output_root is not None else self.root
+
+    @property
+    def raw_root(self) -> Path:
+        return self.root / "data" / "raw"
+
+    def raw_dataset(self, name: str) -> Path:
+        return self.raw_root / name
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "data" / "splits"
+
+    def manifest(self, split: str) -> Path:
+        return self.splits / f"{split}.csv"
+
+    @property
+    def classes(self) -> Path:
+        return self.splits / "classes.json"
+
+    @property
+    def split_report(self) -> Path:
+        return self.splits / "report.json"
+
+    @property
+    def feature_cache(self) -> Path:
+        return self.root / "data" / "cache" / "features"
+
+    @property
+    def models(self) -> Path:
+        return self.out / "models"
+
+    @property
+    def model_file(self) -> Path:
+        return self.models / "model.keras"
+
+    @property
+    def run_file(self) -> Path:
+        return self.models / "run.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def reports(self) -> Path:
+        return self.out / "reports"
+
+    @property
+    def history(self) -> Path:
+        return self.reports / "history.csv"
+
+    @property
+    def training_curves(self) -> Path:
+        return self.reports / "training_curves.png"
+
+    @property
+    def metrics(self) -> Path:
+        return self.reports / "metrics.json"
+
+    @property
+    def per_class(self) -> Path:
+        return self.reports / "per_class.csv"
+
+    @property
+    def confusion(self) -> Path:
+        return self.reports / "confusion.csv"
+
+    @property
+    def figures(self) -> Path:
+        return self.reports / "figures"
+
+
+SPLITS = ("train", "val", "test")

@@ -1,0 +1,163 @@
+"""PNG figures for reports and MLflow, drawn with matplotlib's Agg renderer (no display needed).
+
+Each function takes plain data and a path, writes one PNG, and returns the path. Figures are
+built with `matplotlib.figure.Figure` rather than pyplot, so nothing global is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from transferlab.metrics import Calibration
+
+log = logging.getLogger(__name__)
+
+DPI = 110
+# Above this many classes the confusion heat map drops per-cell numbers.
+ANNOTATE_MAX_CLASSES = 20
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    log.info("wrote %s", path)
+    return path
+
+
+def _message_figure(text: str, path: Path) -> Path:
+    """A small figure that says why there is nothing to plot (DVC outputs must still exist)."""
+    fig = Figure(figsize=(4, 2))
+    ax = fig.add_subplot()
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    return _save(fig, path)
+
+
+def _epoch_axis(history: pd.DataFrame) -> np.ndarray:
+    """Epoch numbers, made continuous when a second phase restarts its count."""
+    epochs = history["epoch"].to_numpy() if "epoch" in history else np.arange(len(history))
+    if len(epochs) and np.all(np.diff(epochs) > 0):
+        return epochs
+    return np.arange(1, len(history) + 1)
+
+
+def plot_training_curves(history: pd.DataFrame, path: Path) -> Path:
+    """Loss and accuracy per epoch, training and validation, with phase boundaries marked.
+
+    `history` has the columns of `reports/history.csv`
+    (`epoch,phase,loss,accuracy,val_loss,val_accuracy,learning_rate`); missing ones are skipped.
+    """
+    if history.empty:
+        return _message_figure("no training history", path)
+    x = _epoch_axis(history)
+    fig = Figure(figsize=(10, 4))
+    panels = (("loss", "Loss"), ("accuracy", "Accuracy"))
+    for i, (metric, title) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, 2, i)
+        for column, label in ((metric, "train"), (f"val_{metric}", "validation")):
+            if column in history:
+                ax.plot(x, history[column].to_numpy(dtype=float), marker="o", markersize=3, label=label)
+        if "phase" in history:
+            phases = history["phase"].astype(str).to_numpy()
+            for n, boundary in enumerate(np.flatnonzero(phases[1:] != phases[:-1])):
+                ax.axvline(
+                    (x[boundary] + x[boundary + 1]) / 2,
+                    color="grey",
+                    linestyle="--",
+                    linewidth=1,
+                    label=None if n else f"{phases[boundary + 1]} starts",
+                )
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Training curves")
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+    """Row-normalised heat map (each row: where images of that actual class went), with counts."""
+    counts = np.asarray(confusion, dtype=np.int64)
+    totals = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    n = len(classes)
+    size = min(max(4.0, 0.6 * n + 2), 30.0)
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of actual class")
+    ax.set_xticks(range(n), labels=list(classes), rotation=45, ha="right")
+    ax.set_yticks(range(n), labels=list(classes))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title("Confusion matrix (normalised by actual class)")
+    if n <= ANNOTATE_MAX_CLASSES:
+        for r in range(n):
+            for c in range(n):
+                colour = "white" if normalised[r, c] > 0.5 else "black"
+                text = f"{normalised[r, c]:.2f}\n({counts[r, c]})"
+                ax.text(c, r, text, ha="center", va="center", color=colour, fontsize=8)
+    return _save(fig, path)
+
+
+def plot_misclassified(
+    images: Sequence[np.ndarray],
+    actual: Sequence[str],
+    predicted: Sequence[str],
+    confidence: Sequence[float],
+    path: Path,
+) -> Path:
+    """A grid of images titled `true -> predicted (confidence)`; images are RGB in [0, 255]."""
+    if not images:
+        return _message_figure("no misclassified test images", path)
+    columns = min(4, len(images))
+    rows = int(np.ceil(len(images) / columns))
+    fig = Figure(figsize=(3 * columns, 3.2 * rows), layout="constrained")
+    for i, image in enumerate(images):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+        ax.set_title(f"true: {actual[i]}\npred: {predicted[i]} ({confidence[i]:.2f})", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("Most confidently misclassified test images")
+    return _save(fig, path)
+
+
+def plot_reliability(calibration: Calibration, path: Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, with the ECE in the title."""
+    edges = calibration.bin_edges
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    filled = calibration.count > 0
+    fig = Figure(figsize=(9, 4))
+    ax = fig.add_subplot(1, 2, 1)
+    ax.bar(centres[filled], calibration.accuracy[filled], width=width, edgecolor="black", label="accuracy")
+    ax.bar(
+        centres[filled],
+        (calibration.confidence - calibration.accuracy)[filled],
+        bottom=calibration.accuracy[filled],
+        width=width,
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        label="gap to confidence",
+    )
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram (ECE = {calibration.ece:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    hist = fig.add_subplot(1, 2, 2)
+    hist.bar(centres, calibration.count, width=width, edgecolor="black")
+    hist.set_xlim(0, 1)
+    hist.set_xlabel("confidence (top-1 probability)")
+    hist.set_ylabel("images")
+    hist.set_title("Confidence histogram")
+    return _save(fig, path)

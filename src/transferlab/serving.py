@@ -1,0 +1,182 @@
+"""The MLflow pyfunc wrapper that serves a trained classifier over HTTP.
+
+Request (`POST /invocations`, `Content-Type: application/json`), one row per image, the image
+file's bytes (JPEG, PNG, ...) base64-encoded in a string column `image`:
+
+    {"dataframe_split": {"columns": ["image"], "data": [["<base64>"], ["<base64>"]]}}
+    {"dataframe_records": [{"image": "<base64>"}, {"image": "<base64>"}]}
+
+Response: `{"predictions": [{"label": "roses", "probability": 0.93, "daisy": 0.01, ...}, ...]}`,
+one record per row: the top label, its probability and one probability column per class.
+
+Only `transferlab.tracking` (`Run.log_model`) calls `log_image_classifier`; this module and
+`tracking` are the only ones that touch `mlflow`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import io
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMN = "image"
+LABEL_COLUMN = "label"
+PROBABILITY_COLUMN = "probability"
+KERAS_ARTIFACT = "keras_model"
+# The "models from code" script MLflow stores with the model and runs to rebuild it.
+MODEL_SCRIPT = """\
+from mlflow.models import set_model
+
+from transferlab.serving import ImageClassifierModel
+
+set_model(ImageClassifierModel())
+"""
+# Distributions the served model needs, pinned to the versions installed here. The first
+# installed name of each group is used (TensorFlow ships as tensorflow, -cpu or -macos).
+REQUIREMENT_GROUPS = (
+    ("mlflow", "mlflow-skinny"),
+    ("tensorflow-cpu", "tensorflow", "tensorflow-macos"),
+    ("keras",),
+    ("numpy",),
+    ("pandas",),
+    ("pillow",),
+    ("cloudpickle",),
+)
+
+
+class ImageClassifierModel(mlflow.pyfunc.PythonModel):
+    """Base64 image files in, top label and per-class probabilities out.
+
+    Logged as "models from code" (no pickle): `MODEL_SCRIPT` builds it, and the class names
+    and input size come from the logged `model_config`.
+    """
+
+    def __init__(self) -> None:
+        self.classes: list[str] = []
+        self.image_size = 0
+        self._model: Any = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the `.keras` file logged as the `keras_model` artifact, and the class names."""
+        from transferlab.predict import load_model, model_image_size
+
+        config = context.model_config or {}
+        self._model = load_model(Path(context.artifacts[KERAS_ARTIFACT]))
+        self.image_size = int(config.get("image_size") or model_image_size(self._model))
+        self.classes = list(config.get("classes") or [])
+        outputs = int(self._model.output_shape[-1])
+        if len(self.classes) != outputs:
+            raise ValueError(f"model_config lists {len(self.classes)} classes but the model has {outputs} outputs")
+
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        """One output row per input row; an unreadable image fails the request naming its row."""
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if IMAGE_COLUMN not in frame.columns:
+            raise ValueError(f"input needs a string column {IMAGE_COLUMN!r} of base64-encoded image files")
+        pixels = np.stack([self._decode(value, row) for row, value in enumerate(frame[IMAGE_COLUMN])])
+        probabilities = np.asarray(self._model.predict(pixels, verbose=0), dtype=np.float64)
+        return to_output_frame(probabilities, self.classes)
+
+    def _decode(self, value: object, row: int) -> np.ndarray:
+        from transferlab.predict import decode_image
+
+        if not isinstance(value, str | bytes):
+            raise ValueError(f"row {row}: {IMAGE_COLUMN!r} must be a base64 string, got {type(value).__name__}")
+        text = value.decode() if isinstance(value, bytes) else value
+        if text.startswith("data:") and "," in text:  # tolerate data URLs
+            text = text.split(",", 1)[1]
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"row {row}: {IMAGE_COLUMN!r} is not valid base64") from exc
+        try:
+            return decode_image(data, self.image_size)
+        except ValueError as exc:
+            raise ValueError(f"row {row}: {exc}") from exc
+
+
+def to_output_frame(probabilities: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:
+    """`label`, `probability` (of that label) and one column per class, one row per image."""
+    best = np.argmax(probabilities, axis=1)
+    frame = pd.DataFrame(
+        {
+            LABEL_COLUMN: [classes[i] for i in best],
+            PROBABILITY_COLUMN: probabilities[np.arange(len(best)), best],
+        }
+    )
+    per_class = pd.DataFrame(probabilities, columns=list(classes))
+    return pd.concat([frame, per_class], axis=1)
+
+
+def encode_image_file(path: Path) -> str:
+    """Base64 text of an image file, as the `image` column expects."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def model_signature(classes: Sequence[str]) -> mlflow.models.ModelSignature:
+    """Input: string column `image`; output: `label`, `probability`, one double per class."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    outputs = [ColSpec("string", LABEL_COLUMN), ColSpec("double", PROBABILITY_COLUMN)]
+    outputs += [ColSpec("double", name) for name in classes]
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), outputs=Schema(outputs))
+
+
+def _example_image() -> str:
+    """A tiny grey PNG, base64-encoded: the logged input example."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def pip_requirements() -> list[str]:
+    """Exact installed versions, so MLflow does not infer requirements (slow) or guess them."""
+    pins = []
+    for group in REQUIREMENT_GROUPS:
+        for name in group:
+            try:
+                pins.append(f"{name}=={importlib.metadata.version(name)}")
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return pins
+
+
+def log_image_classifier(
+    model_file: Path, classes: Sequence[str], image_size: int, name: str = "model"
+) -> mlflow.models.model.ModelInfo:
+    """Log the `.keras` file as pyfunc model `name` of the active run: servable and self-contained."""
+    import transferlab
+
+    with tempfile.TemporaryDirectory(prefix="transferlab-serving-") as tmp:
+        script = Path(tmp) / "image_classifier.py"
+        script.write_text(MODEL_SCRIPT)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(script),
+            artifacts={KERAS_ARTIFACT: str(model_file)},
+            model_config={"classes": list(classes), "image_size": int(image_size)},
+            signature=model_signature(classes),
+            input_example=pd.DataFrame({IMAGE_COLUMN: [_example_image()]}),
+            pip_requirements=pip_requirements(),
+            code_paths=[str(Path(transferlab.__file__).resolve().parent)],
+        )
+    log.info("logged MLflow model %s (%s)", info.model_uri, info.model_id)
+    return info

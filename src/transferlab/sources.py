@@ -1,0 +1,241 @@
+"""Getting a dataset's files: fetch a URL (progress, checksum, cache), extract an archive safely, copy a folder.
+
+Nothing here trusts a partial result: downloads land in `<name>.part` and are renamed into the
+cache only when complete and verified; extraction refuses any member that could write outside
+the destination (absolute paths, `..`, links, devices) instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import re
+import shutil
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from tqdm import tqdm
+
+from transferlab.errors import DownloadError
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+TIMEOUT_S = 60
+OFFLINE_HINT = (
+    "without internet, fetch the archive elsewhere and point data.source at the local "
+    ".tgz/.zip or folder (transferlab compose data.source=/path/to/archive.tgz)"
+)
+_IGNORED_TOP = frozenset({"__MACOSX"})  # resource forks that macOS adds to zip files
+
+
+def is_url(source: str) -> bool:
+    """True for http(s) URLs; other schemes are not supported."""
+    return urllib.parse.urlsplit(source).scheme in ("http", "https")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, what: str) -> None:
+    """Raise DownloadError when `path` does not have the SHA-256 `expected`."""
+    _require_digest(file_sha256(path), expected, what)
+
+
+def _require_digest(actual: str, expected: str, what: str) -> None:
+    if actual != expected:
+        raise DownloadError(
+            f"{what} has sha256 {actual}, expected {expected} (data.sha256): the file is corrupt, "
+            "truncated or not the dataset; set data.sha256=null to accept it anyway"
+        )
+
+
+def cache_name(url: str) -> str:
+    """File name of `url` in the download cache: a digest of the URL plus its base name."""
+    base = PurePosixPath(urllib.parse.urlsplit(url).path).name
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base) or "download"
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
+
+
+def fetch_url(url: str, cache_dir: Path, sha256: str | None = None) -> Path:
+    """The cached copy of `url`, downloading it first unless a complete (and matching) copy exists."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached = cache_dir / cache_name(url)
+    if cached.is_file():
+        if sha256 is None or file_sha256(cached) == sha256:
+            log.info("using cached %s for %s", cached, url)
+            return cached
+        log.warning("cached %s does not match data.sha256; fetching %s again", cached, url)
+        cached.unlink()
+    part = cached.with_name(cached.name + ".part")
+    try:
+        actual = _stream_to(url, part)
+        if sha256 is not None:
+            _require_digest(actual, sha256, url)
+        part.replace(cached)
+    finally:
+        part.unlink(missing_ok=True)
+    log.info("downloaded %s to %s", url, cached)
+    return cached
+
+
+def _stream_to(url: str, out: Path) -> str:
+    """Stream `url` into `out` with a progress bar; return the SHA-256 of what was received."""
+    digest = hashlib.sha256()
+    received = 0
+    request = urllib.request.Request(url, headers={"User-Agent": "transferlab"})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response, out.open("wb") as f:
+            expected = response.headers.get("Content-Length")
+            total = int(expected) if expected and expected.isdigit() else None
+            with tqdm(
+                total=total, desc=f"downloading {cache_name(url)}", unit="B", unit_scale=True, disable=None
+            ) as bar:
+                while chunk := response.read(CHUNK_BYTES):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"{url} answered HTTP {exc.code} {exc.reason}; {OFFLINE_HINT}") from exc
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise DownloadError(f"could not fetch {url} ({_one_line(reason)}); {OFFLINE_HINT}") from exc
+    if total is not None and received != total:
+        raise DownloadError(f"download of {url} stopped after {received} of {total} bytes; {OFFLINE_HINT}")
+    return digest.hexdigest()
+
+
+def extract_archive(archive: Path, dest: Path) -> None:
+    """Extract a .tar(.gz/.bz2/.xz) or .zip into the empty folder `dest`, stripping a single top folder.
+
+    Raises DownloadError, leaving `dest`'s content undefined, when a member would escape `dest`,
+    is a link or device, or the archive is corrupt; callers extract into a temporary folder.
+    """
+    scratch = dest / ".extracting"
+    scratch.mkdir()
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, scratch)
+        elif tarfile.is_tarfile(archive):
+            _extract_tar(archive, scratch)
+        else:
+            raise DownloadError(f"{archive} is not a .tgz, .tar or .zip archive")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # the disk, not the archive
+            raise DownloadError(f"could not extract {archive} into {dest}: {_one_line(exc)}") from exc
+        raise DownloadError(f"{archive} is corrupt or truncated ({_one_line(exc)})") from exc
+    root = _single_top_folder(scratch) or scratch
+    for entry in sorted(root.iterdir()):
+        if entry.name not in _IGNORED_TOP:
+            entry.rename(dest / entry.name)
+    shutil.rmtree(scratch)
+
+
+def _extract_tar(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive, "r|*") as tar:
+        for member in tqdm(tar, desc=f"extracting {archive.name}", unit="file", disable=None):
+            rel = _safe_member_path(member.name, archive)
+            if member.issym() or member.islnk():
+                raise DownloadError(f"{archive}: member {member.name!r} is a link; refusing to extract")
+            if not (member.isfile() or member.isdir()):
+                raise DownloadError(f"{archive}: member {member.name!r} is a device or fifo; refusing to extract")
+            if rel is None:
+                continue
+            if member.isdir():
+                (dest / rel).mkdir(parents=True, exist_ok=True)
+                continue
+            source = tar.extractfile(member)
+            assert source is not None  # regular files always have content
+            _write_file(source, dest / rel)
+
+
+def _extract_zip(archive: Path, dest: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        for info in tqdm(zf.infolist(), desc=f"extracting {archive.name}", unit="file", disable=None):
+            rel = _safe_member_path(info.filename, archive)
+            file_type = (info.external_attr >> 16) & 0o170000
+            if file_type not in (0, 0o100000, 0o040000):  # unset, regular file, directory
+                raise DownloadError(f"{archive}: member {info.filename!r} is a link or device; refusing to extract")
+            if rel is None:
+                continue
+            if info.is_dir():
+                (dest / rel).mkdir(parents=True, exist_ok=True)
+                continue
+            with zf.open(info) as source:
+                _write_file(source, dest / rel)
+
+
+def _safe_member_path(name: str, archive: Path) -> PurePosixPath | None:
+    """The member's path relative to the destination; None for entries to skip (`./`, __MACOSX)."""
+    normal = name.replace("\\", "/")
+    path = PurePosixPath(normal)
+    if path.is_absolute() or re.match(r"^[A-Za-z]:", normal) or ".." in path.parts:
+        raise DownloadError(f"{archive}: member {name!r} points outside the target folder; refusing to extract")
+    parts = [p for p in path.parts if p not in ("", ".")]
+    if not parts or parts[0] in _IGNORED_TOP:
+        return None
+    return PurePosixPath(*parts)
+
+
+def _write_file(source: IO[bytes], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as out:
+        shutil.copyfileobj(source, out, CHUNK_BYTES)
+
+
+def _single_top_folder(root: Path) -> Path | None:
+    """The only visible entry of `root` when it is a folder (flower_photos.tgz wraps everything in one)."""
+    visible = [e for e in root.iterdir() if not e.name.startswith(".") and e.name not in _IGNORED_TOP]
+    if len(visible) == 1 and visible[0].is_dir():
+        return visible[0]
+    return None
+
+
+def copy_folder(source: Path, dest: Path) -> int:
+    """Copy every file under `source` into the existing folder `dest`, hard-linking where possible."""
+    count = 0
+    for src_file in tqdm(sorted(_walk_files(source)), desc=f"copying {source.name}", unit="file", disable=None):
+        target = dest / src_file.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src_file, target)
+        except OSError:  # another filesystem, or links not permitted
+            shutil.copy2(src_file, target)
+        count += 1
+    return count
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Regular files under `root`, following symlinked files and folders like a plain copy would."""
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink cycle
+            dirs.clear()
+            continue
+        seen.add(real)
+        for name in files:
+            path = Path(folder) / name
+            if path.is_file():
+                yield path
+
+
+def _one_line(reason: object) -> str:
+    text = " ".join(str(reason).split())
+    return text or type(reason).__name__

@@ -1,0 +1,1 @@
+"""The pipeline stages, one module each: download -> split -> train -> evaluate (see dvc.yaml)."""

@@ -1,0 +1,74 @@
+"""Download stage: put the dataset named by `data.source` into `data/raw/<name>/<class>/...`.
+
+`data.source` is an http(s) URL (fetched into a download cache), a local .tgz/.tar/.zip, a local
+folder of class folders, or `synthetic`. The target is built in a temporary folder beside it
+and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transferlab.atomic import replace_dir
+from transferlab.config import SYNTHETIC_SOURCE, DataConfig
+from transferlab.errors import DownloadError
+from transferlab.sources import copy_folder, extract_archive, fetch_url, is_url, verify_sha256
+from transferlab.synthetic import generate
+
+log = logging.getLogger(__name__)
+
+
+def download(data_cfg: DataConfig, target_dir: Path, *, cache_dir: Path | None = None) -> Path:
+    """Fetch, extract, copy or generate the dataset into `target_dir`, replacing what was there.
+
+    `cache_dir` keeps downloaded archives by URL; it defaults to `data/downloads/` beside
+    `data/raw/` (the parent of `target_dir`'s parent).
+    """
+    source = data_cfg.source
+    if source == SYNTHETIC_SOURCE:
+        assert data_cfg.synthetic is not None  # DataConfig.check guarantees it
+        _ignore_checksum(data_cfg, "a synthetic dataset")
+        with replace_dir(target_dir) as tmp:
+            generate(data_cfg.synthetic, tmp)
+    elif is_url(source):
+        archive = fetch_url(source, cache_dir or target_dir.parent.parent / "downloads", data_cfg.sha256)
+        with replace_dir(target_dir) as tmp:
+            extract_archive(archive, tmp)
+    else:
+        local = _local_source(source, target_dir)
+        if local.is_dir():
+            _ignore_checksum(data_cfg, "a folder source")
+            with replace_dir(target_dir) as tmp:
+                copy_folder(local, tmp)
+        else:
+            if data_cfg.sha256 is not None:
+                verify_sha256(local, data_cfg.sha256, str(local))
+            with replace_dir(target_dir) as tmp:
+                extract_archive(local, tmp)
+    log.info("dataset %s ready in %s", data_cfg.name, target_dir)
+    return target_dir
+
+
+def _local_source(source: str, target_dir: Path) -> Path:
+    """The existing local file or folder `source` names, refusing one the stage would overwrite."""
+    if "://" in source:
+        raise DownloadError(f"data.source {source!r}: only http(s) URLs, local paths and 'synthetic' are supported")
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise DownloadError(
+            f"data.source {source} does not exist: give an http(s) URL, a .tgz/.tar/.zip, a folder "
+            "with one sub-folder per class, or 'synthetic'"
+        )
+    raw_root = target_dir.resolve().parent
+    if path == raw_root or raw_root in path.parents or path in raw_root.parents:
+        raise DownloadError(
+            f"data.source {source} overlaps {raw_root}, which the download stage replaces: keep the "
+            "source images outside it"
+        )
+    return path
+
+
+def _ignore_checksum(data_cfg: DataConfig, what: str) -> None:
+    if data_cfg.sha256 is not None:
+        log.warning("data.sha256 is ignored for %s (%s)", what, data_cfg.source)

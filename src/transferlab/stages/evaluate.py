@@ -1,0 +1,181 @@
+"""Evaluate stage: score the trained model on the held-out test split.
+
+Writes (all declared in `dvc.yaml`):
+- `reports/metrics.json`: flat numeric test metrics (`test_accuracy`, `test_top2_accuracy`,
+  `test_macro_f1`, `test_log_loss`, `test_ece`, ...), DVC metrics;
+- `reports/per_class.csv`: `class,precision,recall,f1,support`;
+- `reports/confusion.csv`: `actual,predicted` class names, one row per test image, for
+  DVC's confusion template;
+- `reports/figures/{confusion_matrix,misclassified,reliability}.png`.
+The same metrics and files are logged into the MLflow run that trained the model
+(`models/run.json`), so one run holds both validation and test results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from transferlab import plots, tracking
+from transferlab.config import Config
+from transferlab.errors import DataError, ModelError
+from transferlab.metrics import Calibration, ClassificationReport, calibration, classification_report
+from transferlab.paths import StagePaths
+from transferlab.pipeline import Manifest, load_classes, load_manifest, make_dataset
+from transferlab.predict import load_image_batch, load_model, model_image_size
+
+if TYPE_CHECKING:
+    import keras
+
+log = logging.getLogger(__name__)
+
+CONFUSION_FIGURE = "confusion_matrix.png"
+MISCLASSIFIED_FIGURE = "misclassified.png"
+RELIABILITY_FIGURE = "reliability.png"
+PER_CLASS_COLUMNS = ["class", "precision", "recall", "f1", "support"]
+# Side of each thumbnail in the misclassified grid, in pixels.
+THUMBNAIL_SIZE = 160
+# MLflow artifact folders inside the training run.
+ARTIFACT_DIR = "evaluation"
+FIGURE_ARTIFACT_DIR = "figures"
+
+
+def figure_files(paths: StagePaths) -> list[Path]:
+    """The PNGs evaluate writes (the training curves belong to the train stage)."""
+    return [paths.figures / name for name in (CONFUSION_FIGURE, MISCLASSIFIED_FIGURE, RELIABILITY_FIGURE)]
+
+
+def predict_manifest(model: keras.Model, manifest: Manifest, batch_size: int) -> np.ndarray:
+    """Class probabilities (n, classes) for every image of a split, in manifest order."""
+    dataset = make_dataset(manifest, image_size=model_image_size(model), batch_size=batch_size, cache=False)
+    probabilities = model.predict(dataset.map(lambda x, y: x), verbose=0)
+    return np.asarray(probabilities, dtype=np.float64)
+
+
+def metrics_dict(report: ClassificationReport, reliability: Calibration, images: int) -> dict[str, float]:
+    """The flat `test_*` numbers written to metrics.json and logged to MLflow."""
+    values = {
+        "test_accuracy": report.accuracy,
+        f"test_top{report.top_k}_accuracy": report.top_k_accuracy,
+        "test_macro_precision": report.macro_precision,
+        "test_macro_recall": report.macro_recall,
+        "test_macro_f1": report.macro_f1,
+        "test_weighted_precision": report.weighted_precision,
+        "test_weighted_recall": report.weighted_recall,
+        "test_weighted_f1": report.weighted_f1,
+        "test_log_loss": report.log_loss,
+        "test_ece": reliability.ece,
+    }
+    return {**{k: round(float(v), 6) for k, v in values.items()}, "test_images": images}
+
+
+def per_class_frame(report: ClassificationReport, classes: list[str]) -> pd.DataFrame:
+    """One row per class, in classes.json order."""
+    return pd.DataFrame(
+        {
+            "class": classes,
+            "precision": np.round(report.precision, 6),
+            "recall": np.round(report.recall, 6),
+            "f1": np.round(report.f1, 6),
+            "support": report.support,
+        },
+        columns=PER_CLASS_COLUMNS,
+    )
+
+
+def confusion_frame(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """`actual,predicted` class names per test image (DVC's confusion template counts them)."""
+    names = np.asarray(classes, dtype=object)
+    return pd.DataFrame({"actual": names[y_true], "predicted": names[y_pred]})
+
+
+def most_confident_mistakes(y_true: np.ndarray, probabilities: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of wrong predictions, highest predicted-class probability first, at most `limit`."""
+    predicted = np.argmax(probabilities, axis=1)
+    wrong = np.flatnonzero(predicted != y_true)
+    confidence = probabilities[wrong, predicted[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")][:limit]
+
+
+def _load_inputs(cfg: Config, paths: StagePaths) -> tuple[list[str], Manifest, tracking.RunRecord, keras.Model]:
+    """Classes, test manifest, run record and model: each failure names the stage to run."""
+    classes = load_classes(paths.classes)
+    test = load_manifest(paths.manifest("test"), paths.raw_dataset(cfg.data.name), classes)
+    if len(test) == 0:
+        raise DataError(f"{paths.manifest('test')} is empty: set data.test_fraction > 0 and run `dvc repro split`")
+    model = load_model(paths.model_file)
+    outputs = int(model.output_shape[-1])
+    if outputs != len(classes):
+        raise ModelError(
+            f"{paths.model_file} predicts {outputs} classes but {paths.classes} lists {len(classes)}: "
+            "run `dvc repro train`"
+        )
+    return classes, test, tracking.RunRecord.read(paths.run_file), model
+
+
+def _write_figures(
+    paths: StagePaths,
+    cfg: Config,
+    test: Manifest,
+    classes: list[str],
+    probabilities: np.ndarray,
+    report: ClassificationReport,
+    reliability: Calibration,
+) -> list[Path]:
+    confusion_png, misclassified_png, reliability_png = figure_files(paths)
+    plots.plot_confusion_matrix(report.confusion, classes, confusion_png)
+    y_true = np.asarray(test.labels)
+    picked = most_confident_mistakes(y_true, probabilities, cfg.evaluate.misclassified)
+    batch = load_image_batch([Path(test.absolute_paths[i]) for i in picked], THUMBNAIL_SIZE)
+    readable = {str(p) for p in batch.paths}
+    kept = [i for i in picked if test.absolute_paths[i] in readable]
+    predicted = np.argmax(probabilities, axis=1)
+    plots.plot_misclassified(
+        list(batch.pixels),
+        [classes[y_true[i]] for i in kept],
+        [classes[predicted[i]] for i in kept],
+        [float(probabilities[i, predicted[i]]) for i in kept],
+        misclassified_png,
+    )
+    plots.plot_reliability(reliability, reliability_png)
+    return [confusion_png, misclassified_png, reliability_png]
+
+
+def evaluate(cfg: Config, paths: StagePaths) -> dict[str, float]:
+    """Score `models/model.keras` on the test split; write reports, log them to the training run."""
+    classes, test, record, model = _load_inputs(cfg, paths)
+    log.info("evaluating %s on %d test images", paths.model_file, len(test))
+    probabilities = predict_manifest(model, test, cfg.train.batch_size)
+    y_true = np.asarray(test.labels)
+    report = classification_report(y_true, probabilities, top_k=cfg.evaluate.top_k)
+    reliability = calibration(y_true, probabilities, bins=cfg.evaluate.calibration_bins)
+    metrics = metrics_dict(report, reliability, len(test))
+
+    paths.reports.mkdir(parents=True, exist_ok=True)
+    paths.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    per_class_frame(report, classes).to_csv(paths.per_class, index=False)
+    confusion_frame(y_true, np.argmax(probabilities, axis=1), classes).to_csv(paths.confusion, index=False)
+    figures = _write_figures(paths, cfg, test, classes, probabilities, report, reliability)
+
+    with tracking.reopen_run(record) as run:
+        run.log_metrics(metrics)
+        for file in (paths.metrics, paths.per_class, paths.confusion):
+            run.log_artifact(file, ARTIFACT_DIR)
+        for figure in figures:
+            run.log_artifact(figure, FIGURE_ARTIFACT_DIR)
+    log.info(
+        "test accuracy %.4f, top-%d %.4f, macro F1 %.4f, log loss %.4f, ECE %.4f (MLflow run %s)",
+        report.accuracy,
+        report.top_k,
+        report.top_k_accuracy,
+        report.macro_f1,
+        report.log_loss,
+        reliability.ece,
+        record.run_id,
+    )
+    return metrics

@@ -1,0 +1,160 @@
+"""Shared fixtures: a tiny synthetic dataset, a prepared project, a copy of the repo for DVC.
+
+- `synthetic_cfg`: validated Config for `data=synthetic`, 3 classes x 12 images of 64 px.
+- `synthetic_raw`: that dataset generated (real JPEGs) into a temporary folder.
+- `prepared_project`: a temporary project with params.yaml, data/raw/<name>/ and data/splits/
+  made by the real download and split stages; returns its `StagePaths`.
+- `project_copy`: the repo's files (tracked plus untracked-not-ignored) in a fresh git repo,
+  with one commit, so `dvc repro` and `dvc exp run` can run there without touching the checkout.
+- `shared_dir`: `../shared` beside the checkout (real flower photos, ImageNet weights); tests
+  that use it are skipped when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transferlab.config import Config, compose, write_params
+from transferlab.paths import StagePaths
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+SYNTHETIC_OVERRIDES = (
+    "data=synthetic",
+    "data.synthetic.num_classes=3",
+    "data.synthetic.images_per_class=12",
+    "data.synthetic.image_size=64",
+    "data.image_size=64",
+)
+
+
+@pytest.fixture(scope="session")
+def synthetic_cfg() -> Config:
+    """Config for a small synthetic dataset (3 classes x 12 JPEGs, 64 px); frozen, so safe to share."""
+    return compose(list(SYNTHETIC_OVERRIDES), config_dir=REPO_ROOT / "conf")
+
+
+@pytest.fixture
+def synthetic_raw(synthetic_cfg: Config, tmp_path: Path) -> Path:
+    """The `synthetic_cfg` dataset generated into `tmp_path/raw/<name>/<class>/*.jpg`."""
+    from transferlab.synthetic import generate
+
+    assert synthetic_cfg.data.synthetic is not None
+    raw = tmp_path / "raw" / synthetic_cfg.data.name
+    generate(synthetic_cfg.data.synthetic, raw)
+    return raw
+
+
+@pytest.fixture
+def prepared_project(synthetic_cfg: Config, tmp_path: Path) -> StagePaths:
+    """A project folder with params.yaml, data/raw and data/splits made by the download and split stages."""
+    from transferlab.stages.download import download
+    from transferlab.stages.split import split
+
+    paths = StagePaths(tmp_path / "project")
+    paths.root.mkdir()
+    write_params(synthetic_cfg, paths.root / "params.yaml")
+    raw = paths.raw_dataset(synthetic_cfg.data.name)
+    download(synthetic_cfg.data, raw)
+    split(synthetic_cfg.data, raw, paths.splits)
+    return paths
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the repo's tracked and untracked-not-ignored files in a new git repo with one commit.
+
+    For the test's duration this venv's console scripts (`transferlab`, `dvc`) come first on
+    PATH, so subprocesses run there use the installed package; DVC's analytics are off.
+    """
+    monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    copy = tmp_path / "repo"
+    for rel in sorted(set(filter(None, listed.split("\0")))):
+        source = REPO_ROOT / rel
+        if source.is_file():  # listed but deleted in the working tree: skip
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, copy / rel)
+    git = ["git", "-c", "user.name=transferlab tests", "-c", "user.email=tests@transferlab.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=copy, check=True)
+    subprocess.run([*git, "commit", "-q", "--no-verify", "-m", "test copy"], cwd=copy, check=True)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """`shared/` beside the checkout; skips the test when it is not there."""
+    path = Path(__file__).resolve().parents[2] / "shared"
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (real flower photos and ImageNet weights live there)")
+    return path
+
+
+# --- evaluate, predict, export, serving: a tiny colour classifier and images for it ---------
+
+COLOUR_CLASSES = ("red", "green", "blue")
+COLOUR_IMAGE_SIZE = 64
+
+
+def _build_colour_model():  # returns keras.Model (keras is imported lazily)
+    """[0, 255] RGB -> softmax over red/green/blue by mean colour: predictions known in advance."""
+    import keras
+    import numpy as np
+
+    inputs = keras.Input((COLOUR_IMAGE_SIZE, COLOUR_IMAGE_SIZE, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255.0, name="scale")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(len(COLOUR_CLASSES), activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name="colour_classifier")
+    model.get_layer("probabilities").set_weights([6.0 * np.eye(3, dtype="float32"), np.zeros(3, dtype="float32")])
+    return model
+
+
+@pytest.fixture(scope="session")
+def colour_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`<project>/models/model.keras`: 64 px input, classes red/green/blue by mean colour, with
+    `<project>/data/splits/classes.json` beside it as the train and split stages lay them out.
+    Read-only: copy it before changing anything around it."""
+    import json
+
+    project = tmp_path_factory.mktemp("colour_project")
+    model_file = StagePaths(project).model_file
+    model_file.parent.mkdir(parents=True)
+    _build_colour_model().save(model_file)
+    StagePaths(project).classes.parent.mkdir(parents=True)
+    StagePaths(project).classes.write_text(json.dumps(list(COLOUR_CLASSES)))
+    return model_file
+
+
+@pytest.fixture
+def colour_image(tmp_path: Path):  # returns the factory below
+    """Factory: `colour_image(name, (r, g, b))` writes a solid 32 px image (format from the suffix)."""
+    from PIL import Image
+
+    def write(name: str, rgb: tuple[int, int, int], size: int = 32) -> Path:
+        path = tmp_path / "images" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (size, size), rgb).save(path)
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs go to each test project's own SQLite store, never to a server set in the environment."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

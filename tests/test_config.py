@@ -1,0 +1,74 @@
+"""Config: every file in conf/ composes and validates; bad values are rejected in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from transferlab.config import Config, compose
+from transferlab.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF = REPO_ROOT / "conf"
+
+# Options that cannot compose alone: what a user must add.
+REQUIRED_WITH = {"data/folder": ["data.source=/path/to/my_images", "data.name=my_images"]}
+
+
+def _defaulted_groups() -> set[str]:
+    """Groups in config.yaml's defaults list (selected as `group=x`; the others need `+group=x`)."""
+    defaults = yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
+    return {next(iter(item)) for item in defaults if isinstance(item, dict)}
+
+
+GROUP_OPTIONS = sorted(f"{p.parent.name}/{p.stem}" for p in CONF.glob("*/*.yaml"))
+
+
+def _compose(*overrides: str) -> Config:
+    return compose(list(overrides), config_dir=CONF)
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS)
+def test_every_conf_file_composes_and_validates(option: str) -> None:
+    group, name = option.split("/")
+    prefix = "" if group in _defaulted_groups() else "+"
+    cfg = _compose(f"{prefix}{group}={name}", *REQUIRED_WITH.get(option, []))
+    assert isinstance(cfg, Config)
+
+
+def test_every_group_has_options() -> None:
+    for group in _defaulted_groups():
+        assert any(o.startswith(f"{group}/") for o in GROUP_OPTIONS), group
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        pytest.param(["+train.foo=1"], r"unknown key train\.foo", id="unknown-key"),
+        pytest.param(["+data.colour=red"], r"unknown key data\.colour", id="unknown-data-key"),
+        pytest.param(["train.epochs=ten"], r"train\.epochs must be int, got 'ten'", id="wrong-type"),
+        pytest.param(["train.batch_size=1.5"], r"train\.batch_size must be int", id="float-for-int"),
+        pytest.param(["train.learning_rate=-0.001"], r"train\.learning_rate must be in \(0, 10\]", id="negative-lr"),
+        pytest.param(["model.dropout=1.0"], r"model\.dropout must be in \[0, 1\)", id="dropout-one"),
+        pytest.param(["model.dropout=-0.1"], r"model\.dropout must be in \[0, 1\)", id="dropout-negative"),
+        pytest.param(
+            ["data.val_fraction=0.5", "data.test_fraction=0.5"],
+            r"data\.val_fraction \+ data\.test_fraction must be below 1",
+            id="fractions-sum-to-one",
+        ),
+        pytest.param(["model.backbone=vgg16"], r"model\.backbone must be one of .*efficientnet_b0", id="backbone"),
+        pytest.param(["data=folder"], r"data\.source", id="folder-without-source"),
+        pytest.param(["data=nope"], r"data/nope", id="unknown-group-option"),
+    ],
+)
+def test_rejections(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        _compose(*overrides)
+    assert "\n" not in str(caught.value)
+
+
+def test_params_yaml_is_conf_composed_without_overrides() -> None:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    assert params == _compose().to_dict(), "params.yaml is stale: run `make params` (transferlab compose)"

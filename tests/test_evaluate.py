@@ -1,0 +1,213 @@
+"""Evaluate stage: reports on a test split whose predictions are known, MLflow logging, clear errors,
+and (slow) the whole `dvc repro` pipeline on synthetic data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from transferlab.cli import main
+from transferlab.config import Config, EvaluateConfig, MlflowConfig, write_params
+from transferlab.errors import DataError, ModelError, TransferlabError
+from transferlab.paths import StagePaths
+from transferlab.stages.evaluate import evaluate, figure_files
+
+CLASSES = ["red", "green", "blue"]
+# (folder = true class, file name, colour). The colour model predicts the dominant channel, so
+# `red/3.png` (mostly green) is predicted green and `blue/3.png` (mostly red) is predicted red;
+# in both the true class is the runner-up, so top-2 accuracy is 1.
+TEST_IMAGES = [
+    *[("red", f"{i}.png", (230, 20, 20)) for i in range(3)],
+    ("red", "3.png", (60, 200, 0)),
+    *[("green", f"{i}.png", (20, 230, 20)) for i in range(4)],
+    *[("blue", f"{i}.png", (20, 20, 230)) for i in range(3)],
+    ("blue", "3.png", (200, 0, 90)),
+]
+
+
+def make_project(root: Path, colour_model: Path, cfg: Config, with_run: bool = True) -> StagePaths:
+    """Splits, raw images, model and (optionally) a finished training run, as train leaves them."""
+    from PIL import Image
+
+    from transferlab.tracking import RunRecord, start_run
+
+    paths = StagePaths(root)
+    raw = paths.raw_dataset(cfg.data.name)
+    for label, name, rgb in TEST_IMAGES:
+        (raw / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), rgb).save(raw / label / name)
+    paths.splits.mkdir(parents=True)
+    paths.classes.write_text(json.dumps(CLASSES))
+    rows = [{"path": f"{label}/{name}", "label": label} for label, name, _ in TEST_IMAGES]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(paths.manifest("test"), index=False)
+    paths.models.mkdir(parents=True)
+    shutil.copy(colour_model, paths.model_file)
+    if with_run:
+        with start_run(cfg, root, run_name="colour-training") as run:
+            run.log_metrics({"final_val_accuracy": 0.9})
+        RunRecord(run.run_id, run.tracking_uri, run.experiment_id).write(paths.run_file)
+    return paths
+
+
+def colour_config(synthetic_cfg: Config) -> Config:
+    return dataclasses.replace(
+        synthetic_cfg,
+        data=dataclasses.replace(synthetic_cfg.data, name="colours"),
+        evaluate=EvaluateConfig(top_k=2, misclassified=4, calibration_bins=5),
+        mlflow=MlflowConfig(experiment="evaluate-tests", system_metrics=False),
+    )
+
+
+@pytest.fixture
+def colour_cfg(synthetic_cfg: Config, monkeypatch: pytest.MonkeyPatch) -> Config:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return colour_config(synthetic_cfg)
+
+
+@pytest.fixture(scope="module")
+def evaluated(
+    tmp_path_factory: pytest.TempPathFactory, colour_model: Path, synthetic_cfg: Config
+) -> tuple[StagePaths, dict[str, float]]:
+    """The evaluate stage run once on the known test split (the tests below only read its outputs)."""
+    cfg = colour_config(synthetic_cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        paths = make_project(tmp_path_factory.mktemp("evaluated") / "project", colour_model, cfg)
+        return paths, evaluate(cfg, paths)
+
+
+def test_metrics_json_holds_the_expected_numbers(evaluated: tuple[StagePaths, dict[str, float]]) -> None:
+    paths, returned = evaluated
+    metrics = json.loads(paths.metrics.read_text())
+    assert metrics == returned
+    assert metrics["test_images"] == 12
+    assert metrics["test_accuracy"] == pytest.approx(10 / 12, abs=1e-6)
+    assert metrics["test_top2_accuracy"] == 1.0
+    # per class (precision, recall): red (3/4, 3/4), green (4/5, 1), blue (1, 3/4)
+    f1 = [0.75, 2 * 0.8 / 1.8, 2 * 0.75 / 1.75]
+    assert metrics["test_macro_precision"] == pytest.approx((0.75 + 0.8 + 1.0) / 3, abs=1e-6)
+    assert metrics["test_macro_f1"] == pytest.approx(sum(f1) / 3, abs=1e-6)
+    assert metrics["test_weighted_f1"] == pytest.approx((4 * f1[0] + 4 * f1[1] + 4 * f1[2]) / 12, abs=1e-6)
+    assert 0 < metrics["test_log_loss"] < 5
+    assert 0 <= metrics["test_ece"] <= 1
+    assert all(isinstance(v, int | float) for v in metrics.values())
+
+
+def test_per_class_and_confusion_csv(evaluated: tuple[StagePaths, dict[str, float]]) -> None:
+    paths, _ = evaluated
+    per_class = pd.read_csv(paths.per_class)
+    assert list(per_class.columns) == ["class", "precision", "recall", "f1", "support"]
+    assert per_class["class"].tolist() == CLASSES
+    assert per_class["precision"].tolist() == pytest.approx([0.75, 0.8, 1.0])
+    assert per_class["recall"].tolist() == pytest.approx([0.75, 1.0, 0.75])
+    assert per_class["support"].tolist() == [4, 4, 4]
+    confusion = pd.read_csv(paths.confusion)
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert confusion.shape == (12, 2)
+    assert set(confusion["actual"]) | set(confusion["predicted"]) <= set(CLASSES)
+    counts = confusion.value_counts().to_dict()
+    assert counts == {("red", "red"): 3, ("red", "green"): 1, ("green", "green"): 4, ("blue", "blue"): 3,
+                      ("blue", "red"): 1}  # fmt: skip
+
+
+def test_figures_are_written(evaluated: tuple[StagePaths, dict[str, float]]) -> None:
+    paths, _ = evaluated
+    for figure in figure_files(paths):
+        assert figure.is_file() and figure.read_bytes()[:4] == b"\x89PNG"
+        assert figure.stat().st_size > 5_000
+
+
+def test_results_land_in_the_training_run(evaluated: tuple[StagePaths, dict[str, float]]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from transferlab.tracking import RunRecord
+
+    paths, metrics = evaluated
+    record = RunRecord.read(paths.run_file)
+    client = MlflowClient(record.tracking_uri)
+    run = client.get_run(record.run_id)
+    assert run.data.metrics["final_val_accuracy"] == 0.9  # val and test results in one run
+    for key, value in metrics.items():
+        assert run.data.metrics[key] == pytest.approx(value)
+    assert run.info.status == "FINISHED"
+    evaluation = {Path(a.path).name for a in client.list_artifacts(record.run_id, "evaluation")}
+    assert evaluation == {"metrics.json", "per_class.csv", "confusion.csv"}
+    figures = {Path(a.path).name for a in client.list_artifacts(record.run_id, "figures")}
+    assert {f.name for f in figure_files(paths)} <= figures
+
+
+def test_missing_inputs_name_the_stage_to_run(tmp_path: Path, colour_model: Path, colour_cfg: Config) -> None:
+    paths = make_project(tmp_path / "p", colour_model, colour_cfg, with_run=False)
+    with pytest.raises(TransferlabError, match=r"run\.json not found: run `dvc repro train`"):
+        evaluate(colour_cfg, paths)
+    paths.model_file.unlink()
+    with pytest.raises(ModelError, match=r"model\.keras not found: run `dvc repro train`"):
+        evaluate(colour_cfg, paths)
+    paths.manifest("test").unlink()
+    with pytest.raises(DataError, match=r"test\.csv not found: run `dvc repro split`"):
+        evaluate(colour_cfg, paths)
+    paths.classes.unlink()
+    with pytest.raises(DataError, match="dvc repro split"):
+        evaluate(colour_cfg, paths)
+
+
+def test_model_for_other_classes_is_rejected(tmp_path: Path, colour_model: Path, colour_cfg: Config) -> None:
+    paths = make_project(tmp_path / "p", colour_model, colour_cfg, with_run=False)
+    paths.classes.write_text(json.dumps(["red", "green", "blue", "black"]))
+    with pytest.raises(ModelError, match=r"predicts 3 classes but .* lists 4"):
+        evaluate(colour_cfg, paths)
+
+
+def test_cli_reports_one_line(
+    tmp_path: Path,
+    colour_model: Path,
+    colour_cfg: Config,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    paths = make_project(tmp_path / "p", colour_model, colour_cfg, with_run=False)
+    write_params(colour_cfg, paths.root / "params.yaml")
+    paths.model_file.unlink()
+    monkeypatch.chdir(paths.root)
+    assert main(["evaluate"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ModelError: ") and "dvc repro train" in err[-1]
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_on_synthetic_data(project_copy: Path) -> None:
+    """download -> split -> train -> evaluate in a temporary clone, then DVC reads the results."""
+
+    def run(*args: str) -> str:
+        done = subprocess.run(args, cwd=project_copy, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done.stdout
+
+    overrides = [
+        "+experiment=demo",
+        "data.synthetic.num_classes=3",
+        "data.synthetic.images_per_class=12",
+        "data.synthetic.image_size=64",
+        "data.image_size=64",
+        "train.epochs=1",
+        "mlflow.system_metrics=false",
+    ]
+    run("transferlab", "compose", *overrides)
+    run("dvc", "repro")
+    metrics = json.loads(run("dvc", "metrics", "show", "--json"))
+    flat = json.dumps(metrics)
+    for key in ("test_accuracy", "test_top2_accuracy", "test_macro_f1", "test_log_loss", "test_ece"):
+        assert key in flat
+    shown = run("dvc", "metrics", "show")
+    assert "reports/metrics.json" in shown and "test_accuracy" in shown
+    run("dvc", "plots", "show", "--out", "plots_html")
+    assert (project_copy / "plots_html" / "index.html").stat().st_size > 0
+    paths = StagePaths(project_copy)
+    assert pd.read_csv(paths.confusion).shape[1] == 2
+    assert all(f.is_file() for f in figure_files(paths))

@@ -1,0 +1,65 @@
+"""export.py: SavedModel and TFLite exports that give the Keras model's probabilities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferlab.cli import main
+from transferlab.errors import ModelError, TransferlabError
+from transferlab.export import export_model, probe_image, run_tflite
+from transferlab.predict import decode_image, load_model
+
+
+def test_savedmodel_export_serves_like_keras(colour_model: Path, colour_image, tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    out = export_model(colour_model, tmp_path / "savedmodel", "savedmodel")
+    assert (out / "saved_model.pb").is_file()
+    image = decode_image(colour_image("g.png", (20, 230, 20)).read_bytes(), 64)[None]
+    loaded = tf.saved_model.load(str(out))  # keep a reference: `serve` needs its variables alive
+    served = loaded.serve(tf.constant(image)).numpy()
+    np.testing.assert_allclose(served, load_model(colour_model).predict(image, verbose=0), atol=1e-5)
+    assert served.argmax() == 1  # green
+
+
+def test_tflite_export_runs_in_the_interpreter(colour_model: Path, colour_image, tmp_path: Path) -> None:
+    out = export_model(colour_model, tmp_path / "out" / "model.tflite", "tflite")
+    assert out.stat().st_size > 0
+    image = decode_image(colour_image("b.png", (20, 20, 230)).read_bytes(), 64)[None]
+    probabilities = run_tflite(out, image)
+    np.testing.assert_allclose(probabilities, load_model(colour_model).predict(image, verbose=0), atol=1e-5)
+    assert probabilities.argmax() == 2  # blue
+
+
+def test_export_refuses_to_overwrite_and_unknown_formats(colour_model: Path, tmp_path: Path) -> None:
+    taken = tmp_path / "taken.tflite"
+    taken.write_bytes(b"keep me")
+    with pytest.raises(TransferlabError, match="already exists"):
+        export_model(colour_model, taken, "tflite")
+    assert taken.read_bytes() == b"keep me"
+    with pytest.raises(TransferlabError, match="unknown export format"):
+        export_model(colour_model, tmp_path / "x", "onnx")  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="dvc repro train"):
+        export_model(tmp_path / "missing.keras", tmp_path / "y.tflite", "tflite")
+
+
+def test_cli_export(colour_model: Path, tmp_path: Path) -> None:
+    assert main(["export", str(colour_model), str(tmp_path / "m.tflite"), "--format", "tflite"]) == 0
+    assert main(["export", str(colour_model), str(tmp_path / "m.tflite"), "--format", "tflite"]) == 2
+
+
+@pytest.mark.slow
+def test_tflite_export_of_a_real_transfer_model(tmp_path: Path) -> None:
+    """The train stage's architecture (MobileNetV2 backbone, BatchNorm/Dropout head), random weights."""
+    from transferlab.config import ModelConfig
+    from transferlab.model import build_classifier
+
+    classifier = build_classifier(ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights=None), 4, 64)
+    model_file = tmp_path / "model.keras"
+    classifier.model.save(model_file)
+    out = export_model(model_file, tmp_path / "model.tflite", "tflite")
+    image = probe_image(64)
+    np.testing.assert_allclose(run_tflite(out, image), classifier.model.predict(image, verbose=0), atol=1e-3)

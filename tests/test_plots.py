@@ -1,0 +1,84 @@
+"""plots.py writes real, non-empty PNGs for normal and degenerate inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from transferlab import plots
+from transferlab.metrics import calibration
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path, min_width: int = 100) -> None:
+    assert path.is_file()
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        assert image.width >= min_width and image.height >= 50
+        # Not a blank canvas: more than one colour was drawn.
+        assert len(image.convert("RGB").getcolors(maxcolors=1_000_000) or []) > 1
+
+
+def two_phase_history() -> pd.DataFrame:
+    rows = []
+    for epoch in range(1, 7):
+        phase = "head" if epoch <= 4 else "finetune"
+        rows.append(
+            {
+                "epoch": epoch,
+                "phase": phase,
+                "loss": 1.5 / epoch,
+                "accuracy": 0.5 + 0.07 * epoch,
+                "val_loss": 1.6 / epoch,
+                "val_accuracy": 0.45 + 0.07 * epoch,
+                "learning_rate": 1e-3 if phase == "head" else 1e-4,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_training_curves(tmp_path: Path) -> None:
+    out = plots.plot_training_curves(two_phase_history(), tmp_path / "figs" / "curves.png")
+    assert out == tmp_path / "figs" / "curves.png"
+    assert_png(out)
+
+
+def test_training_curves_tolerate_missing_columns_and_empty_history(tmp_path: Path) -> None:
+    partial = two_phase_history()[["epoch", "loss", "accuracy"]]
+    assert_png(plots.plot_training_curves(partial, tmp_path / "partial.png"))
+    empty = pd.DataFrame(columns=["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"])
+    assert_png(plots.plot_training_curves(empty, tmp_path / "empty.png"))
+
+
+@pytest.mark.parametrize("num_classes", [3, 25])  # 25: above the per-cell annotation limit
+def test_confusion_heat_map(tmp_path: Path, num_classes: int) -> None:
+    rng = np.random.default_rng(num_classes)
+    confusion = rng.integers(0, 10, size=(num_classes, num_classes))
+    confusion[0] = 0  # a class with no test images must not divide by zero
+    classes = [f"class_{i}" for i in range(num_classes)]
+    assert_png(plots.plot_confusion_matrix(confusion, classes, tmp_path / "confusion.png"))
+
+
+def test_misclassified_grid(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(0, 255, size=(40, 40, 3)).astype(np.float32) for _ in range(5)]
+    out = plots.plot_misclassified(
+        images, ["a", "b", "c", "a", "b"], ["b", "c", "a", "c", "a"], [0.9, 0.8, 0.7, 0.6, 0.5], tmp_path / "mis.png"
+    )
+    assert_png(out, min_width=300)
+
+
+def test_misclassified_grid_with_no_mistakes_still_writes_a_figure(tmp_path: Path) -> None:
+    assert_png(plots.plot_misclassified([], [], [], [], tmp_path / "none.png"))
+
+
+def test_reliability_diagram(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, size=60)
+    p = rng.dirichlet([1.0, 1.0, 1.0], size=60)
+    assert_png(plots.plot_reliability(calibration(y, p, bins=10), tmp_path / "reliability.png"))

@@ -1,0 +1,226 @@
+"""Train stage: a real (tiny) Keras model on synthetic JPEGs, logged to a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN
+from mlflow.tracking import MlflowClient
+
+from transferlab import tracking
+from transferlab.config import Config, compose, write_params
+from transferlab.errors import DataError
+from transferlab.paths import StagePaths
+from transferlab.stages.train import plan_phases, train
+
+TINY_MODEL = ("model=mobilenet_v2", "model.alpha=0.35", "model.weights=null", "train.batch_size=8")
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_cfg(*overrides: str) -> Config:
+    """Synthetic data (as `prepared_project` made it), a tiny random-init MobileNetV2."""
+    return compose([*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=1", *overrides], config_dir=REPO_ROOT / "conf")
+
+
+def mlflow_client(paths: StagePaths) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking.tracking_uri(tiny_cfg().mlflow, paths.root))
+
+
+def run_cli(paths: StagePaths, *args: str, **popen: object) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [str(VENV_BIN / "transferlab"), *args],
+        cwd=paths.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def test_one_epoch_writes_model_and_a_complete_mlflow_run(prepared_project: StagePaths) -> None:
+    paths = prepared_project
+    result = train(tiny_cfg(), paths)
+
+    assert paths.model_file.is_file() and paths.history.is_file() and paths.training_curves.stat().st_size > 0
+    record = tracking.RunRecord.read(paths.run_file)
+    assert record.run_id == result.run_id
+    assert not paths.checkpoints.exists(), "a finished run must not leave a checkpoint to resume"
+
+    client = mlflow_client(paths)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.backbone"] == "mobilenet_v2"
+    assert run.data.params["train.learning_rate"] == "0.001"
+    assert run.data.params["data.name"] == "synthetic"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        assert [m.step for m in client.get_metric_history(result.run_id, metric)] == [1]
+    tags = run.data.tags
+    for tag in (
+        tracking.TAG_CONFIG_HASH,
+        tracking.TAG_MANIFEST_HASH,
+        tracking.TAG_GIT_COMMIT,
+        tracking.TAG_GIT_DIRTY,
+        tracking.TAG_TF_VERSION,
+        tracking.TAG_DEVICE,
+    ):
+        assert tags[tag], tag
+    assert tags[tracking.TAG_DEVICE].startswith("CPU")
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "history.csv", "classes.json", "figures"} <= artifacts
+    assert [a.path for a in client.list_artifacts(result.run_id, "figures")] == ["figures/training_curves.png"]
+
+    history = pd.read_csv(paths.history)
+    assert list(history.columns) == ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+    assert history["epoch"].tolist() == [1]
+
+
+def test_logged_model_loads_through_pyfunc(prepared_project: StagePaths) -> None:
+    import mlflow
+
+    from transferlab.serving import encode_image_file
+
+    result = train(tiny_cfg(), prepared_project)
+    mlflow.set_tracking_uri(tracking.tracking_uri(tiny_cfg().mlflow, prepared_project.root))
+    model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    images = sorted(prepared_project.raw_dataset("synthetic").rglob("*.jpg"))[:2]
+    out = model.predict(pd.DataFrame({"image": [encode_image_file(p) for p in images]}))
+    classes = json.loads(prepared_project.classes.read_text())
+    assert len(out) == 2 and set(out["label"]) <= set(classes)
+    assert ((out["probability"] > 0) & (out["probability"] <= 1)).all()
+    assert out[classes].sum(axis=1).to_numpy() == pytest.approx([1.0, 1.0], abs=1e-4)
+
+
+def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths) -> None:
+    cfg = tiny_cfg("finetune=top20", "finetune.epochs=1", "finetune.learning_rate=0.0001")
+    result = train(cfg, prepared_project)
+    history = result.history
+    assert history["phase"].tolist() == ["head", "finetune"]
+    assert history["learning_rate"].tolist() == pytest.approx([0.001, 0.0001])
+
+
+def test_augmented_training_bypasses_the_feature_cache(prepared_project: StagePaths) -> None:
+    cfg = tiny_cfg("augment=light")
+    assert [p.cached for p in plan_phases(cfg)] == [False]
+    train(cfg, prepared_project)
+    assert not prepared_project.feature_cache.exists()
+
+
+def test_cached_and_uncached_training_agree(prepared_project: StagePaths) -> None:
+    epochs = ("train.epochs=3", "train.learning_rate=0.01")
+    cached = train(tiny_cfg(*epochs), prepared_project).history
+    assert any(prepared_project.feature_cache.glob("*.npz"))
+    uncached = train(tiny_cfg(*epochs, "train.feature_cache=false"), prepared_project).history
+    # Same data, order and weights: only dropout masks differ between the two graphs.
+    assert cached["val_accuracy"].iloc[-1] == pytest.approx(uncached["val_accuracy"].iloc[-1], abs=0.15)
+    assert cached["val_loss"].iloc[-1] == pytest.approx(uncached["val_loss"].iloc[-1], rel=0.2)
+
+
+def test_missing_splits_name_the_stage_to_run(tmp_path: Path) -> None:
+    paths = StagePaths(tmp_path)
+    with pytest.raises(DataError, match=r"dvc repro split"):
+        train(tiny_cfg(), paths)
+
+
+def test_stale_splits_are_refused(prepared_project: StagePaths) -> None:
+    with pytest.raises(DataError, match=r"stale.*data.val_fraction.*dvc repro split"):
+        train(tiny_cfg("data.val_fraction=0.3"), prepared_project)
+
+
+def test_cli_reports_missing_data_in_one_line(tmp_path: Path) -> None:
+    paths = StagePaths(tmp_path)
+    write_params(tiny_cfg(), tmp_path / "params.yaml")
+    proc = run_cli(paths, "train")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("DataError: ") and "dvc repro split" in last
+    assert "Traceback" not in out
+
+
+def test_deterministic_runs_give_identical_metrics(prepared_project: StagePaths) -> None:
+    paths = prepared_project
+    write_params(
+        tiny_cfg("train.epochs=2", "train.deterministic=true", "mlflow.log_model=false"), paths.root / "params.yaml"
+    )
+    histories = []
+    for _ in range(2):
+        proc = run_cli(paths, "train")
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-2000:]
+        histories.append(pd.read_csv(paths.history))
+    pd.testing.assert_frame_equal(histories[0], histories[1])
+
+
+def test_killed_run_resumes_in_the_same_mlflow_run(prepared_project: StagePaths) -> None:
+    paths = prepared_project
+    epochs = 6
+    cfg = tiny_cfg(f"train.epochs={epochs}", "train.feature_cache=false", "mlflow.log_model=false")
+    write_params(cfg, paths.root / "params.yaml")
+    state_file = paths.checkpoints / "state.json"
+
+    proc = run_cli(paths, "train", start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state_file.is_file() and json.loads(state_file.read_text())["epochs_done"] >= 1:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    killed_state = json.loads(state_file.read_text())
+    assert 1 <= killed_state["epochs_done"] < epochs
+
+    proc = run_cli(paths, "train")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert f"resuming after epoch {killed_state['epochs_done']}" in out
+
+    record = tracking.RunRecord.read(paths.run_file)
+    assert record.run_id == killed_state["run_id"]
+    client = mlflow_client(paths)
+    assert client.get_run(record.run_id).info.status == "FINISHED"
+    for metric in ("loss", "val_accuracy", "learning_rate"):
+        steps = [m.step for m in client.get_metric_history(record.run_id, metric)]
+        assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)
+    assert pd.read_csv(paths.history)["epoch"].tolist() == list(range(1, epochs + 1))
+    assert len(client.search_runs([record.experiment_id])) == 1
+
+
+MIRRORED_SCRIPT = """
+import sys
+from pathlib import Path
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from transferlab.config import load_params
+from transferlab.paths import StagePaths
+from transferlab.runtime import make_strategy
+from transferlab.stages.train import train
+cfg = load_params(Path("params.yaml"))
+strategy = make_strategy(cfg.train)
+print("replicas", strategy.num_replicas_in_sync, type(strategy).__name__)
+result = train(cfg, StagePaths(Path.cwd()))
+print("val_accuracy", result.val_accuracy)
+"""
+
+
+def test_mirrored_strategy_on_two_logical_cpus(prepared_project: StagePaths) -> None:
+    paths = prepared_project
+    write_params(tiny_cfg("train.strategy=mirrored", "mlflow.log_model=false"), paths.root / "params.yaml")
+    done = subprocess.run(
+        [sys.executable, "-c", MIRRORED_SCRIPT], cwd=paths.root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "replicas 2 MirroredStrategy" in done.stdout
+    assert paths.model_file.is_file()
