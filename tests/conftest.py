@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import pytest
 
 from transferlab.config import Config, compose, write_params
 from transferlab.paths import StagePaths
+from transferlab.workspace import copy_project
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -76,23 +75,7 @@ def project_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """
     monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout.decode()
-    copy = tmp_path / "repo"
-    for rel in sorted(set(filter(None, listed.split("\0")))):
-        source = REPO_ROOT / rel
-        if source.is_file():  # listed but deleted in the working tree: skip
-            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, copy / rel)
-    git = ["git", "-c", "user.name=transferlab tests", "-c", "user.email=tests@transferlab.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=copy, check=True)
-    subprocess.run([*git, "commit", "-q", "--no-verify", "-m", "test copy"], cwd=copy, check=True)
-    return copy
+    return copy_project(REPO_ROOT, tmp_path / "repo")
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,9 @@ and (slow) the whole `dvc repro` pipeline on synthetic data."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import shutil
 import subprocess
@@ -13,7 +15,7 @@ import pandas as pd
 import pytest
 
 from transferlab.cli import main
-from transferlab.config import Config, EvaluateConfig, MlflowConfig, write_params
+from transferlab.config import Config, EvaluateConfig, MlflowConfig, ModelConfig, write_params
 from transferlab.errors import DataError, ModelError, TransferlabError
 from transferlab.paths import StagePaths
 from transferlab.stages.evaluate import evaluate, figure_files
@@ -181,33 +183,53 @@ def test_cli_reports_one_line(
 
 
 @pytest.mark.slow
-def test_dvc_repro_end_to_end_on_synthetic_data(project_copy: Path) -> None:
-    """download -> split -> train -> evaluate in a temporary clone, then DVC reads the results."""
+def test_dvc_repro_end_to_end_on_synthetic_data(
+    project_copy: Path, synthetic_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """download -> split -> train -> evaluate in a temporary clone, then DVC and MLflow show the results."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the clone's own mlruns/
+    from mlflow.tracking import MlflowClient
+
+    from transferlab.tracking import RunRecord
 
     def run(*args: str) -> str:
         done = subprocess.run(args, cwd=project_copy, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout
 
-    overrides = [
-        "+experiment=demo",
-        "data.synthetic.num_classes=3",
-        "data.synthetic.images_per_class=12",
-        "data.synthetic.image_size=64",
-        "data.image_size=64",
-        "train.epochs=1",
-        "mlflow.system_metrics=false",
-    ]
-    run("transferlab", "compose", *overrides)
+    cfg = dataclasses.replace(
+        synthetic_cfg,
+        model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights=None),  # offline: no ImageNet download
+        train=dataclasses.replace(synthetic_cfg.train, epochs=1),
+        mlflow=MlflowConfig(experiment="repro-test", system_metrics=False),
+    )
+    write_params(cfg, project_copy / "params.yaml")
     run("dvc", "repro")
-    metrics = json.loads(run("dvc", "metrics", "show", "--json"))
-    flat = json.dumps(metrics)
-    for key in ("test_accuracy", "test_top2_accuracy", "test_macro_f1", "test_log_loss", "test_ece"):
-        assert key in flat
     shown = run("dvc", "metrics", "show")
-    assert "reports/metrics.json" in shown and "test_accuracy" in shown
+    assert "reports/metrics.json" in shown
+    metrics = json.loads(run("dvc", "metrics", "show", "--json"))
+    values = next(iter(metrics.values()))["data"]["reports/metrics.json"]["data"]
+    for key in ("test_accuracy", "test_top2_accuracy", "test_macro_f1", "test_log_loss", "test_ece"):
+        assert 0 <= values[key] <= (10 if key == "test_log_loss" else 1)
     run("dvc", "plots", "show", "--out", "plots_html")
     assert (project_copy / "plots_html" / "index.html").stat().st_size > 0
     paths = StagePaths(project_copy)
-    assert pd.read_csv(paths.confusion).shape[1] == 2
+    assert list(pd.read_csv(paths.confusion).columns) == ["actual", "predicted"]
     assert all(f.is_file() for f in figure_files(paths))
+    record = RunRecord.read(paths.run_file)
+    logged = MlflowClient(record.tracking_uri).get_run(record.run_id).data.metrics
+    assert {"final_val_accuracy", "test_accuracy", "test_ece"} <= set(logged)  # one run, val and test
+
+    # Commit, re-evaluate with another k: only evaluate reruns, and DVC compares with HEAD.
+    git = ["git", "-c", "user.name=transferlab tests", "-c", "user.email=tests@transferlab.invalid"]
+    run(*git, "add", "-A")
+    run(*git, "commit", "-q", "--no-verify", "-m", "pipeline run")
+    write_params(dataclasses.replace(cfg, evaluate=EvaluateConfig(top_k=3)), project_copy / "params.yaml")
+    assert "Running stage 'train'" not in run("dvc", "repro")
+    diff = json.loads(run("dvc", "metrics", "diff", "--all", "--json"))["reports/metrics.json"]
+    assert diff["test_top2_accuracy"]["old"] == values["test_top2_accuracy"]
+    assert diff["test_top3_accuracy"]["new"] == 1.0
+    assert values["test_accuracy"] == json.loads(paths.metrics.read_text())["test_accuracy"]
+    rows = list(csv.DictReader(io.StringIO(run("dvc", "exp", "show", "--csv", "--no-pager"))))
+    committed = [row for row in rows if row["typ"] == "baseline" and row["rev"] != "workspace"]
+    assert float(committed[0]["test_accuracy"]) == pytest.approx(values["test_accuracy"])  # read from the cache

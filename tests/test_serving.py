@@ -71,6 +71,8 @@ def test_python_model_predicts_from_base64(colour_model: Path, colour_requests: 
     assert out["label"].tolist() == labels
     assert (out["probability"] > 0.9).all()
     assert out[CLASSES].sum(axis=1).tolist() == pytest.approx([1.0] * 3, abs=1e-5)
+    empty = model.predict(context, pd.DataFrame({IMAGE_COLUMN: pd.Series([], dtype=str)}))
+    assert empty.empty and list(empty.columns) == ["label", "probability", *CLASSES]
     data_url = "data:image/png;base64," + images[0]
     assert model.predict(context, pd.DataFrame({IMAGE_COLUMN: [data_url]}))["label"].tolist() == ["red"]
     with pytest.raises(ValueError, match="row 1: 'image' is not valid base64"):

@@ -21,7 +21,7 @@ from transferlab.errors import DataError
 from transferlab.paths import StagePaths
 from transferlab.stages.train import plan_phases, train
 
-TINY_MODEL = ("model=mobilenet_v2", "model.alpha=0.35", "model.weights=null", "train.batch_size=8")
+TINY_MODEL = ("model=small_cnn", "train.batch_size=8")
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_one_epoch_writes_model_and_a_complete_mlflow_run(prepared_project: Stag
     client = mlflow_client(paths)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["model.backbone"] == "mobilenet_v2"
+    assert run.data.params["model.backbone"] == "small_cnn"
     assert run.data.params["train.learning_rate"] == "0.001"
     assert run.data.params["data.name"] == "synthetic"
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):

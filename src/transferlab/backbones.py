@@ -1,7 +1,7 @@
-"""Backbone registry: config name -> Keras application, its preprocessing and input size.
+"""Backbone registry: config name -> constructor, its preprocessing and input size.
 
-Importing this module does not import TensorFlow; the constructor is looked up on
-`keras.applications` only when a model is built.
+Importing this module does not import TensorFlow; the constructor (a `keras.applications`
+name, or `module:function` for our own) is looked up only when a model is built.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ Preprocessing = Literal["builtin", "tf", "caffe"]
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """How to build one `keras.applications` backbone."""
+    """How to build one backbone."""
 
-    application: str
+    application: str  # a keras.applications name, or "module:function"
     preprocessing: Preprocessing
     default_image_size: int
     alphas: tuple[float, ...] | None = None
@@ -50,6 +50,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(
         "ResNet50", "caffe", 224, imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     ),
+    # No pretrained weights: for the offline demo and plumbing tests.
+    "small_cnn": BackboneSpec("transferlab.small_cnn:SmallCNN", "tf", 64),
 }
 
 

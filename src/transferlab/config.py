@@ -93,6 +93,8 @@ class ModelConfig:
             assert spec.alphas is not None
             allowed = ", ".join(str(a) for a in spec.alphas)
             _require(self.alpha in spec.alphas, "model.alpha", f"one of {allowed}", self.alpha)
+        if self.weights == "imagenet":
+            _require(spec.imagenet_file is not None, "model.weights", f"null or a file for {self.backbone}", "imagenet")
         if self.weights not in (None, "imagenet"):
             ok = self.weights.endswith((".h5", ".keras"))
             _require(ok, "model.weights", "imagenet, null or a .h5/.keras file path", self.weights)

@@ -83,7 +83,9 @@ def _decode_with_pillow(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
+        raise ValueError("not a readable image (unknown format or corrupt data)") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"not a readable image ({_first_line(exc)})") from exc
 
 

@@ -87,6 +87,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if IMAGE_COLUMN not in frame.columns:
             raise ValueError(f"input needs a string column {IMAGE_COLUMN!r} of base64-encoded image files")
+        if frame.empty:
+            return to_output_frame(np.zeros((0, len(self.classes))), self.classes)
         pixels = np.stack([self._decode(value, row) for row, value in enumerate(frame[IMAGE_COLUMN])])
         probabilities = np.asarray(self._model.predict(pixels, verbose=0), dtype=np.float64)
         return to_output_frame(probabilities, self.classes)

@@ -1,29 +1,35 @@
 """Hydra jobs and sweeps: one MLflow parent run per sweep, one child run per job.
 
 `SweepTracker` (a Hydra callback, enabled in conf/config.yaml) opens the parent run when a
-multirun starts and writes its id into the sweep folder, where every job finds it, also jobs
-in other processes (joblib launcher). When the sweep ends it logs a summary table to the
-parent and tags the best child by validation accuracy. `run_job` is the task of every job:
-it skips configs that already have a FINISHED run (`sweep.skip_finished`), records a failing
-job as a FAILED child and lets the sweep go on, and frees Keras state between jobs.
+multirun starts and writes it, with the config keys the sweep varies, into the sweep folder,
+where every job finds it, also jobs in other processes (joblib launcher). When the sweep ends
+it logs a summary table to the parent and tags the best child by validation accuracy; a sweep
+that stops early (Ctrl-C, a crashed sweeper) still gets its parent closed with what finished.
+`run_job` is the task of every job: it names the child run by the overrides the sweep varies,
+skips configs that already have a FINISHED run (`sweep.skip_finished`), records a failing job
+as a FAILED child with its error and lets the sweep go on, and frees Keras state between jobs.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import logging
 import math
 import sys
 import time
+import traceback
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import tracking
+from transferlab import atomic, tracking
 from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf
 from transferlab.errors import TransferlabError
 from transferlab.paths import StagePaths, project_root
@@ -33,7 +39,30 @@ log = logging.getLogger(__name__)
 PARENT_FILE = "mlflow_parent_run.json"
 RESULT_FILE = "job_result.json"
 SUMMARY_FILE = "sweep_summary.csv"
-FAILED_VALUE = float("nan")  # Optuna records a NaN objective as a failed trial
+# What a failed job returns: the worst possible accuracy. Not NaN: Optuna 2.10 turns a NaN
+# objective into a ValueError inside the Hydra Optuna sweeper, which then ends the whole sweep.
+FAILED_VALUE = 0.0
+
+
+@dataclass(frozen=True)
+class SweepInfo:
+    """What the callback hands every job through the sweep folder."""
+
+    parent: tracking.RunRecord
+    keys: tuple[str, ...]  # config keys the sweep varies; child runs are named by them
+
+    def write(self, sweep_dir: Path) -> None:
+        payload = {**self.parent.__dict__, "sweep_keys": list(self.keys)}
+        atomic.write_text(sweep_dir / PARENT_FILE, json.dumps(payload, indent=1) + "\n")
+
+    @classmethod
+    def read(cls, sweep_dir: Path) -> SweepInfo | None:
+        path = sweep_dir / PARENT_FILE
+        if not path.is_file():
+            return None
+        payload = json.loads(path.read_text())
+        keys = tuple(payload.pop("sweep_keys", ()))
+        return cls(tracking.RunRecord(**payload), keys)
 
 
 def _mlflow_section(node: DictConfig) -> MlflowConfig:
@@ -44,38 +73,89 @@ def _mlflow_section(node: DictConfig) -> MlflowConfig:
         return MlflowConfig()
 
 
+def sweep_keys(task_overrides: Sequence[str], sweeper_params: dict[str, str] | None) -> list[str]:
+    """Config keys a multirun varies: sweeps among the command-line overrides
+    (`a=1,2`, `choice(...)`, `interval(...)`) and in the sweeper's `params` (Optuna's search
+    space), minus any key the command line fixes to one value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    varies: dict[str, bool] = {}
+    for key, value in (sweeper_params or {}).items():
+        varies[key] = parser.parse_override(f"{key}={value}").is_sweep_override()
+    for override in parser.parse_overrides(list(task_overrides)):
+        varies[override.key_or_group] = override.is_sweep_override()
+    return [key for key, sweep in varies.items() if sweep]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def job_name_and_tags(task_overrides: Sequence[str], keys: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """The child run's name (the overrides the sweep varies, else all of them) and one tag per override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(task_overrides))
+    tags = {f"{tracking.TAG_OVERRIDE_PREFIX}{o.key_or_group}": o.get_value_element_as_str() for o in parsed}
+    named = [o for o in parsed if o.key_or_group in keys] or parsed
+    name = " ".join(f"{o.key_or_group}={_short(o.value())}" for o in named) or "defaults"
+    return name, tags
+
+
 class SweepTracker(Callback):
     """Hydra callback that owns the parent run of a multirun."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        name = f"sweep-{sweep_dir.name}"
-        args = " ".join(config.hydra.overrides.task)
-        run = tracking.create_parent_run(
-            _mlflow_section(config), project_root(), name, {tracking.TAG_OVERRIDES: args, "sweep_dir": str(sweep_dir)}
-        )
-        (sweep_dir / PARENT_FILE).write_text(json.dumps(run.__dict__))
-        log.info("sweep parent run %s (%s)", run.run_id, name)
+        params = config.hydra.sweeper.get("params")
+        task = list(config.hydra.overrides.task)
+        keys = sweep_keys(task, {str(k): str(v) for k, v in params.items()} if params else None)
+        sweeper = str(config.hydra.sweeper.get("_target_", "")).rsplit(".", 1)[-1]
+        launcher = str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+        name = f"{'optuna' if 'Optuna' in sweeper else 'sweep'}-{sweep_dir.name}"
+        tags = {
+            tracking.TAG_OVERRIDES: " ".join(task),
+            tracking.TAG_SWEEP_KEYS: " ".join(keys),
+            tracking.TAG_SWEEP_DIR: str(sweep_dir.resolve()),
+            tracking.TAG_SWEEPER: sweeper,
+            tracking.TAG_LAUNCHER: launcher,
+        }
+        parent = tracking.create_parent_run(_mlflow_section(config), project_root(), name, tags)
+        SweepInfo(parent, tuple(keys)).write(sweep_dir)
+        atexit.register(_close_unfinished, sweep_dir)
+        log.info("sweep parent run %s (%s), varying %s", parent.run_id, name, ", ".join(keys) or "nothing")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        parent = _read_parent(sweep_dir)
-        if parent is None:
-            return
-        rows = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{RESULT_FILE}"))]
-        rows.sort(key=lambda r: r["job"])
-        summary = tracking.finish_parent_run(parent, rows, sweep_dir / SUMMARY_FILE)
-        log.info("sweep summary (%d jobs) in %s", len(rows), sweep_dir / SUMMARY_FILE)
-        for line in summary.splitlines():
-            log.info("%s", line)
+        atexit.unregister(_close_unfinished)
+        _close_parent(sweep_dir, "FINISHED")
 
 
-def _read_parent(sweep_dir: Path) -> tracking.RunRecord | None:
-    path = sweep_dir / PARENT_FILE
-    if not path.is_file():
-        return None
-    return tracking.RunRecord(**json.loads(path.read_text()))
+def _close_parent(sweep_dir: Path, status: str) -> None:
+    """Summarise the jobs that wrote a result and end the parent run with `status`."""
+    info = SweepInfo.read(sweep_dir)
+    if info is None:
+        return
+    rows = [json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{RESULT_FILE}")]
+    rows.sort(key=lambda r: r["job"])
+    summary = tracking.finish_parent_run(info.parent, rows, sweep_dir / SUMMARY_FILE, info.keys, status)
+    log.info("sweep summary (%d jobs, parent %s) in %s", len(rows), status, sweep_dir / SUMMARY_FILE)
+    for line in summary.splitlines():
+        log.info("%s", line)
+
+
+def _close_unfinished(sweep_dir: Path) -> None:
+    """atexit: the sweep stopped before `on_multirun_end` (Ctrl-C, a crash): close its parent."""
+    status = "KILLED" if _interrupted else "FAILED"
+    try:
+        _close_parent(sweep_dir, status)
+    except Exception as exc:  # the interpreter is shutting down; never mask the original error
+        print(f"could not close the sweep's MLflow parent run: {exc}", file=sys.stderr)
+
+
+_interrupted = False
 
 
 def _train_and_evaluate(
@@ -98,6 +178,14 @@ def _free_memory() -> None:
     gc.collect()
 
 
+def _rss_mb() -> float | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
 def run_job(node: DictConfig) -> float:
     """Task of every Hydra job; returns the validation accuracy (the Optuna objective)."""
     from hydra.core.hydra_config import HydraConfig
@@ -107,10 +195,12 @@ def run_job(node: DictConfig) -> float:
     overrides = list(hydra_cfg.overrides.task)
     output_dir = Path(hydra_cfg.runtime.output_dir)
     paths = StagePaths(root=project_root(), output_root=output_dir)
-    tags = {tracking.TAG_OVERRIDES: " ".join(overrides), tracking.TAG_JOB: uuid.uuid4().hex}
-    name = ",".join(overrides) or "defaults"
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    info = SweepInfo.read(Path(hydra_cfg.sweep.dir)) if multirun else None
+    name, tags = job_name_and_tags(overrides, info.keys if info else ())
+    tags.update({tracking.TAG_OVERRIDES: " ".join(overrides), tracking.TAG_JOB: uuid.uuid4().hex})
 
-    if hydra_cfg.mode != RunMode.MULTIRUN:
+    if not multirun:
         try:
             cfg = from_omegaconf(node)
             return _train_and_evaluate(cfg, paths, name, None, tags)[1]
@@ -118,33 +208,49 @@ def run_job(node: DictConfig) -> float:
             print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
             sys.exit(2)
 
-    parent = _read_parent(Path(hydra_cfg.sweep.dir))
-    parent_id = parent.run_id if parent else None
+    parent_id = info.parent.run_id if info else None
+    if parent_id:
+        tags[tracking.TAG_SWEEP] = "child"
     started = time.time()
     record: dict[str, Any] = {"job": hydra_cfg.job.num, "overrides": " ".join(overrides), "output_dir": str(output_dir)}
+    record.update(_override_columns(overrides, info.keys if info else ()))
     try:
-        cfg = from_omegaconf(node)
-        done = None
-        if cfg.sweep.skip_finished:
-            experiment_id = tracking.configure(cfg.mlflow, paths.root)
-            done = tracking.find_finished_run(experiment_id, config_hash(cfg))
-        if done is not None:
-            log.info("skipping %s: config already has FINISHED run %s", name, done)
-            record.update(status="SKIPPED", run_id=done, val_accuracy=tracking.final_val_accuracy(done))
-        else:
-            run_id, val_accuracy = _train_and_evaluate(cfg, paths, name, parent_id, tags)
-            record.update(status="FINISHED", run_id=run_id, val_accuracy=val_accuracy)
+        record.update(_run_or_skip(node, paths, name, parent_id, tags))
+    except KeyboardInterrupt:
+        global _interrupted
+        _interrupted = True
+        raise
     except Exception as exc:  # one failing job (bad value, out of memory) must not end the sweep
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        log.error("job %s failed: %s", name, message)
+        log.exception("job %s failed: %s", name, message)
         run_id = tracking.failed_child_run(
-            _mlflow_section(node), paths.root, name, parent_id, tags, message, job_tag=tags[tracking.TAG_JOB]
+            _mlflow_section(node), paths.root, name, parent_id, tags, message, traceback.format_exc()
         )
         record.update(status="FAILED", run_id=run_id, val_accuracy=None, error=message)
     finally:
         _free_memory()
     record["duration_s"] = round(time.time() - started, 1)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULT_FILE).write_text(json.dumps(record, indent=1))
+    record["rss_mb"] = _rss_mb()
+    atomic.write_text(output_dir / RESULT_FILE, json.dumps(record, indent=1) + "\n")
     value = record.get("val_accuracy")
     return float(value) if value is not None and not math.isnan(value) else FAILED_VALUE
+
+
+def _override_columns(overrides: Sequence[str], keys: Sequence[str]) -> dict[str, str]:
+    """One summary column per varied key, holding this job's value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return {o.key_or_group: o.get_value_element_as_str() for o in parsed if o.key_or_group in keys}
+
+
+def _run_or_skip(node: DictConfig, paths: StagePaths, name: str, parent_id: str | None, tags: dict[str, str]) -> dict:
+    cfg = from_omegaconf(node)
+    if cfg.sweep.skip_finished:
+        experiment_id = tracking.configure(cfg.mlflow, paths.root)
+        done = tracking.find_finished_run(experiment_id, config_hash(cfg))
+        if done is not None:
+            log.info("skipping %s: config already has FINISHED run %s", name, done)
+            return {"status": "SKIPPED", "run_id": done, "val_accuracy": tracking.final_val_accuracy(done)}
+    run_id, val_accuracy = _train_and_evaluate(cfg, paths, name, parent_id, tags)
+    return {"status": "FINISHED", "run_id": run_id, "val_accuracy": val_accuracy}

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 from transferlab import atomic
 from transferlab.config import Config, MlflowConfig, config_hash, flatten
 from transferlab.errors import TransferlabError
+from transferlab.paths import tracking_root
 
 log = logging.getLogger(__name__)
 
@@ -36,27 +37,39 @@ TAG_SWEEP = "transferlab.sweep"
 TAG_BEST_CHILD = "transferlab.best_child_run_id"
 TAG_ERROR = "transferlab.error"
 TAG_JOB = "transferlab.job"
+TAG_OVERRIDE_PREFIX = "transferlab.override."  # one tag per Hydra override of a job
+TAG_SWEEP_KEYS = "transferlab.sweep_keys"
+TAG_SWEEP_DIR = "transferlab.sweep_dir"
+TAG_SWEEPER = "transferlab.sweeper"
+TAG_LAUNCHER = "transferlab.launcher"
+# Columns of a sweep's summary table; one column per swept key goes after "job".
 SUMMARY_COLUMNS = [
     "job",
     "overrides",
     "status",
     "run_id",
     "val_accuracy",
+    "val_loss",
     "test_accuracy",
     "test_macro_f1",
     "duration_s",
+    "rss_mb",
     "error",
 ]
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
-    """MLFLOW_TRACKING_URI, else the config's URI, else the project's SQLite store."""
+    """MLFLOW_TRACKING_URI, else the config's URI, else the project's SQLite store.
+
+    A queued or `--temp` DVC experiment runs in a throwaway copy of the repo under
+    `.dvc/tmp/exps/`; its runs go to the repo's own store (see `paths.tracking_root`).
+    """
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     if cfg.tracking_uri:
         return cfg.tracking_uri
-    return f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(tracking_root(root) / 'mlruns' / 'mlflow.db').resolve()}"
 
 
 def _default_artifact_root(uri: str, root: Path) -> str | None:
@@ -67,19 +80,45 @@ def _default_artifact_root(uri: str, root: Path) -> str | None:
     return None
 
 
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise creating a local SQLite store and its experiment across processes.
+
+    MLflow waits on a busy database (busy_timeout) once its tables exist, but processes that
+    open a new store at the same moment (joblib sweep jobs, `dvc queue start -j 2`) all run
+    its schema migrations and fail with "table ... already exists" or leave it half-migrated;
+    two of them may also create the same experiment. Other stores need no lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; start one process first to create the store
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with (db.parent / f".{db.name}.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def configure(cfg: MlflowConfig, root: Path) -> str:
     """Point MLflow at the store, create the experiment if needed; return the experiment id."""
     import mlflow
 
     uri = tracking_uri(cfg, root)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.get_experiment_by_name(cfg.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        return mlflow.create_experiment(cfg.experiment, artifact_location=_default_artifact_root(uri, root))
+        with _store_lock(uri):
+            experiment = mlflow.get_experiment_by_name(cfg.experiment)
+            if experiment is not None:
+                return experiment.experiment_id
+            return mlflow.create_experiment(cfg.experiment, artifact_location=_default_artifact_root(uri, root))
     except Exception as exc:  # MLflow raises many types for an unreachable or broken store
         raise TransferlabError(f"MLflow store {uri} is not usable: {str(exc).splitlines()[0]}") from exc
 
@@ -248,14 +287,19 @@ def run_status(run_id: str) -> str | None:
         return None
 
 
-def find_finished_run(experiment_id: str, cfg_hash: str) -> str | None:
-    """A FINISHED run of this experiment with the given config hash (sweeps skip those)."""
+def find_finished_run(experiment_id: str, cfg_hash: str, evaluated: bool = True) -> str | None:
+    """A FINISHED run of this experiment with the given config hash (sweeps skip those).
+
+    With `evaluated`, only a run that also holds the test metrics counts: a run whose
+    evaluate step never ran (or failed) is trained again.
+    """
     from mlflow.tracking import MlflowClient
 
+    query = f"tags.`{TAG_CONFIG_HASH}` = '{cfg_hash}' and attributes.status = 'FINISHED'"
+    if evaluated:
+        query += " and metrics.test_accuracy >= 0"
     runs = MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{TAG_CONFIG_HASH}` = '{cfg_hash}' and attributes.status = 'FINISHED'",
-        max_results=1,
+        [experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
     )
     return runs[0].info.run_id if runs else None
 
@@ -293,53 +337,92 @@ def failed_child_run(
     parent_run_id: str | None,
     tags: Mapping[str, str],
     error: str,
-    job_tag: str,
+    details: str | None = None,
 ) -> str:
-    """The FAILED child of a job: the one its training run left, or a new one when none started."""
+    """The FAILED child of a job: the run its training left (FAILED even if training itself
+    finished and evaluate failed), or a new one when none started. `error` becomes the
+    `transferlab.error` tag, `details` (a traceback) the artifact `error.txt`."""
     from mlflow.tracking import MlflowClient
 
     experiment_id = configure(cfg, root)
     client = MlflowClient()
-    existing = client.search_runs([experiment_id], filter_string=f"tags.`{TAG_JOB}` = '{job_tag}'", max_results=1)
+    job = tags.get(TAG_JOB)
+    existing = (
+        client.search_runs([experiment_id], filter_string=f"tags.`{TAG_JOB}` = '{job}'", max_results=1) if job else []
+    )
     if existing:
         run_id = existing[0].info.run_id
         client.set_tag(run_id, TAG_ERROR, error)
-        return run_id
-    run_tags = {**dict(tags), TAG_ERROR: error}
-    if parent_run_id:
-        run_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=name, tags=run_tags)
-    client.set_terminated(run.info.run_id, status="FAILED")
-    return run.info.run_id
+    else:
+        run_tags = {**dict(tags), TAG_ERROR: error}
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
+    if details:
+        client.log_text(run_id, details, "error.txt")
+    if not existing or existing[0].info.status in ("RUNNING", "FINISHED"):
+        client.set_terminated(run_id, status="FAILED")
+    return run_id
 
 
-def finish_parent_run(parent: RunRecord, rows: list[dict[str, Any]], summary_csv: Path) -> str:
-    """Log the sweep summary table on the parent, tag the best child, end the parent FINISHED.
+def _summary_table(client: Any, rows: list[dict[str, Any]], keys: Sequence[str]) -> Any:
+    """One row per job: swept values, status, validation and test metrics, duration, memory."""
+    import pandas as pd
 
-    Returns the summary as a Markdown table.
+    for row in rows:
+        if row.get("run_id"):
+            metrics = client.get_run(row["run_id"]).data.metrics
+            if row.get("val_accuracy") is None:
+                row["val_accuracy"] = metrics.get("final_val_accuracy")
+            row["val_loss"] = metrics.get("final_val_loss")
+            row["test_accuracy"] = metrics.get("test_accuracy")
+            row["test_macro_f1"] = metrics.get("test_macro_f1")
+    columns = [SUMMARY_COLUMNS[0], *keys, *SUMMARY_COLUMNS[1:]]
+    table = pd.DataFrame(rows, columns=columns)
+    numeric = ["val_accuracy", "val_loss", "test_accuracy", "test_macro_f1", "duration_s", "rss_mb"]
+    return table.astype({c: float for c in numeric})
+
+
+def best_row(table: Any) -> Any | None:
+    """The row with the highest validation accuracy (lower validation loss breaks ties)."""
+    scored = table.dropna(subset=["val_accuracy"])
+    if not len(scored):
+        return None
+    ranked = scored.assign(_loss=scored["val_loss"].fillna(float("inf")))
+    return ranked.sort_values(["val_accuracy", "_loss"], ascending=[False, True], kind="stable").iloc[0]
+
+
+def finish_parent_run(
+    parent: RunRecord,
+    rows: list[dict[str, Any]],
+    summary_csv: Path,
+    keys: Sequence[str] = (),
+    status: str = "FINISHED",
+) -> str:
+    """Log the sweep summary table on the parent, tag the best child, end the parent with `status`.
+
+    The table goes to the parent as `sweep_summary.csv` and as the MLflow table
+    `sweep_summary.json` (shown in the UI's artifact view). Returns the table as text.
     """
     import mlflow
-    import pandas as pd
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(parent.tracking_uri)
     client = MlflowClient()
-    for row in rows:
-        if row.get("run_id"):
-            metrics = client.get_run(row["run_id"]).data.metrics
-            row.setdefault("val_accuracy", metrics.get("final_val_accuracy"))
-            row["test_accuracy"] = metrics.get("test_accuracy")
-            row["test_macro_f1"] = metrics.get("test_macro_f1")
-    table = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    table = _summary_table(client, rows, keys)
     summary_csv.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(summary_csv, index=False)
     client.log_artifact(parent.run_id, str(summary_csv))
-    client.log_table(parent.run_id, table.astype({"val_accuracy": float}), "sweep_summary.json")
-    scored = table.dropna(subset=["val_accuracy"])
-    if len(scored):
-        best = scored.loc[scored["val_accuracy"].astype(float).idxmax()]
+    client.log_table(parent.run_id, table, "sweep_summary.json")
+    best = best_row(table)
+    if best is not None:
         client.set_tag(parent.run_id, TAG_BEST_CHILD, best["run_id"])
         client.log_metric(parent.run_id, "best_val_accuracy", float(best["val_accuracy"]))
-    client.log_metric(parent.run_id, "jobs_failed", int((table["status"] == "FAILED").sum()))
-    client.set_terminated(parent.run_id, status="FINISHED")
-    return table.to_string(index=False)
+        if best["test_accuracy"] == best["test_accuracy"]:  # not NaN
+            client.log_metric(parent.run_id, "best_test_accuracy", float(best["test_accuracy"]))
+    for state in ("FINISHED", "FAILED", "SKIPPED"):
+        client.log_metric(parent.run_id, f"jobs_{state.lower()}", int((table["status"] == state).sum()))
+    if status != "FINISHED":
+        client.set_tag(parent.run_id, TAG_ERROR, f"sweep stopped early ({status}) after {len(rows)} jobs")
+    client.set_terminated(parent.run_id, status=status)
+    return table.drop(columns=["overrides"]).to_string(index=False)

@@ -1,0 +1,226 @@
+"""In-process throughput probes, each run by the driver in its own fresh process.
+
+    python bench/probes.py PHASE --project DIR --params FILE --images DIR --repeats N --result OUT
+
+PHASE is one of:
+  scan       the split stage over every image (scan folders, decode-check each file, write manifests)
+  pipeline   decode + resize + batch with no model: ours (`make_dataset`) alternating with
+             the naive recipe's `image_dataset_from_directory`; then ours' cached epochs
+  forward    backbone forward on in-memory tensors (the ceiling) alternating with the same
+             forward fed by the input pipeline, as the feature cache computes it
+  train-head | train-frozen | train-top20 | train-all
+             training steps on in-memory tensors: the head on cached features; the whole
+             model with the backbone frozen, its top 20 layers or all of it unfrozen
+
+Every probe warms up first (graph tracing, file cache), then times `--repeats` rounds and
+writes {"metrics": {name: {"unit", "samples", "images"}}, "info": {...}} to `--result`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transferlab.backbones import resolve_image_size
+from transferlab.config import Config, load_params
+from transferlab.paths import StagePaths
+from transferlab.pipeline import Manifest, load_classes, load_manifest
+
+log = logging.getLogger("bench.probes")
+
+BATCH_SIZE = 32
+# Each timed pipeline repetition reads at least this many images (the set is repeated).
+MIN_PIPELINE_IMAGES = 600
+# Training-step repetitions are sized from a warm-up step to last about this long.
+TARGET_STEP_SECONDS = 3.0
+UNFREEZE = {"train-frozen": 0, "train-top20": 20, "train-all": "all"}
+
+Metrics = dict[str, dict[str, Any]]
+
+
+def timed(action: Callable[[], int]) -> float:
+    """Images per second of `action`, which returns how many images it processed."""
+    started = time.perf_counter()
+    images = action()
+    return images / (time.perf_counter() - started)
+
+
+def metric(unit: str, samples: list[float], images: int) -> dict[str, Any]:
+    return {"unit": unit, "samples": samples, "images": images}
+
+
+def all_images(project: Path, name: str) -> Manifest:
+    """Every image of the project's train and val splits as one manifest."""
+    paths = StagePaths(project)
+    classes = load_classes(paths.classes)
+    train, val = (load_manifest(paths.manifest(s), paths.raw_dataset(name), classes) for s in ("train", "val"))
+    return Manifest(train.raw_root, train.paths + val.paths, train.labels + val.labels, train.classes)
+
+
+def probe_scan(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[str, Any]]:
+    from transferlab.stages.split import split
+
+    raw = StagePaths(args.project).raw_dataset(cfg.data.name)
+    samples, files = [], 0
+    for i in range(args.repeats):
+        started = time.perf_counter()
+        report = split(cfg.data, raw, args.result.parent / f"scan-splits-{i}")
+        files = report["totals"]["images"] + report["totals"]["skipped"]
+        samples.append(files / (time.perf_counter() - started))
+    return {"split_scan": metric("img/s", samples, files)}, {"files": files}
+
+
+def probe_pipeline(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[str, Any]]:
+    import keras
+
+    from transferlab.pipeline import make_dataset
+
+    size = resolve_image_size(cfg.model.backbone, cfg.data.image_size)
+    manifest = all_images(args.project, cfg.data.name)
+    passes = max(1, math.ceil(MIN_PIPELINE_IMAGES / len(manifest)))
+
+    def drain(dataset: Any) -> int:
+        count = 0
+        for _ in range(passes):
+            for images, _labels in dataset:
+                count += int(images.shape[0])
+        return count
+
+    def ours() -> int:
+        return drain(make_dataset(manifest, image_size=size, batch_size=BATCH_SIZE, cache=False))
+
+    def naive() -> int:
+        ds = keras.utils.image_dataset_from_directory(
+            args.images,
+            image_size=(size, size),
+            batch_size=BATCH_SIZE,
+            label_mode="categorical",
+            seed=123,
+            verbose=False,
+        )
+        return drain(ds)
+
+    ours(), naive()  # warm-up
+    samples: dict[str, list[float]] = {"pipeline_ours": [], "pipeline_naive": []}
+    for _ in range(args.repeats):
+        samples["pipeline_ours"].append(timed(ours))
+        samples["pipeline_naive"].append(timed(naive))
+    cached = make_dataset(manifest, image_size=size, batch_size=BATCH_SIZE, cache=True)
+    drain(cached)  # fills the in-memory cache, as the first epoch does
+    samples["pipeline_cached"] = [timed(lambda: drain(cached)) for _ in range(args.repeats)]
+    images = passes * len(manifest)
+    return {name: metric("img/s", values, images) for name, values in samples.items()}, {"passes": passes}
+
+
+def _classifier(cfg: Config, num_classes: int) -> Any:
+    from transferlab.model import build_classifier
+
+    size = resolve_image_size(cfg.model.backbone, cfg.data.image_size)
+    return build_classifier(cfg.model, num_classes, size), size
+
+
+def probe_forward(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[str, Any]]:
+    import tensorflow as tf
+
+    from transferlab.pipeline import make_dataset
+
+    manifest = all_images(args.project, cfg.data.name)
+    classifier, size = _classifier(cfg, len(manifest.classes))
+    features = classifier.features
+
+    def fed_dataset() -> tf.data.Dataset:
+        ds = make_dataset(manifest, image_size=size, batch_size=BATCH_SIZE, cache=False)
+        return ds.map(lambda x, y: x)
+
+    batch = next(iter(fed_dataset()))  # real images, held in memory
+    steps = math.ceil(len(manifest) / BATCH_SIZE)
+    in_memory = tf.data.Dataset.from_tensors(batch).repeat(steps)
+
+    def memory() -> int:
+        features.predict(in_memory, verbose=0)
+        return steps * BATCH_SIZE
+
+    def fed() -> int:
+        features.predict(fed_dataset(), verbose=0)
+        return len(manifest)
+
+    memory(), fed()  # warm-up: traces both batch shapes, reads every file once
+    samples: dict[str, list[float]] = {"forward_memory": [], "forward_fed": []}
+    for _ in range(args.repeats):
+        samples["forward_memory"].append(timed(memory))
+        samples["forward_fed"].append(timed(fed))
+    metrics = {
+        "forward_memory": metric("img/s", samples["forward_memory"], steps * BATCH_SIZE),
+        "forward_fed": metric("img/s", samples["forward_fed"], len(manifest)),
+    }
+    return metrics, {"feature_dim": int(features.output.shape[-1])}
+
+
+def probe_train(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[str, Any]]:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from transferlab.model import set_trainable_layers
+
+    classes = load_classes(StagePaths(args.project).classes)
+    classifier, size = _classifier(cfg, len(classes))
+    pixels = np.random.default_rng(0).uniform(0, 255, (BATCH_SIZE, size, size, 3)).astype("float32")
+    labels = keras.utils.to_categorical(np.arange(BATCH_SIZE) % len(classes), len(classes))
+    if args.phase == "train-head":
+        model, inputs = classifier.head, classifier.features.predict(pixels, verbose=0)
+        trainable_layers = None
+    else:
+        model, inputs = classifier.model, pixels
+        trainable_layers = set_trainable_layers(classifier.backbone, UNFREEZE[args.phase])
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=1e-3),
+        loss=keras.losses.CategoricalCrossentropy(),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
+
+    def fit(steps: int) -> int:
+        model.fit(tf.data.Dataset.from_tensors((inputs, labels)).repeat(steps), epochs=1, verbose=0)
+        return steps * BATCH_SIZE
+
+    fit(2)  # warm-up: traces the train step
+    per_step = BATCH_SIZE / timed(lambda: fit(2))
+    steps = min(2000, max(3, math.ceil(TARGET_STEP_SECONDS / per_step)))
+    samples = [timed(lambda: fit(steps)) for _ in range(args.repeats)]
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    info = {"trainable_params": trainable, "trainable_backbone_layers": trainable_layers, "steps_per_rep": steps}
+    return {args.phase.replace("-", "_"): metric("img/s", samples, steps * BATCH_SIZE)}, info
+
+
+PROBES = {
+    "scan": probe_scan,
+    "pipeline": probe_pipeline,
+    "forward": probe_forward,
+    **dict.fromkeys(("train-head", *UNFREEZE), probe_train),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=sorted(PROBES))
+    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--result", type=Path, required=True)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics, info = PROBES[args.phase](args, load_params(args.params))
+    args.result.write_text(json.dumps({"metrics": metrics, "info": info}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

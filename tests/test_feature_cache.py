@@ -1,0 +1,191 @@
+"""Frozen-feature cache: hits, misses, invalidation, corrupt files, bypass, and exactness."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, SYNTHETIC_OVERRIDES
+
+from transferlab.config import Config, compose
+from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
+from transferlab.paths import StagePaths
+from transferlab.pipeline import Manifest, load_classes, load_manifest, make_dataset
+
+IMAGE_SIZE = 64
+TINY_MODEL = ("model=mobilenet_v2", "model.alpha=0.35", "model.weights=null", "train.batch_size=8")
+
+
+class CountingExtractor:
+    """A tiny Keras feature extractor that counts its forward passes over a dataset."""
+
+    def __init__(self, seed: int = 0) -> None:
+        import keras
+
+        inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+        x = keras.layers.Conv2D(4, 3, strides=4, kernel_initializer=keras.initializers.GlorotUniform(seed))(inputs)
+        outputs = keras.layers.GlobalAveragePooling2D()(x)
+        self.model = keras.Model(inputs, outputs)
+        self.calls = 0
+
+    def predict(self, *args: object, **kwargs: object) -> np.ndarray:
+        self.calls += 1
+        return self.model.predict(*args, **kwargs)
+
+    @property
+    def digest(self) -> str:
+        from transferlab.model import weights_digest
+
+        return weights_digest(self.model)
+
+
+def train_manifest(paths: StagePaths) -> Manifest:
+    classes = load_classes(paths.classes)
+    return load_manifest(paths.manifest("train"), paths.raw_dataset("synthetic"), classes)
+
+
+def key_for(extractor: CountingExtractor, manifest: Manifest) -> FeatureKey:
+    return FeatureKey("test_backbone", None, extractor.digest, IMAGE_SIZE, manifest_digest(manifest))
+
+
+def features(cache: FeatureCache, extractor: CountingExtractor, manifest: Manifest) -> tuple[np.ndarray, bool]:
+    values, labels, hit = cache.features_for(key_for(extractor, manifest), extractor, manifest, IMAGE_SIZE, 8, 0)
+    assert labels.tolist() == list(manifest.labels)
+    return values, hit
+
+
+def test_second_request_is_a_hit_and_equals_a_fresh_forward_pass(prepared_project: StagePaths) -> None:
+    manifest, extractor = train_manifest(prepared_project), CountingExtractor()
+    cache = FeatureCache(prepared_project.feature_cache)
+
+    first, hit = features(cache, extractor, manifest)
+    assert not hit and extractor.calls == 1
+    stored = cache.path(key_for(extractor, manifest))
+    mtime = stored.stat().st_mtime_ns
+
+    second, hit = features(cache, extractor, manifest)
+    assert hit and extractor.calls == 1, "a hit must not run the backbone"
+    assert stored.stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(first, second)
+
+    dataset = make_dataset(manifest, image_size=IMAGE_SIZE, batch_size=8, cache=False).map(lambda x, y: x)
+    np.testing.assert_allclose(second, extractor.model.predict(dataset, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_changed_image_or_label_is_a_miss(prepared_project: StagePaths) -> None:
+    from PIL import Image
+
+    manifest, extractor = train_manifest(prepared_project), CountingExtractor()
+    cache = FeatureCache(prepared_project.feature_cache)
+    features(cache, extractor, manifest)
+    before = manifest_digest(manifest)
+
+    image = manifest.raw_root / manifest.paths[0]
+    Image.new("RGB", (96, 96), (250, 0, 250)).save(image, format="JPEG")
+    changed = train_manifest(prepared_project)
+    assert manifest_digest(changed) != before
+    _, hit = features(cache, extractor, changed)
+    assert not hit and extractor.calls == 2
+
+    relabelled = Manifest(
+        changed.raw_root, changed.paths, (1 - changed.labels[0], *changed.labels[1:]), changed.classes
+    )
+    assert manifest_digest(relabelled) != manifest_digest(changed)
+    _, hit = features(cache, extractor, relabelled)
+    assert not hit and extractor.calls == 3
+    assert len(list(prepared_project.feature_cache.glob("*.npz"))) == 3
+
+
+def test_other_backbone_weights_are_a_miss(prepared_project: StagePaths) -> None:
+    manifest = train_manifest(prepared_project)
+    cache = FeatureCache(prepared_project.feature_cache)
+    a, b = CountingExtractor(seed=1), CountingExtractor(seed=2)
+    assert a.digest != b.digest
+    features(cache, a, manifest)
+    _, hit = features(cache, b, manifest)
+    assert not hit and b.calls == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_corrupt_file_is_rebuilt_not_trusted(
+    prepared_project: StagePaths, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest, extractor = train_manifest(prepared_project), CountingExtractor()
+    cache = FeatureCache(prepared_project.feature_cache)
+    good, _ = features(cache, extractor, manifest)
+    path = cache.path(key_for(extractor, manifest))
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x00not a zip" * 50}[damage])
+
+    with caplog.at_level(logging.WARNING, logger="transferlab.feature_cache"):
+        rebuilt, hit = features(cache, extractor, manifest)
+    assert not hit and extractor.calls == 2
+    assert "unreadable" in caplog.text
+    np.testing.assert_allclose(rebuilt, good, rtol=1e-5, atol=1e-6)
+    assert cache.load(key_for(extractor, manifest), len(manifest)) is not None, "the rebuilt file must be valid"
+
+
+def test_file_stored_for_another_key_is_stale(prepared_project: StagePaths, caplog: pytest.LogCaptureFixture) -> None:
+    manifest = train_manifest(prepared_project)
+    cache = FeatureCache(prepared_project.feature_cache)
+    a, b = CountingExtractor(seed=1), CountingExtractor(seed=2)
+    features(cache, a, manifest)
+    # A file under b's name holding a's features (a renamed or half-migrated cache).
+    shutil.copy(cache.path(key_for(a, manifest)), cache.path(key_for(b, manifest)))
+    with caplog.at_level(logging.WARNING, logger="transferlab.feature_cache"):
+        _, hit = features(cache, b, manifest)
+    assert not hit and b.calls == 1
+    assert "does not match its key" in caplog.text
+
+
+def test_file_with_wrong_row_count_is_stale(prepared_project: StagePaths) -> None:
+    manifest, extractor = train_manifest(prepared_project), CountingExtractor()
+    cache = FeatureCache(prepared_project.feature_cache)
+    values, _ = features(cache, extractor, manifest)
+    key = key_for(extractor, manifest)
+    cache.store(key, values[:-1], np.asarray(manifest.labels[:-1], dtype="int32"))
+    assert cache.load(key, len(manifest)) is None
+
+
+def tiny_cfg(*overrides: str) -> Config:
+    return compose([*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=1", *overrides], config_dir=REPO_ROOT / "conf")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cached"),
+    [
+        pytest.param((), [True], id="frozen-no-augmentation"),
+        pytest.param(("augment=light",), [False], id="augmentation"),
+        pytest.param(("finetune.unfreeze=20",), [False], id="unfrozen-from-the-start"),
+        pytest.param(("finetune=top20",), [True, False], id="head-then-finetune"),
+        pytest.param(("finetune=top20", "augment=light"), [False, False], id="finetune-with-augmentation"),
+        pytest.param(("train.feature_cache=false",), [False], id="switched-off"),
+    ],
+)
+def test_cache_is_bypassed_where_it_would_be_wrong(overrides: tuple[str, ...], cached: list[bool]) -> None:
+    from transferlab.stages.train import plan_phases
+
+    assert [phase.cached for phase in plan_phases(tiny_cfg(*overrides))] == cached
+
+
+@pytest.mark.slow
+def test_second_training_run_reuses_the_features(
+    prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    from transferlab.stages.train import train
+
+    cfg = tiny_cfg("mlflow.log_model=false", "mlflow.system_metrics=false")
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        train(cfg, prepared_project)
+    assert caplog.text.count("feature cache miss") == 2  # train and val
+    files = {p: p.stat().st_mtime_ns for p in prepared_project.feature_cache.glob("*.npz")}
+    assert len(files) == 2
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        train(tiny_cfg("mlflow.log_model=false", "mlflow.system_metrics=false", "model.dropout=0.5"), prepared_project)
+    assert caplog.text.count("feature cache hit") == 2
+    assert "computing backbone features" not in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in prepared_project.feature_cache.glob("*.npz")} == files

@@ -1,0 +1,151 @@
+"""Model construction: every backbone, its preprocessing, the unfreeze policy, weights sources."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferlab.backbones import BACKBONES, imagenet_weights_filename
+from transferlab.config import ModelConfig
+from transferlab.errors import ConfigError, ModelError
+from transferlab.model import build_classifier, set_trainable_layers, weights_digest
+
+MOBILENET_V2_WEIGHTS = "weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+
+
+def alpha_for(backbone: str) -> float | None:
+    alphas = BACKBONES[backbone].alphas
+    return None if alphas is None else alphas[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_every_backbone_builds_a_softmax_classifier(backbone: str) -> None:
+    cfg = ModelConfig(backbone=backbone, alpha=alpha_for(backbone), weights=None, dropout=0.3)
+    classifier = build_classifier(cfg, num_classes=4, image_size=64)
+    probabilities = classifier.model.predict(np.full((2, 64, 64, 3), 128.0, "float32"), verbose=0)
+    assert probabilities.shape == (2, 4)
+    assert probabilities.sum(axis=1) == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert classifier.model.input_shape == (None, 64, 64, 3)
+    assert not any(w.trainable for w in classifier.backbone.weights), "the backbone starts frozen"
+    head = [layer.name for layer in classifier.head.layers]
+    assert head == ["pooled_features", "head_batchnorm", "head_dropout", "probabilities"]
+    assert classifier.head.get_layer("head_dropout").rate == pytest.approx(0.3)
+
+
+def test_mobilenet_preprocessing_maps_pixels_to_unit_range() -> None:
+    classifier = build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 3, 32)
+    layer = classifier.model.get_layer("scale_to_unit_range")
+    out = np.asarray(layer(np.array([[[[0.0, 127.5, 255.0]]]], "float32")))
+    assert out.ravel() == pytest.approx([-1.0, 0.0, 1.0])
+
+
+def test_resnet_preprocessing_matches_keras_caffe_mode() -> None:
+    import keras
+
+    classifier = build_classifier(ModelConfig("resnet50", weights=None), 3, 32)
+    layer = classifier.model.get_layer("caffe_rgb_to_bgr_centered")
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    expected = keras.applications.resnet50.preprocess_input(pixels.copy())
+    assert np.asarray(layer(pixels)) == pytest.approx(expected, abs=1e-3)
+
+
+def test_unfreeze_top_layers_keeps_batchnorm_frozen() -> None:
+    import keras
+
+    classifier = build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 3, 32)
+    backbone = classifier.backbone
+    assert set_trainable_layers(backbone, 0) == 0
+    assert not backbone.trainable_weights
+
+    set_trainable_layers(backbone, 20)
+    top, rest = backbone.layers[-20:], backbone.layers[:-20]
+    assert all(not layer.trainable for layer in rest)
+    for layer in top:
+        assert layer.trainable == (not isinstance(layer, keras.layers.BatchNormalization)), layer.name
+    assert any(layer.trainable and layer.weights for layer in top)
+
+    trainable = set_trainable_layers(backbone, "all")
+    batchnorms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batchnorms and not any(layer.trainable for layer in batchnorms)
+    assert trainable == sum(1 for layer in backbone.layers if layer.weights and layer not in batchnorms)
+
+
+def test_imagenet_only_for_backbones_that_have_it() -> None:
+    with pytest.raises(ConfigError, match=r"model.weights must be null or a file for small_cnn"):
+        ModelConfig("small_cnn", weights="imagenet").check()
+
+
+def test_missing_weights_file_is_one_clear_error(tmp_path: Path) -> None:
+    cfg = ModelConfig("mobilenet_v2", alpha=0.35, weights=str(tmp_path / "nope.h5"))
+    with pytest.raises(ModelError, match=r"model.weights file .*nope.h5 does not exist"):
+        build_classifier(cfg, 3, 32)
+
+
+def test_imagenet_filenames_match_keras_cache_names() -> None:
+    assert (
+        imagenet_weights_filename("mobilenet_v2", 0.35, 224)
+        == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+    )
+    assert imagenet_weights_filename("mobilenet", 0.25, 224) == "mobilenet_2_5_224_tf_no_top.h5"
+    assert imagenet_weights_filename("efficientnet_b0", None, 224) == "efficientnetb0_notop.h5"
+
+
+@pytest.mark.shared
+def test_weights_file_from_shared_loads_imagenet_weights(shared_dir: Path) -> None:
+    path = shared_dir / MOBILENET_V2_WEIGHTS
+    pretrained = build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights=str(path)), 5, 224)
+    random = build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 5, 224)
+    assert weights_digest(pretrained.backbone) != weights_digest(random.backbone)
+    # ImageNet features respond to image content; frozen random ones barely do.
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (4, 224, 224, 3)).astype("float32")
+    spread = pretrained.features.predict(images, verbose=0).std(axis=0).mean()
+    assert spread > 1e-3
+
+
+IMAGENET_SCRIPT = """
+from transferlab.config import ModelConfig
+from transferlab.model import build_classifier
+import sys
+build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights="imagenet"), 5, 224)
+print("loaded")
+"""
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_imagenet_weights_load_from_keras_home_without_download(shared_dir: Path, tmp_path: Path) -> None:
+    models = tmp_path / "keras" / "models"
+    models.mkdir(parents=True)
+    (models / Path(MOBILENET_V2_WEIGHTS).name).symlink_to(shared_dir / MOBILENET_V2_WEIGHTS)
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras")}
+    done = subprocess.run([sys.executable, "-c", IMAGENET_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loaded" in done.stdout
+
+
+OFFLINE_SCRIPT = """
+from transferlab.config import ModelConfig
+from transferlab.errors import ModelError
+from transferlab.model import build_classifier
+try:
+    build_classifier(ModelConfig("efficientnet_b0", weights="imagenet"), 5, 224)
+except ModelError as exc:
+    print("ModelError:", exc)
+"""
+
+
+@pytest.mark.slow
+def test_unreachable_imagenet_download_says_where_to_put_the_file(tmp_path: Path) -> None:
+    # No network here; on a machine with one, a proxy that refuses keeps the test offline.
+    env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": ""}
+    done = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("ModelError: could not load ImageNet weights for efficientnet_b0")
+    assert "efficientnetb0_notop.h5" in line and str(tmp_path / "keras" / "models") in line
