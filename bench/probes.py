@@ -19,6 +19,7 @@ writes {"metrics": {name: {"unit", "samples", "images"}}, "info": {...}} to `--r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -37,9 +38,12 @@ log = logging.getLogger("bench.probes")
 
 BATCH_SIZE = 32
 # Each timed pipeline repetition reads at least this many images (the set is repeated).
-MIN_PIPELINE_IMAGES = 600
-# Training-step repetitions are sized from a warm-up step to last about this long.
+MIN_PIPELINE_IMAGES = 1200
+# Each timed forward repetition runs at least this many images.
+MIN_FORWARD_IMAGES = 480
+# Training-step repetitions are sized from a warm-up to last about this long, within bounds.
 TARGET_STEP_SECONDS = 3.0
+MIN_TRAIN_STEPS, MAX_TRAIN_STEPS = 4, 2000
 UNFREEZE = {"train-frozen": 0, "train-top20": 20, "train-all": "all"}
 
 Metrics = dict[str, dict[str, Any]]
@@ -126,6 +130,36 @@ def _classifier(cfg: Config, num_classes: int) -> Any:
     return build_classifier(cfg.model, num_classes, size), size
 
 
+def batch_clock() -> Any:
+    """A Keras callback that notes when each predict or train batch ends.
+
+    Steady-state throughput is measured from the first batch's end to the last one's, so
+    the fixed cost of a `predict`/`fit` call (iterator, callbacks, about a second here) and
+    the first batch are left out; `call_rate` keeps the whole call for comparison.
+    """
+    import keras
+
+    class BatchClock(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.started = time.perf_counter()
+            self.ticks: list[float] = []
+
+        def on_predict_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.ticks.append(time.perf_counter())
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.ticks.append(time.perf_counter())
+
+        def steady_rate(self, images_after_first_batch: int) -> float:
+            return images_after_first_batch / (self.ticks[-1] - self.ticks[0])
+
+        def call_rate(self, images: int) -> float:
+            return images / (self.ticks[-1] - self.started)
+
+    return BatchClock()
+
+
 def probe_forward(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[str, Any]]:
     import tensorflow as tf
 
@@ -134,33 +168,37 @@ def probe_forward(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[
     manifest = all_images(args.project, cfg.data.name)
     classifier, size = _classifier(cfg, len(manifest.classes))
     features = classifier.features
+    # Enough batches that the prefetch buffer filled during the first batch cannot flatter the rate.
+    # Whole batches only, so the warm-up traces the one batch shape the timed runs use.
+    passes = math.ceil(MIN_FORWARD_IMAGES / len(manifest))
+    keep = passes * len(manifest) // BATCH_SIZE * BATCH_SIZE
+    repeated = dataclasses.replace(
+        manifest, paths=(manifest.paths * passes)[:keep], labels=(manifest.labels * passes)[:keep]
+    )
 
     def fed_dataset() -> tf.data.Dataset:
-        ds = make_dataset(manifest, image_size=size, batch_size=BATCH_SIZE, cache=False)
+        ds = make_dataset(repeated, image_size=size, batch_size=BATCH_SIZE, cache=False)
         return ds.map(lambda x, y: x)
 
     batch = next(iter(fed_dataset()))  # real images, held in memory
-    steps = math.ceil(len(manifest) / BATCH_SIZE)
+    steps = math.ceil(MIN_FORWARD_IMAGES / BATCH_SIZE)
     in_memory = tf.data.Dataset.from_tensors(batch).repeat(steps)
-
-    def memory() -> int:
-        features.predict(in_memory, verbose=0)
-        return steps * BATCH_SIZE
-
-    def fed() -> int:
-        features.predict(fed_dataset(), verbose=0)
-        return len(manifest)
-
-    memory(), fed()  # warm-up: traces both batch shapes, reads every file once
-    samples: dict[str, list[float]] = {"forward_memory": [], "forward_fed": []}
-    for _ in range(args.repeats):
-        samples["forward_memory"].append(timed(memory))
-        samples["forward_fed"].append(timed(fed))
-    metrics = {
-        "forward_memory": metric("img/s", samples["forward_memory"], steps * BATCH_SIZE),
-        "forward_fed": metric("img/s", samples["forward_fed"], len(manifest)),
+    sources = {
+        "forward_memory": (lambda: in_memory, steps * BATCH_SIZE),
+        "forward_fed": (fed_dataset, len(repeated)),  # the feature cache's pass, over `passes` copies
     }
-    return metrics, {"feature_dim": int(features.output.shape[-1])}
+    for make, _ in sources.values():  # warm-up: traces the predict step
+        features.predict(make().take(2), verbose=0)
+    samples: dict[str, list[float]] = {name: [] for name in sources}
+    whole_calls: dict[str, list[float]] = {name: [] for name in sources}
+    for _ in range(args.repeats):
+        for name, (make, images) in sources.items():
+            clock = batch_clock()
+            features.predict(make(), verbose=0, callbacks=[clock])
+            samples[name].append(clock.steady_rate(images - BATCH_SIZE))
+            whole_calls[name].append(clock.call_rate(images))
+    metrics = {name: metric("img/s", samples[name], images) for name, (_, images) in sources.items()}
+    return metrics, {"feature_dim": int(features.output.shape[-1]), "whole_predict_call_img_s": whole_calls}
 
 
 def probe_train(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[str, Any]]:
@@ -186,14 +224,14 @@ def probe_train(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[st
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
 
-    def fit(steps: int) -> int:
-        model.fit(tf.data.Dataset.from_tensors((inputs, labels)).repeat(steps), epochs=1, verbose=0)
-        return steps * BATCH_SIZE
+    def fit(steps: int) -> float:
+        clock = batch_clock()
+        model.fit(tf.data.Dataset.from_tensors((inputs, labels)).repeat(steps), verbose=0, callbacks=[clock])
+        return clock.steady_rate((steps - 1) * BATCH_SIZE)
 
-    fit(2)  # warm-up: traces the train step
-    per_step = BATCH_SIZE / timed(lambda: fit(2))
-    steps = min(2000, max(3, math.ceil(TARGET_STEP_SECONDS / per_step)))
-    samples = [timed(lambda: fit(steps)) for _ in range(args.repeats)]
+    rate = fit(3)  # warm-up: traces the train step; sizes the timed repetitions
+    steps = min(MAX_TRAIN_STEPS, max(MIN_TRAIN_STEPS, math.ceil(TARGET_STEP_SECONDS * rate / BATCH_SIZE)))
+    samples = [fit(steps) for _ in range(args.repeats)]
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     info = {"trainable_params": trainable, "trainable_backbone_layers": trainable_layers, "steps_per_rep": steps}
     return {args.phase.replace("-", "_"): metric("img/s", samples, steps * BATCH_SIZE)}, info
