@@ -43,6 +43,7 @@ class Prepared:
     num_images: int
     num_classes: int
     split_sizes: dict[str, int]
+    default_train: dict[str, float]  # learning rate and label smoothing of conf/ as it stands
 
     def params_file(self, variant: str) -> Path:
         return self.e2e.root / f"params-{variant}.yaml"
@@ -96,8 +97,11 @@ def prepare(settings: BenchSettings) -> Prepared:
     base = base_overrides(settings, images)
     e2e = _project(settings.workdir / "e2e", [*base, *E2E_SPLIT])
     sweep = _project(settings.workdir / "sweep", list(base))
+    composed = {}
     for variant, extra in e2e_variants(settings.epoch_counts).items():
-        write_params(compose([*base, *E2E_SPLIT, *extra], CONF_DIR), e2e.root / f"params-{variant}.yaml")
+        composed[variant] = compose([*base, *E2E_SPLIT, *extra], CONF_DIR)
+        write_params(composed[variant], e2e.root / f"params-{variant}.yaml")
+    defaults = composed["ours-defaults-10"].train
     classes = load_classes(e2e.classes)
     sizes = {name: len(_manifest(e2e, name, classes)) for name in ("train", "val")}
     return Prepared(
@@ -108,6 +112,7 @@ def prepare(settings: BenchSettings) -> Prepared:
         num_images=sum(sizes.values()),
         num_classes=len(classes),
         split_sizes=sizes,
+        default_train={"learning_rate": defaults.learning_rate, "label_smoothing": defaults.label_smoothing},
     )
 
 

@@ -40,10 +40,10 @@ BATCH_SIZE = 32
 # Each timed pipeline repetition reads at least this many images (the set is repeated).
 MIN_PIPELINE_IMAGES = 1200
 # Each timed forward repetition runs at least this many images.
-MIN_FORWARD_IMAGES = 480
+MIN_FORWARD_IMAGES = 384
 # Training-step repetitions are sized from a warm-up to last about this long, within bounds.
-TARGET_STEP_SECONDS = 3.0
-MIN_TRAIN_STEPS, MAX_TRAIN_STEPS = 4, 2000
+TARGET_STEP_SECONDS = 2.0
+MIN_TRAIN_STEPS, MAX_TRAIN_STEPS = 3, 2000
 UNFREEZE = {"train-frozen": 0, "train-top20": 20, "train-all": "all"}
 
 Metrics = dict[str, dict[str, Any]]

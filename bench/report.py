@@ -136,13 +136,14 @@ def machine_info() -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
+    """`model name` from /proc/cpuinfo (what lscpu shows), marked when it is a virtual machine."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    virtual = any(line.startswith("flags") and " hypervisor" in line for line in info)
+    return f"{model} (virtual machine)" if virtual else model
 
 
 def _git(*args: str) -> str | None:

@@ -6,9 +6,9 @@ BENCH_ALPHA        width multiplier (default 0.35 for MobileNet backbones, else 
 BENCH_WEIGHTS      null | imagenet | path to a no-top .h5 file (default null)
 BENCH_IMAGE_SIZE   input size in pixels (default 224)
 BENCH_REPEATS      repetitions of every measurement (default 3)
-BENCH_SWEEP_REPEATS  repetitions of the 8-job sweep (default 1: one sweep is ~4 minutes here)
+BENCH_SWEEP_REPEATS  repetitions of the 8-job sweep (default 1: one sweep takes 2-4 minutes here)
 BENCH_SWEEP_NAIVE  estimate (8 x the naive 2-epoch run of the same round) | run (8 real runs)
-BENCH_QUICK        1: a ~3 minute smoke run (fewer images, one repetition, a 2-job sweep)
+BENCH_QUICK        1: a smoke run of every phase (100 images, one repetition, 2 epochs only, 2-job sweep)
 BENCH_WORKDIR      scratch folder (default build/bench; replaced on every run)
 BENCH_OUT          where the JSON report goes (default reports/bench.json)
 """
@@ -50,9 +50,9 @@ class BenchSettings:
     out: Path
 
     @property
-    def epoch_counts(self) -> tuple[int, int]:
-        """The two end-to-end run lengths compared with the naive recipe."""
-        return (2, 10)
+    def epoch_counts(self) -> tuple[int, ...]:
+        """End-to-end run lengths compared with the naive recipe (quick mode: 2 only)."""
+        return (2,) if self.quick else (2, 10)
 
     @property
     def dataset_label(self) -> str:

@@ -174,8 +174,28 @@ def _free_memory() -> None:
     if "keras" in sys.modules:
         import keras
 
-        keras.backend.clear_session(free_memory=True)
+        keras.backend.clear_session(free_memory=False)
+        _drop_custom_gradients()
     gc.collect()
+
+
+def _drop_custom_gradients() -> None:
+    """Unregister the gradient functions that graph-mode `tf.custom_gradient` calls left behind.
+
+    TensorFlow registers one under a fresh name ("CustomGradient-<n>") in a process-wide
+    registry each time such a function is traced (under `tf.distribute`, every traced train
+    step does) and never removes it; each one keeps its whole traced graph alive. After a job
+    none of its graphs is traced again, so they can go. This is TensorFlow internals, hence
+    the defensive lookup: if they move, memory grows again, but nothing breaks.
+    """
+    try:
+        from tensorflow.python.framework import ops
+
+        registry = ops._gradient_registry._registry
+    except (ImportError, AttributeError):
+        return
+    for name in [name for name in registry if name.startswith("CustomGradient-")]:
+        del registry[name]
 
 
 def _rss_mb() -> float | None:
