@@ -34,8 +34,6 @@ from transferlab.config import Config, load_params
 from transferlab.paths import StagePaths
 from transferlab.pipeline import Manifest, load_classes, load_manifest
 
-log = logging.getLogger("bench.probes")
-
 BATCH_SIZE = 32
 # Each timed pipeline repetition reads at least this many images (the set is repeated).
 MIN_PIPELINE_IMAGES = 1200
@@ -123,7 +121,8 @@ def probe_pipeline(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict
     return {name: metric("img/s", values, images) for name, values in samples.items()}, {"passes": passes}
 
 
-def _classifier(cfg: Config, num_classes: int) -> Any:
+def _classifier(cfg: Config, num_classes: int) -> tuple[Any, int]:
+    """A `transferlab.model.Classifier` as the train stage builds it, and its input size."""
     from transferlab.model import build_classifier
 
     size = resolve_image_size(cfg.model.backbone, cfg.data.image_size)
@@ -134,8 +133,8 @@ def batch_clock() -> Any:
     """A Keras callback that notes when each predict or train batch ends.
 
     Steady-state throughput is measured from the first batch's end to the last one's, so
-    the fixed cost of a `predict`/`fit` call (iterator, callbacks, about a second here) and
-    the first batch are left out; `call_rate` keeps the whole call for comparison.
+    the fixed cost of a `predict`/`fit` call (iterator set-up, callbacks) and the first
+    batch are left out; `call_rate` keeps the whole call for comparison.
     """
     import keras
 
