@@ -50,7 +50,8 @@ def run_cli(paths: StagePaths, *args: str, **popen: object) -> subprocess.Popen:
 
 def test_one_epoch_writes_model_and_a_complete_mlflow_run(prepared_project: StagePaths) -> None:
     paths = prepared_project
-    result = train(tiny_cfg(), paths)
+    cfg = tiny_cfg()
+    result = train(cfg, paths)
 
     assert paths.model_file.is_file() and paths.history.is_file() and paths.training_curves.stat().st_size > 0
     record = tracking.RunRecord.read(paths.run_file)
@@ -61,7 +62,7 @@ def test_one_epoch_writes_model_and_a_complete_mlflow_run(prepared_project: Stag
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.backbone"] == "small_cnn"
-    assert run.data.params["train.learning_rate"] == "0.001"
+    assert run.data.params["train.learning_rate"] == str(cfg.train.learning_rate)
     assert run.data.params["data.name"] == "synthetic"
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
         assert [m.step for m in client.get_metric_history(result.run_id, metric)] == [1]
@@ -106,7 +107,7 @@ def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths) ->
     result = train(cfg, prepared_project)
     history = result.history
     assert history["phase"].tolist() == ["head", "finetune"]
-    assert history["learning_rate"].tolist() == pytest.approx([0.001, 0.0001])
+    assert history["learning_rate"].tolist() == pytest.approx([cfg.train.learning_rate, 0.0001])
 
 
 def test_augmented_training_bypasses_the_feature_cache(prepared_project: StagePaths) -> None:
