@@ -1,4 +1,7 @@
-"""Frozen-feature cache: hits, misses, invalidation, corrupt files, bypass, and exactness."""
+"""Frozen-feature cache: hits, misses, invalidation, corrupt files, bypass, and exactness.
+
+That training runs reuse the cache across jobs is checked on a real sweep in test_sweep.py.
+"""
 
 from __future__ import annotations
 
@@ -168,24 +171,3 @@ def test_cache_is_bypassed_where_it_would_be_wrong(overrides: tuple[str, ...], c
     from transferlab.stages.train import plan_phases
 
     assert [phase.cached for phase in plan_phases(tiny_cfg(*overrides))] == cached
-
-
-@pytest.mark.slow
-def test_second_training_run_reuses_the_features(
-    prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
-) -> None:
-    from transferlab.stages.train import train
-
-    cfg = tiny_cfg("mlflow.log_model=false", "mlflow.system_metrics=false")
-    with caplog.at_level(logging.INFO, logger="transferlab"):
-        train(cfg, prepared_project)
-    assert caplog.text.count("feature cache miss") == 2  # train and val
-    files = {p: p.stat().st_mtime_ns for p in prepared_project.feature_cache.glob("*.npz")}
-    assert len(files) == 2
-
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="transferlab"):
-        train(tiny_cfg("mlflow.log_model=false", "mlflow.system_metrics=false", "model.dropout=0.5"), prepared_project)
-    assert caplog.text.count("feature cache hit") == 2
-    assert "computing backbone features" not in caplog.text
-    assert {p: p.stat().st_mtime_ns for p in prepared_project.feature_cache.glob("*.npz")} == files

@@ -42,6 +42,10 @@ SUMMARY_FILE = "sweep_summary.csv"
 # What a failed job returns: the worst possible accuracy. Not NaN: Optuna 2.10 turns a NaN
 # objective into a ValueError inside the Hydra Optuna sweeper, which then ends the whole sweep.
 FAILED_VALUE = 0.0
+# Files Hydra writes into the sweep folder that the parent run keeps as artifacts.
+SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
+
+_interrupted = False  # a job saw Ctrl-C: the parent ends KILLED rather than FAILED
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,8 @@ def _close_parent(sweep_dir: Path, status: str) -> None:
         return
     rows = [json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{RESULT_FILE}")]
     rows.sort(key=lambda r: r["job"])
-    summary = tracking.finish_parent_run(info.parent, rows, sweep_dir / SUMMARY_FILE, info.keys, status)
+    extra = [sweep_dir / name for name in SWEEP_FILES if (sweep_dir / name).is_file()]
+    summary = tracking.finish_parent_run(info.parent, rows, sweep_dir / SUMMARY_FILE, info.keys, status, extra)
     log.info("sweep summary (%d jobs, parent %s) in %s", len(rows), status, sweep_dir / SUMMARY_FILE)
     for line in summary.splitlines():
         log.info("%s", line)
@@ -155,9 +160,6 @@ def _close_unfinished(sweep_dir: Path) -> None:
         print(f"could not close the sweep's MLflow parent run: {exc}", file=sys.stderr)
 
 
-_interrupted = False
-
-
 def _train_and_evaluate(
     cfg: Config, paths: StagePaths, name: str, parent: str | None, tags: dict[str, str]
 ) -> tuple[str, float]:
@@ -169,8 +171,8 @@ def _train_and_evaluate(
     return result.run_id, result.val_accuracy
 
 
-def _free_memory() -> None:
-    """Drop Keras graphs and models so memory stays flat from job to job."""
+def free_memory() -> None:
+    """Drop the finished job's Keras models and traced graphs so memory stays flat from job to job."""
     if "keras" in sys.modules:
         import keras
 
@@ -248,7 +250,7 @@ def run_job(node: DictConfig) -> float:
         )
         record.update(status="FAILED", run_id=run_id, val_accuracy=None, error=message)
     finally:
-        _free_memory()
+        free_memory()
     record["duration_s"] = round(time.time() - started, 1)
     record["rss_mb"] = _rss_mb()
     atomic.write_text(output_dir / RESULT_FILE, json.dumps(record, indent=1) + "\n")

@@ -398,11 +398,13 @@ def finish_parent_run(
     summary_csv: Path,
     keys: Sequence[str] = (),
     status: str = "FINISHED",
+    extra_artifacts: Sequence[Path] = (),
 ) -> str:
     """Log the sweep summary table on the parent, tag the best child, end the parent with `status`.
 
     The table goes to the parent as `sweep_summary.csv` and as the MLflow table
-    `sweep_summary.json` (shown in the UI's artifact view). Returns the table as text.
+    `sweep_summary.json` (shown in the UI's artifact view), beside `extra_artifacts` (the
+    sweep's Hydra config, Optuna's result). Returns the table as text.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -414,6 +416,8 @@ def finish_parent_run(
     table.to_csv(summary_csv, index=False)
     client.log_artifact(parent.run_id, str(summary_csv))
     client.log_table(parent.run_id, table, "sweep_summary.json")
+    for path in extra_artifacts:
+        client.log_artifact(parent.run_id, str(path))
     best = best_row(table)
     if best is not None:
         client.set_tag(parent.run_id, TAG_BEST_CHILD, best["run_id"])
