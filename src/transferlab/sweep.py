@@ -235,7 +235,8 @@ def run_job(node: DictConfig) -> float:
         tags[tracking.TAG_SWEEP] = "child"
     started = time.time()
     record: dict[str, Any] = {"job": hydra_cfg.job.num, "overrides": " ".join(overrides), "output_dir": str(output_dir)}
-    record.update(_override_columns(overrides, info.keys if info else ()))
+    for key in info.keys if info else ():  # one summary column per varied key
+        record[key] = tags.get(f"{tracking.TAG_OVERRIDE_PREFIX}{key}")
     try:
         record.update(_run_or_skip(node, paths, name, parent_id, tags))
     except KeyboardInterrupt:
@@ -245,10 +246,13 @@ def run_job(node: DictConfig) -> float:
     except Exception as exc:  # one failing job (bad value, out of memory) must not end the sweep
         message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.exception("job %s failed: %s", name, message)
-        run_id = tracking.failed_child_run(
-            _mlflow_section(node), paths.root, name, parent_id, tags, message, traceback.format_exc()
-        )
-        record.update(status="FAILED", run_id=run_id, val_accuracy=None, error=message)
+        record.update(status="FAILED", run_id=None, val_accuracy=None, error=message)
+        try:
+            record["run_id"] = tracking.failed_child_run(
+                _mlflow_section(node), paths.root, name, parent_id, tags, message, traceback.format_exc()
+            )
+        except Exception:  # the store itself failing must not end the sweep either
+            log.exception("could not record job %s as a FAILED run in MLflow", name)
     finally:
         free_memory()
     record["duration_s"] = round(time.time() - started, 1)
@@ -256,14 +260,6 @@ def run_job(node: DictConfig) -> float:
     atomic.write_text(output_dir / RESULT_FILE, json.dumps(record, indent=1) + "\n")
     value = record.get("val_accuracy")
     return float(value) if value is not None and not math.isnan(value) else FAILED_VALUE
-
-
-def _override_columns(overrides: Sequence[str], keys: Sequence[str]) -> dict[str, str]:
-    """One summary column per varied key, holding this job's value."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(list(overrides))
-    return {o.key_or_group: o.get_value_element_as_str() for o in parsed if o.key_or_group in keys}
 
 
 def _run_or_skip(node: DictConfig, paths: StagePaths, name: str, parent_id: str | None, tags: dict[str, str]) -> dict:
