@@ -58,7 +58,7 @@ def _preprocessing(kind: str, image_size: int) -> list[keras.layers.Layer]:
     raise ModelError(f"unknown preprocessing {kind!r}")
 
 
-def _weights_argument(cfg: ModelConfig, image_size: int) -> str | None:
+def _weights_argument(cfg: ModelConfig) -> str | None:
     """What to pass as `weights=`: None, 'imagenet' (cache or download) or a checked file path."""
     if cfg.weights is None:
         return None
@@ -91,7 +91,7 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
         constructor = getattr(keras.applications, spec.application)
     kwargs: dict[str, object] = {
         "include_top": False,
-        "weights": _weights_argument(cfg, image_size),
+        "weights": _weights_argument(cfg),
         "input_shape": (image_size, image_size, 3),
     }
     if spec.alphas is not None:
