@@ -10,9 +10,12 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Quiet DVC's anonymous usage report (it cannot reach its server from offline machines anyway).
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup test test-fast run demo sweep ui bench params lint format lock clean
+.PHONY: help setup test test-fast run demo sweep ui bench params lint format lock clean
 
-setup: $(STAMP)
+help:                  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 24
+
+setup: $(STAMP)        ## the virtualenv with the pinned dependencies (make test and make run do this)
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,11 +50,11 @@ bench: setup           ## benchmark figures; writes reports/bench.json
 params: setup          ## rewrite params.yaml from conf/ (add OVERRIDES="a=b c=d")
 	$(BIN)/transferlab compose $(OVERRIDES)
 
-lint: setup
+lint: setup            ## ruff check and ruff format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: setup
+format: setup          ## fix what ruff can fix, format the code
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
@@ -60,5 +63,5 @@ lock: setup            ## refresh requirements.lock from the current venv
 		| sed '1i # Exact versions installed by `make setup` (Python 3.11), except TensorFlow: see pyproject extras. `make lock` regenerates.' \
 		> requirements.lock
 
-clean:
+clean:                 ## remove build/, outputs/ and tool caches
 	rm -rf build outputs .pytest_cache .ruff_cache

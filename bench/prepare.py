@@ -20,8 +20,8 @@ from settings import BATCH_SIZE, REPO_ROOT, SYNTHETIC_CLASSES, BenchSettings
 
 from transferlab import tracking
 from transferlab.config import Config, SyntheticConfig, compose, write_params
+from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
-from transferlab.pipeline import Manifest, load_classes, load_manifest
 
 log = logging.getLogger("bench")
 
@@ -139,10 +139,9 @@ def _project(root: Path, overrides: Sequence[str]) -> StagePaths:
     paths = StagePaths(root)
     root.mkdir(parents=True)
     write_params(cfg, root / "params.yaml")
-    raw = paths.raw_dataset(cfg.data.name)
-    download(cfg.data, raw)
-    split(cfg.data, raw, paths.splits)
-    tracking.configure(cfg.mlflow, root)
+    download(cfg, paths)
+    split(cfg, paths)
+    tracking.open_store(cfg.mlflow, root)
     return paths
 
 

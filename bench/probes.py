@@ -31,8 +31,8 @@ from typing import Any
 
 from transferlab.backbones import resolve_image_size
 from transferlab.config import Config, load_params
+from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
-from transferlab.pipeline import Manifest, load_classes, load_manifest
 
 BATCH_SIZE = 32
 # Each timed pipeline repetition reads at least this many images (the set is repeated).
@@ -69,11 +69,11 @@ def all_images(project: Path, name: str) -> Manifest:
 def probe_scan(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[str, Any]]:
     from transferlab.stages.split import split
 
-    raw = StagePaths(args.project).raw_dataset(cfg.data.name)
+    paths = StagePaths(args.project)
     samples, files = [], 0
-    for i in range(args.repeats):
+    for _ in range(args.repeats):
         started = time.perf_counter()
-        report = split(cfg.data, raw, args.result.parent / f"scan-splits-{i}")
+        report = split(cfg, paths)  # rewrites the project's splits with identical content
         files = report["totals"]["images"] + report["totals"]["skipped"]
         samples.append(files / (time.perf_counter() - started))
     return {"split_scan": metric("img/s", samples, files)}, {"files": files}

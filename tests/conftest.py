@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset, a prepared project, a copy of the repo for DVC.
 
 - `synthetic_cfg`: validated Config for `data=synthetic`, 3 classes x 12 images of 64 px.
-- `synthetic_raw`: that dataset generated (real JPEGs) into a temporary folder.
+- `synthetic_raw`: that dataset generated (real JPEGs) into `data/raw/` of a temporary project.
 - `prepared_project`: a temporary project with params.yaml, data/raw/<name>/ and data/splits/
   made by the real download and split stages; returns its `StagePaths`.
 - `project_copy`: the repo's files (tracked plus untracked-not-ignored) in a fresh git repo,
@@ -13,25 +13,14 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN
 
 from transferlab.config import Config, compose, write_params
 from transferlab.paths import StagePaths
 from transferlab.workspace import copy_project
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-
-SYNTHETIC_OVERRIDES = (
-    "data=synthetic",
-    "data.synthetic.num_classes=3",
-    "data.synthetic.images_per_class=12",
-    "data.synthetic.image_size=64",
-    "data.image_size=64",
-)
 
 
 @pytest.fixture(scope="session")
@@ -42,11 +31,11 @@ def synthetic_cfg() -> Config:
 
 @pytest.fixture
 def synthetic_raw(synthetic_cfg: Config, tmp_path: Path) -> Path:
-    """The `synthetic_cfg` dataset generated into `tmp_path/raw/<name>/<class>/*.jpg`."""
+    """The `synthetic_cfg` dataset generated into the project `tmp_path`: `data/raw/<name>/<class>/*.jpg`."""
     from transferlab.synthetic import generate
 
     assert synthetic_cfg.data.synthetic is not None
-    raw = tmp_path / "raw" / synthetic_cfg.data.name
+    raw = StagePaths(tmp_path).raw_dataset(synthetic_cfg.data.name)
     generate(synthetic_cfg.data.synthetic, raw)
     return raw
 
@@ -60,9 +49,8 @@ def prepared_project(synthetic_cfg: Config, tmp_path: Path) -> StagePaths:
     paths = StagePaths(tmp_path / "project")
     paths.root.mkdir()
     write_params(synthetic_cfg, paths.root / "params.yaml")
-    raw = paths.raw_dataset(synthetic_cfg.data.name)
-    download(synthetic_cfg.data, raw)
-    split(synthetic_cfg.data, raw, paths.splits)
+    download(synthetic_cfg, paths)
+    split(synthetic_cfg, paths)
     return paths
 
 

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 from transferlab.config import compose
 from transferlab.paths import StagePaths
@@ -39,8 +39,8 @@ def test_defaults_reach_85_percent_and_beat_the_published_recipe(shared_dir: Pat
     ]
     paths = StagePaths(tmp_path)
     cfg = compose(base, config_dir=REPO_ROOT / "conf")
-    download(cfg.data, paths.raw_dataset(cfg.data.name))
-    split(cfg.data, paths.raw_dataset(cfg.data.name), paths.splits)
+    download(cfg, paths)
+    split(cfg, paths)
 
     def mean_val_accuracy(*overrides: str) -> float:
         scores = []

@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from transferlab.cli import main
-from transferlab.config import DataConfig, write_params
+from transferlab.config import Config, DataConfig, write_params
 from transferlab.errors import DownloadError
+from transferlab.paths import StagePaths
 from transferlab.sources import cache_name
 from transferlab.stages.download import download
 
@@ -58,10 +59,16 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _cfg(source: Path | str, sha256: str | None = None, name: str = "pets") -> DataConfig:
-    cfg = DataConfig(name=name, source=str(source), sha256=sha256)
+def _cfg(source: Path | str, sha256: str | None = None, name: str = "pets") -> Config:
+    cfg = Config(data=DataConfig(name=name, source=str(source), sha256=sha256))
     cfg.check()
     return cfg
+
+
+def run_download(cfg: Config, target: Path) -> Path:
+    """The download stage of the project that `target` (`<project>/data/raw/<name>`) belongs to."""
+    assert target.name == cfg.data.name
+    return download(cfg, StagePaths(target.parents[2]))
 
 
 def _sha256(path: Path) -> str:
@@ -83,7 +90,7 @@ def _assert_nothing_left(target: Path) -> None:
 
 def test_local_tarball_with_good_checksum(tmp_path: Path, target: Path) -> None:
     archive = _tar(tmp_path / "pets.tgz", DATASET)
-    download(_cfg(archive, _sha256(archive)), target)
+    run_download(_cfg(archive, _sha256(archive)), target)
     assert _files(target) == DATASET  # the single top folder "dataset/" is stripped
     assert sorted(p.name for p in target.parent.iterdir()) == ["pets"]
 
@@ -91,25 +98,25 @@ def test_local_tarball_with_good_checksum(tmp_path: Path, target: Path) -> None:
 def test_bad_checksum_leaves_nothing(tmp_path: Path, target: Path) -> None:
     archive = _tar(tmp_path / "pets.tgz", DATASET)
     with pytest.raises(DownloadError, match="sha256"):
-        download(_cfg(archive, "0" * 64), target)
+        run_download(_cfg(archive, "0" * 64), target)
     _assert_nothing_left(target)
 
 
 def test_failed_download_keeps_previous_dataset(tmp_path: Path, target: Path) -> None:
     good = _tar(tmp_path / "good.tgz", DATASET)
-    download(_cfg(good), target)
+    run_download(_cfg(good), target)
     broken = tmp_path / "broken.tgz"
     broken.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(DownloadError, match="corrupt or truncated"):
-        download(_cfg(broken), target)
+        run_download(_cfg(broken), target)
     assert _files(target) == DATASET
     assert sorted(p.name for p in target.parent.iterdir()) == ["pets"]
 
 
 def test_rerun_replaces_old_content(tmp_path: Path, target: Path) -> None:
-    download(_cfg(_tar(tmp_path / "a.tgz", DATASET)), target)
+    run_download(_cfg(_tar(tmp_path / "a.tgz", DATASET)), target)
     (target / "cats" / "stale.jpg").write_bytes(_jpeg())
-    download(_cfg(_tar(tmp_path / "b.tgz", {"x/1.jpg": _jpeg(), "y/2.jpg": _jpeg()})), target)
+    run_download(_cfg(_tar(tmp_path / "b.tgz", {"x/1.jpg": _jpeg(), "y/2.jpg": _jpeg()})), target)
     assert sorted(_files(target)) == ["x/1.jpg", "y/2.jpg"]
 
 
@@ -146,7 +153,7 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tar
 def test_unsafe_tar_member_rejected(tmp_path: Path, target: Path, member: tarfile.TarInfo, data: bytes) -> None:
     archive = _tar_with(tmp_path / "evil.tgz", member, data)
     with pytest.raises(DownloadError, match="refusing to extract"):
-        download(_cfg(archive), target)
+        run_download(_cfg(archive), target)
     _assert_nothing_left(target)
     assert not (tmp_path / "evil.txt").exists()
     assert not (target.parent.parent / "evil.txt").exists()
@@ -155,7 +162,7 @@ def test_unsafe_tar_member_rejected(tmp_path: Path, target: Path, member: tarfil
 
 def test_zip_source(tmp_path: Path, target: Path) -> None:
     archive = _zip(tmp_path / "pets.zip", DATASET)
-    download(_cfg(archive, _sha256(archive)), target)
+    run_download(_cfg(archive, _sha256(archive)), target)
     assert _files(target) == DATASET
 
 
@@ -165,7 +172,7 @@ def test_zip_macos_resource_folder_ignored(tmp_path: Path, target: Path) -> None
         for name, data in DATASET.items():
             zf.writestr(f"dataset/{name}", data)
         zf.writestr("__MACOSX/dataset/cats/._a.jpg", b"\x00\x05\x16\x07")
-    download(_cfg(archive), target)
+    run_download(_cfg(archive), target)
     assert _files(target) == DATASET
 
 
@@ -175,7 +182,7 @@ def test_unsafe_zip_member_rejected(tmp_path: Path, target: Path, name: str) -> 
     with zipfile.ZipFile(archive, "a") as zf:
         zf.writestr(name, b"pwned")
     with pytest.raises(DownloadError, match="refusing to extract"):
-        download(_cfg(archive), target)
+        run_download(_cfg(archive), target)
     _assert_nothing_left(target)
     assert not (tmp_path / "evil.txt").exists()
 
@@ -187,13 +194,13 @@ def test_zip_symlink_rejected(tmp_path: Path, target: Path) -> None:
     with zipfile.ZipFile(archive, "a") as zf:
         zf.writestr(link, "/etc/passwd")
     with pytest.raises(DownloadError, match="link"):
-        download(_cfg(archive), target)
+        run_download(_cfg(archive), target)
     _assert_nothing_left(target)
 
 
 def test_two_top_level_entries_are_not_stripped(tmp_path: Path, target: Path) -> None:
     archive = _tar(tmp_path / "flat.tar", DATASET, top=None)
-    download(_cfg(archive), target)
+    run_download(_cfg(archive), target)
     assert _files(target) == DATASET
 
 
@@ -201,7 +208,7 @@ def test_not_an_archive(tmp_path: Path, target: Path) -> None:
     bogus = tmp_path / "images.tgz"
     bogus.write_text("not an archive")
     with pytest.raises(DownloadError, match=r"not a \.tgz, \.tar or \.zip"):
-        download(_cfg(bogus), target)
+        run_download(_cfg(bogus), target)
     _assert_nothing_left(target)
 
 
@@ -213,7 +220,7 @@ def test_folder_source_is_hard_linked_and_ignores_checksum(
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_bytes(data)
     with caplog.at_level(logging.WARNING):
-        download(_cfg(source, "0" * 64), target)
+        run_download(_cfg(source, "0" * 64), target)
     assert _files(target) == DATASET
     assert (target / "cats" / "a.jpg").stat().st_ino == (source / "cats" / "a.jpg").stat().st_ino
     assert "data.sha256 is ignored" in caplog.text
@@ -221,19 +228,19 @@ def test_folder_source_is_hard_linked_and_ignores_checksum(
 
 def test_missing_local_source(tmp_path: Path, target: Path) -> None:
     with pytest.raises(DownloadError, match=r"data\.source .* does not exist"):
-        download(_cfg(tmp_path / "nowhere"), target)
+        run_download(_cfg(tmp_path / "nowhere"), target)
 
 
 def test_source_inside_raw_folder_refused(target: Path) -> None:
     inside = target.parent / "my_images"
     (inside / "cats").mkdir(parents=True)
     with pytest.raises(DownloadError, match="overlaps"):
-        download(_cfg(inside), target)
+        run_download(_cfg(inside), target)
 
 
 def test_synthetic_source(synthetic_cfg, tmp_path: Path) -> None:
     target = tmp_path / "data" / "raw" / synthetic_cfg.data.name
-    download(synthetic_cfg.data, target)
+    run_download(synthetic_cfg, target)
     assert len(list(target.rglob("*.jpg"))) == 36
 
 
@@ -286,11 +293,11 @@ def test_http_url_downloads_once_into_cache(tmp_path: Path, target: Path, serve)
     server = serve(http.server.SimpleHTTPRequestHandler, directory=str(site))
     url = server.url("pets.tgz")
     cfg = _cfg(url, _sha256(archive))
-    download(cfg, target)
+    run_download(cfg, target)
     assert _files(target) == DATASET
     cache = target.parent.parent / "downloads"
     assert [p.name for p in cache.iterdir()] == [cache_name(url)]
-    download(cfg, target)  # a re-run uses the cache
+    run_download(cfg, target)  # a re-run uses the cache
     assert server.requests == 1
     assert _files(target) == DATASET
 
@@ -301,7 +308,7 @@ def test_http_bad_checksum_is_not_cached(tmp_path: Path, target: Path, serve) ->
     _tar(site / "pets.tgz", DATASET)
     server = serve(http.server.SimpleHTTPRequestHandler, directory=str(site))
     with pytest.raises(DownloadError, match="sha256"):
-        download(_cfg(server.url("pets.tgz"), "0" * 64), target)
+        run_download(_cfg(server.url("pets.tgz"), "0" * 64), target)
     _assert_nothing_left(target)
     assert list((target.parent.parent / "downloads").iterdir()) == []
 
@@ -309,7 +316,7 @@ def test_http_bad_checksum_is_not_cached(tmp_path: Path, target: Path, serve) ->
 def test_http_404(target: Path, tmp_path: Path, serve) -> None:
     server = serve(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     with pytest.raises(DownloadError, match="HTTP 404"):
-        download(_cfg(server.url("missing.tgz")), target)
+        run_download(_cfg(server.url("missing.tgz")), target)
     _assert_nothing_left(target)
 
 
@@ -332,7 +339,7 @@ def test_connection_dropped_mid_file(tmp_path: Path, target: Path, serve) -> Non
     handler = type("Drops", (_DropsMidFile,), {"payload": payload})
     server = serve(handler)
     with pytest.raises(DownloadError, match=r"stopped after \d+ of \d+ bytes.*data\.source") as caught:
-        download(_cfg(server.url("pets.tgz")), target)
+        run_download(_cfg(server.url("pets.tgz")), target)
     assert "\n" not in str(caught.value)
     _assert_nothing_left(target)
     cache = target.parent.parent / "downloads"
@@ -348,7 +355,7 @@ def _closed_port() -> int:
 def test_unreachable_url_is_one_line_naming_data_source(target: Path) -> None:
     url = f"http://127.0.0.1:{_closed_port()}/flower_photos.tgz"
     with pytest.raises(DownloadError) as caught:
-        download(_cfg(url), target)
+        run_download(_cfg(url), target)
     message = str(caught.value)
     assert "\n" not in message
     assert url in message and "data.source" in message
@@ -360,7 +367,7 @@ def test_cli_download_error_is_one_line(
 ) -> None:
     import dataclasses
 
-    cfg = dataclasses.replace(synthetic_cfg, data=_cfg(tmp_path / "nowhere"))
+    cfg = dataclasses.replace(synthetic_cfg, data=_cfg(tmp_path / "nowhere").data)
     write_params(cfg, tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     assert main(["download", "--params", "params.yaml"]) == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import undeclared_files
 
 from transferlab.cli import main
 from transferlab.config import Config, EvaluateConfig, MlflowConfig, ModelConfig, write_params
@@ -37,7 +38,7 @@ def make_project(root: Path, colour_model: Path, cfg: Config, with_run: bool = T
     """Splits, raw images, model and (optionally) a finished training run, as train leaves them."""
     from PIL import Image
 
-    from transferlab.tracking import RunRecord, start_run
+    from transferlab.tracking import open_store
 
     paths = StagePaths(root)
     raw = paths.raw_dataset(cfg.data.name)
@@ -51,9 +52,9 @@ def make_project(root: Path, colour_model: Path, cfg: Config, with_run: bool = T
     paths.models.mkdir(parents=True)
     shutil.copy(colour_model, paths.model_file)
     if with_run:
-        with start_run(cfg, root, run_name="colour-training") as run:
+        with open_store(cfg.mlflow, root).start_run(run_name="colour-training") as run:
             run.log_metrics({"final_val_accuracy": 0.9})
-        RunRecord(run.run_id, run.tracking_uri, run.experiment_id).write(paths.run_file)
+        run.record.write(paths.run_file)
     return paths
 
 
@@ -204,7 +205,9 @@ def test_dvc_repro_end_to_end_on_synthetic_data(
         mlflow=MlflowConfig(experiment="repro-test", system_metrics=False),
     )
     write_params(cfg, project_copy / "params.yaml")
+    before = {path for path in project_copy.rglob("*") if path.is_file()}
     run("dvc", "repro")
+    assert undeclared_files(project_copy, before) == [], "every file a stage writes is declared in dvc.yaml"
     shown = run("dvc", "metrics", "show")
     assert "reports/metrics.json" in shown
     metrics = json.loads(run("dvc", "metrics", "show", "--json"))

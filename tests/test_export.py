@@ -10,7 +10,8 @@ import pytest
 from transferlab.cli import main
 from transferlab.errors import ModelError, TransferlabError
 from transferlab.export import export_model, probe_image, run_tflite
-from transferlab.predict import decode_image, load_model
+from transferlab.images import decode_image_bytes
+from transferlab.inference import load_model
 
 
 def test_savedmodel_export_serves_like_keras(colour_model: Path, colour_image, tmp_path: Path) -> None:
@@ -18,7 +19,7 @@ def test_savedmodel_export_serves_like_keras(colour_model: Path, colour_image, t
 
     out = export_model(colour_model, tmp_path / "savedmodel", "savedmodel")
     assert (out / "saved_model.pb").is_file()
-    image = decode_image(colour_image("g.png", (20, 230, 20)).read_bytes(), 64)[None]
+    image = decode_image_bytes(colour_image("g.png", (20, 230, 20)).read_bytes(), 64)[None]
     loaded = tf.saved_model.load(str(out))  # keep a reference: `serve` needs its variables alive
     served = loaded.serve(tf.constant(image)).numpy()
     np.testing.assert_allclose(served, load_model(colour_model).predict(image, verbose=0), atol=1e-5)
@@ -28,7 +29,7 @@ def test_savedmodel_export_serves_like_keras(colour_model: Path, colour_image, t
 def test_tflite_export_runs_in_the_interpreter(colour_model: Path, colour_image, tmp_path: Path) -> None:
     out = export_model(colour_model, tmp_path / "out" / "model.tflite", "tflite")
     assert out.stat().st_size > 0
-    image = decode_image(colour_image("b.png", (20, 20, 230)).read_bytes(), 64)[None]
+    image = decode_image_bytes(colour_image("b.png", (20, 20, 230)).read_bytes(), 64)[None]
     probabilities = run_tflite(out, image)
     np.testing.assert_allclose(probabilities, load_model(colour_model).predict(image, verbose=0), atol=1e-5)
     assert probabilities.argmax() == 2  # blue

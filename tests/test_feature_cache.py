@@ -10,15 +10,14 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, SYNTHETIC_OVERRIDES
+from helpers import tiny_cfg
 
-from transferlab.config import Config, compose
 from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
+from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
-from transferlab.pipeline import Manifest, load_classes, load_manifest, make_dataset
+from transferlab.pipeline import make_dataset
 
 IMAGE_SIZE = 64
-TINY_MODEL = ("model=mobilenet_v2", "model.alpha=0.35", "model.weights=null", "train.batch_size=8")
 
 
 class CountingExtractor:
@@ -150,10 +149,6 @@ def test_file_with_wrong_row_count_is_stale(prepared_project: StagePaths) -> Non
     key = key_for(extractor, manifest)
     cache.store(key, values[:-1], np.asarray(manifest.labels[:-1], dtype="int32"))
     assert cache.load(key, len(manifest)) is None
-
-
-def tiny_cfg(*overrides: str) -> Config:
-    return compose([*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=1", *overrides], config_dir=REPO_ROOT / "conf")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""predict.py: decoding like the training pipeline, per-file errors, the command's output and exit status."""
+"""predict.py and inference.py: model loading, per-file errors, the command's output and exit status."""
 
 from __future__ import annotations
 
@@ -11,16 +11,8 @@ import pytest
 
 from transferlab.cli import main
 from transferlab.errors import DataError, ModelError
-from transferlab.predict import (
-    collect_images,
-    decode_image,
-    find_classes,
-    load_image_batch,
-    load_model,
-    model_image_size,
-    predict_command,
-    top_k_labels,
-)
+from transferlab.inference import load_image_batch, load_model, model_image_size
+from transferlab.predict import collect_images, find_classes, predict_command, top_k_labels
 
 RED, GREEN, BLUE = (230, 20, 20), (20, 230, 20), (20, 20, 230)
 
@@ -29,36 +21,6 @@ def write_corrupt(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     return path
-
-
-def test_decode_matches_training_pipeline(tmp_path: Path) -> None:
-    from PIL import Image
-
-    from transferlab.pipeline import decode_and_resize
-
-    path = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(50, 70, 3), dtype=np.uint8)).save(path)
-    ours = decode_image(path.read_bytes(), 64)
-    theirs = np.round(decode_and_resize(str(path), 64).numpy())
-    assert ours.shape == (64, 64, 3) and ours.dtype == np.float32
-    np.testing.assert_array_equal(ours, theirs)
-
-
-def test_decode_converts_grayscale_and_alpha_to_rgb(tmp_path: Path) -> None:
-    from PIL import Image
-
-    Image.new("L", (10, 10), 200).save(tmp_path / "grey.png")
-    Image.new("RGBA", (10, 10), (10, 20, 30, 128)).save(tmp_path / "alpha.png")
-    assert decode_image((tmp_path / "grey.png").read_bytes(), 16).shape == (16, 16, 3)
-    assert decode_image((tmp_path / "alpha.png").read_bytes(), 16)[0, 0].tolist() == [10, 20, 30]
-
-
-def test_decode_falls_back_to_pillow_for_formats_tensorflow_lacks(tmp_path: Path) -> None:
-    from PIL import Image
-
-    Image.new("RGB", (12, 12), RED).save(tmp_path / "red.tiff")
-    pixels = decode_image((tmp_path / "red.tiff").read_bytes(), 8)
-    assert pixels[4, 4].tolist() == list(RED)
 
 
 def test_load_image_batch_reports_unreadable_files(colour_image, tmp_path: Path) -> None:

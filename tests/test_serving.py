@@ -86,17 +86,17 @@ def logged_run(
     colour_model: Path, synthetic_cfg: Config, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, str]]:
     """A training-like MLflow run (sqlite store in a temp project) holding the colour model: (run id, URI)."""
-    from transferlab.tracking import RunRecord, start_run
+    from transferlab.tracking import open_store
 
     root = tmp_path_factory.mktemp("serving_project")
     cfg = dataclasses.replace(synthetic_cfg, mlflow=MlflowConfig(system_metrics=False))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        with start_run(cfg, root, run_name="serving-test") as run:
+        with open_store(cfg.mlflow, root).start_run(run_name="serving-test") as run:
             run.log_metrics({"val_accuracy": 1.0})
             run.log_model(colour_model, CLASSES, 64)
-        RunRecord(run.run_id, run.tracking_uri, run.experiment_id).write(root / "models" / "run.json")
-        yield run.run_id, run.tracking_uri
+        run.record.write(root / "models" / "run.json")
+        yield run.run_id, run.store.uri
 
 
 @pytest.mark.slow

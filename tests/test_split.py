@@ -17,8 +17,8 @@ from PIL import Image
 from transferlab.cli import main
 from transferlab.config import Config, compose
 from transferlab.errors import DataError
+from transferlab.manifests import load_classes, load_manifest
 from transferlab.paths import SPLITS, StagePaths
-from transferlab.pipeline import load_classes, load_manifest
 from transferlab.stages.download import download
 from transferlab.stages.split import split
 
@@ -27,14 +27,18 @@ def _read(splits: Path) -> dict[str, pd.DataFrame]:
     return {name: pd.read_csv(splits / f"{name}.csv", dtype=str, keep_default_na=False) for name in SPLITS}
 
 
+def _with_data(cfg: Config, **changes: object) -> Config:
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
+
+
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def test_stratified_and_complete(synthetic_cfg: Config, synthetic_raw: Path, tmp_path: Path) -> None:
-    report = split(synthetic_cfg.data, synthetic_raw, tmp_path / "splits")
-    frames = _read(tmp_path / "splits")
-    classes = json.loads((tmp_path / "splits" / "classes.json").read_text())
+    report = split(synthetic_cfg, StagePaths(tmp_path))
+    frames = _read(StagePaths(tmp_path).splits)
+    classes = json.loads((StagePaths(tmp_path).splits / "classes.json").read_text())
     assert classes == sorted(p.name for p in synthetic_raw.iterdir()) and len(classes) == 3
     # 12 per class with val 0.2 and test 0.2: 8 / 2 / 2 in every class
     for name, expected in {"train": 8, "val": 2, "test": 2}.items():
@@ -49,16 +53,17 @@ def test_stratified_and_complete(synthetic_cfg: Config, synthetic_raw: Path, tmp
     assert report["counts"][classes[0]] == {"train": 8, "val": 2, "test": 2, "total": 12}
     assert report["settings"] == {"name": "synthetic", "val_fraction": 0.2, "test_fraction": 0.2, "split_seed": 123}
     assert report["skipped"] == []
-    assert json.loads((tmp_path / "splits" / "report.json").read_text()) == report
+    assert json.loads((StagePaths(tmp_path).splits / "report.json").read_text()) == report
 
 
 def test_deterministic_for_a_seed(synthetic_cfg: Config, synthetic_raw: Path, tmp_path: Path) -> None:
-    split(synthetic_cfg.data, synthetic_raw, tmp_path / "a")
-    split(synthetic_cfg.data, synthetic_raw, tmp_path / "b")
-    assert _snapshot(tmp_path / "a") == _snapshot(tmp_path / "b")
-    reseeded = dataclasses.replace(synthetic_cfg.data, split_seed=7)
-    split(reseeded, synthetic_raw, tmp_path / "c")
-    assert _read(tmp_path / "a")["val"]["path"].tolist() != _read(tmp_path / "c")["val"]["path"].tolist()
+    paths = StagePaths(tmp_path)
+    split(synthetic_cfg, paths)
+    first, first_val = _snapshot(paths.splits), _read(paths.splits)["val"]["path"].tolist()
+    split(synthetic_cfg, paths)
+    assert _snapshot(paths.splits) == first
+    split(_with_data(synthetic_cfg, split_seed=7), paths)
+    assert _read(paths.splits)["val"]["path"].tolist() != first_val
 
 
 def test_manifests_load_in_the_input_pipeline(prepared_project: StagePaths, synthetic_cfg: Config) -> None:
@@ -94,7 +99,7 @@ def test_bad_files_are_skipped_with_reasons(synthetic_cfg: Config, synthetic_raw
     _save(synthetic_raw / cls / "photo.webp", "RGB", "WEBP")
     _save(synthetic_raw / cls / "mono.bmp", "1", "BMP")
 
-    report = split(synthetic_cfg.data, synthetic_raw, tmp_path / "splits")
+    report = split(synthetic_cfg, StagePaths(tmp_path))
     reasons = {item["path"]: item["reason"] for item in report["skipped"]}
     assert reasons[f"{cls}/truncated.jpg"].startswith("corrupt or truncated")
     assert reasons[f"{cls}/empty.jpg"] == "empty file"
@@ -107,7 +112,7 @@ def test_bad_files_are_skipped_with_reasons(synthetic_cfg: Config, synthetic_raw
     assert reasons[f"{cls}/photo.webp"].startswith("unsupported image format WEBP")
     assert "1-bit BMP" in reasons[f"{cls}/mono.bmp"]
     assert len(reasons) == 10 and report["totals"]["skipped"] == 10
-    listed = set(pd.concat(_read(tmp_path / "splits").values())["path"])
+    listed = set(pd.concat(_read(StagePaths(tmp_path).splits).values())["path"])
     assert not listed & set(reasons)
     assert report["counts"][cls]["total"] == 12
 
@@ -130,9 +135,9 @@ def test_other_formats_and_modes_are_accepted(
 ) -> None:
     cls = sorted(p.name for p in synthetic_raw.iterdir())[-1]
     _save(synthetic_raw / cls / name, mode, fmt)
-    report = split(synthetic_cfg.data, synthetic_raw, tmp_path / "splits")
+    report = split(synthetic_cfg, StagePaths(tmp_path))
     assert report["skipped"] == []
-    assert f"{cls}/{name}" in set(pd.concat(_read(tmp_path / "splits").values())["path"])
+    assert f"{cls}/{name}" in set(pd.concat(_read(StagePaths(tmp_path).splits).values())["path"])
 
 
 def test_too_small_class_is_named(synthetic_cfg: Config, synthetic_raw: Path, tmp_path: Path) -> None:
@@ -141,27 +146,26 @@ def test_too_small_class_is_named(synthetic_cfg: Config, synthetic_raw: Path, tm
     for path in sorted(synthetic_raw.rglob("*.jpg"))[:2]:
         shutil.copy(path, tiny / path.name)
     with pytest.raises(DataError, match=r"class 'tiny' has 2 usable image\(s\); every class needs at least 3"):
-        split(synthetic_cfg.data, synthetic_raw, tmp_path / "splits")
-    assert not (tmp_path / "splits").exists()
+        split(synthetic_cfg, StagePaths(tmp_path))
+    assert not (StagePaths(tmp_path).splits).exists()
     # without a test split, two images are enough (one for train, one for val)
-    no_test = dataclasses.replace(synthetic_cfg.data, test_fraction=0.0)
-    report = split(no_test, synthetic_raw, tmp_path / "splits")
+    report = split(_with_data(synthetic_cfg, test_fraction=0.0), StagePaths(tmp_path))
     assert report["counts"]["tiny"] == {"train": 1, "val": 1, "test": 0, "total": 2}
-    assert _read(tmp_path / "splits")["test"].empty
+    assert _read(StagePaths(tmp_path).splits)["test"].empty
 
 
 def test_class_of_only_bad_files(synthetic_cfg: Config, synthetic_raw: Path, tmp_path: Path) -> None:
     (synthetic_raw / "broken").mkdir()
     (synthetic_raw / "broken" / "a.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="class 'broken' has 0 usable"):
-        split(synthetic_cfg.data, synthetic_raw, tmp_path / "splits")
+        split(synthetic_cfg, StagePaths(tmp_path))
 
 
 def test_fewer_than_two_classes(tmp_path: Path, synthetic_raw: Path, synthetic_cfg: Config) -> None:
     for folder in sorted(synthetic_raw.iterdir())[1:]:
         shutil.rmtree(folder)
     with pytest.raises(DataError, match="need at least 2"):
-        split(synthetic_cfg.data, synthetic_raw, tmp_path / "splits")
+        split(synthetic_cfg, StagePaths(tmp_path))
 
 
 def test_failed_split_keeps_previous_manifests(prepared_project: StagePaths, synthetic_cfg: Config) -> None:
@@ -169,14 +173,14 @@ def test_failed_split_keeps_previous_manifests(prepared_project: StagePaths, syn
     raw = prepared_project.raw_dataset(synthetic_cfg.data.name)
     (raw / "tiny").mkdir()
     with pytest.raises(DataError, match="tiny"):
-        split(synthetic_cfg.data, raw, prepared_project.splits)
+        split(synthetic_cfg, prepared_project)
     assert _snapshot(prepared_project.splits) == before
     assert sorted(p.name for p in prepared_project.splits.parent.iterdir()) == ["raw", "splits"]
 
 
 def test_missing_raw_folder(tmp_path: Path, synthetic_cfg: Config) -> None:
     with pytest.raises(DataError, match="run `dvc repro download`"):
-        split(synthetic_cfg.data, tmp_path / "raw" / "nothing", tmp_path / "splits")
+        split(_with_data(synthetic_cfg, name="nothing"), StagePaths(tmp_path))
 
 
 def test_cli_exits_2_with_one_line(
@@ -201,10 +205,9 @@ def test_flower_sample_folder(shared_dir: Path, tmp_path: Path) -> None:
         pytest.skip(f"{sample} is absent")
     cfg = compose(["data=folder", f"data.source={sample}", "data.name=flowers_sample"])
     paths = StagePaths(tmp_path)
-    raw = paths.raw_dataset(cfg.data.name)
-    download(cfg.data, raw)
+    download(cfg, paths)
     started = time.perf_counter()
-    report = split(cfg.data, raw, paths.splits)
+    report = split(cfg, paths)
     elapsed = time.perf_counter() - started
     assert report["classes"] == ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
     assert report["totals"] == {"train": 420, "val": 90, "test": 90, "images": 600, "skipped": 0}

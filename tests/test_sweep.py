@@ -14,14 +14,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN
+from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -29,6 +28,7 @@ from transferlab import tracking
 from transferlab.config import Config, MlflowConfig
 from transferlab.paths import StagePaths
 from transferlab.sweep import free_memory, job_name_and_tags, sweep_keys
+from transferlab.sweep_bookkeeping import best_row
 
 TINY = (
     *SYNTHETIC_OVERRIDES,
@@ -131,9 +131,8 @@ def sweep_project(synthetic_cfg: Config, tmp_path_factory: pytest.TempPathFactor
     from transferlab.stages.split import split
 
     paths = StagePaths(tmp_path_factory.mktemp("sweep_project"))
-    raw = paths.raw_dataset(synthetic_cfg.data.name)
-    download(synthetic_cfg.data, raw)
-    split(synthetic_cfg.data, raw, paths.splits)
+    download(synthetic_cfg, paths)
+    split(synthetic_cfg, paths)
     shutil.copytree(REPO_ROOT / "conf", paths.root / "conf")
     return paths.root
 
@@ -214,7 +213,7 @@ def test_parent_holds_the_summary_table_and_names_the_best_child(grid_sweep: Swe
     assert finished["job"].tolist() == TRAINED_JOBS
     assert finished[["val_accuracy", "test_accuracy", "duration_s"]].notna().all().all()
 
-    best = tracking.best_row(summary)
+    best = best_row(summary)
     assert best is not None and best["val_accuracy"] == finished["val_accuracy"].max()
     assert parent.data.tags[tracking.TAG_BEST_CHILD] == best["run_id"]
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best["val_accuracy"])
@@ -338,79 +337,7 @@ def test_optuna_sweep_runs_trials_as_children(sweep_project: Path) -> None:
     assert {"sweep_summary.csv", "optimization_results.yaml"} <= artifacts
 
 
-# --- the MLflow store under concurrent jobs ------------------------------------------------
-
-CONFIGURE_SCRIPT = """
-import sys, time
-from pathlib import Path
-from transferlab import tracking
-from transferlab.config import MlflowConfig
-Path(sys.argv[1]).touch()  # imported: ready
-go = Path(sys.argv[2])
-while not go.exists():
-    time.sleep(0.005)
-print(tracking.configure(MlflowConfig(), Path.cwd()))
-"""
-
-
-@pytest.mark.slow
-def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path) -> None:
-    """joblib jobs or `dvc queue start -j N` on a fresh project: MLflow's schema migrations race.
-
-    Without the store lock in `tracking.configure`, two processes fail this (3 tries of 3)."""
-    go, ready = tmp_path / "go", [tmp_path / f"ready-{i}" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CONFIGURE_SCRIPT, str(flag), str(go)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for flag in ready
-    ]
-    deadline = time.monotonic() + 120
-    while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    go.touch()  # release them together
-    outputs = [proc.communicate(timeout=120) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], [err[-1500:] for _, err in outputs]
-    assert len({out.strip() for out, _ in outputs}) == 1, "all must see one experiment"
-
-
-@pytest.mark.slow
-def test_failed_job_marks_the_run_its_training_left(tmp_path: Path) -> None:
-    """Training finished but evaluate failed: the run must not stay FINISHED (a re-run would skip it)."""
-    cfg = MlflowConfig()
-    experiment = tracking.configure(cfg, tmp_path)
-    client = client_for(tmp_path)
-    parent = client.create_run(experiment, run_name="sweep").info.run_id
-    tags = {tracking.TAG_JOB: "job-1"}
-    trained = client.create_run(experiment, tags={**tags, "mlflow.parentRunId": parent}).info.run_id
-    client.set_terminated(trained, "FINISHED")
-
-    run_id = tracking.failed_child_run(cfg, tmp_path, "x", parent, tags, "DataError: boom", "Traceback ...")
-    assert run_id == trained
-    run = client.get_run(run_id)
-    assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_ERROR] == "DataError: boom"
-    assert [a.path for a in client.list_artifacts(run_id)] == ["error.txt"]
-
-    fresh = tracking.failed_child_run(cfg, tmp_path, "y", parent, {tracking.TAG_JOB: "job-2"}, "ConfigError: bad")
-    run = client.get_run(fresh)
-    assert run.info.status == "FAILED" and run.info.run_name == "y"
-    assert run.data.tags["mlflow.parentRunId"] == parent
-
-
 # --- DVC experiments -----------------------------------------------------------------------
-
-
-def test_dvc_temp_workspaces_log_to_the_repos_store(tmp_path: Path) -> None:
-    """Queued and --temp experiments run in <repo>/.dvc/tmp/exps/...: their runs belong to the repo."""
-    repo = tmp_path / "repo"
-    expected = tracking.tracking_uri(MlflowConfig(), repo)
-    for workspace in (".dvc/tmp/exps/tmpab12cd", ".dvc/tmp/exps/standalone/tmpab12cd"):
-        assert tracking.tracking_uri(MlflowConfig(), repo / workspace) == expected
-    assert expected == f"sqlite:///{(repo / 'mlruns' / 'mlflow.db').resolve()}"
 
 
 def dvc(repo: Path, *args: str, timeout: float = 600) -> str:

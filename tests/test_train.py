@@ -12,23 +12,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN
+from helpers import VENV_BIN, tiny_cfg
 from mlflow.tracking import MlflowClient
 
 from transferlab import tracking
-from transferlab.config import Config, compose, write_params
+from transferlab.config import write_params
 from transferlab.errors import DataError
 from transferlab.paths import StagePaths
 from transferlab.stages.train import plan_phases, train
 
-TINY_MODEL = ("model=small_cnn", "train.batch_size=8")
-
 pytestmark = pytest.mark.slow
-
-
-def tiny_cfg(*overrides: str) -> Config:
-    """Synthetic data (as `prepared_project` made it), a tiny random-init MobileNetV2."""
-    return compose([*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=1", *overrides], config_dir=REPO_ROOT / "conf")
 
 
 def mlflow_client(paths: StagePaths) -> MlflowClient:

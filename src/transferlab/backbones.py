@@ -1,13 +1,17 @@
 """Backbone registry: config name -> constructor, its preprocessing and input size.
 
-Importing this module does not import TensorFlow; the constructor (a `keras.applications`
-name, or `module:function` for our own) is looked up only when a model is built.
+Importing this module does not import TensorFlow: a `keras.applications` constructor is
+named by a string and looked up only when a model is built; our own are plain functions
+whose modules import Keras lazily.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from transferlab.small_cnn import SmallCNN
 
 # How raw RGB pixels in [0, 255] are turned into what the backbone expects.
 #   builtin: the application rescales internally (EfficientNet)
@@ -20,7 +24,7 @@ Preprocessing = Literal["builtin", "tf", "caffe"]
 class BackboneSpec:
     """How to build one backbone."""
 
-    application: str  # a keras.applications name, or "module:function"
+    application: str | Callable[..., Any]  # a keras.applications name, or a constructor
     preprocessing: Preprocessing
     default_image_size: int
     alphas: tuple[float, ...] | None = None
@@ -51,7 +55,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         "ResNet50", "caffe", 224, imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     ),
     # No pretrained weights: for the offline demo and plumbing tests.
-    "small_cnn": BackboneSpec("transferlab.small_cnn:SmallCNN", "tf", 64),
+    "small_cnn": BackboneSpec(SmallCNN, "tf", 64),
 }
 
 

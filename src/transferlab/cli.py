@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transferlab.errors import TransferlabError
+from transferlab.errors import run_reporting_errors
 
 if TYPE_CHECKING:
     from transferlab.config import Config
@@ -25,16 +25,41 @@ def configure_runtime() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _load(args: argparse.Namespace) -> Config:
+StageFunction = Callable[["Config", "StagePaths"], object]
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """A DVC stage command: read and validate the params file, run the stage in this project."""
     from transferlab.config import load_params
-
-    return load_params(Path(args.params))
-
-
-def _paths() -> StagePaths:
     from transferlab.paths import StagePaths, project_root
 
-    return StagePaths(project_root())
+    stage: StageFunction = args.stage()  # imported only now: TensorFlow stays out of start-up
+    stage(load_params(Path(args.params)), StagePaths(project_root()))
+    return 0
+
+
+def _download() -> StageFunction:
+    from transferlab.stages.download import download
+
+    return download
+
+
+def _split() -> StageFunction:
+    from transferlab.stages.split import split
+
+    return split
+
+
+def _train() -> StageFunction:
+    from transferlab.stages.train import train
+
+    return train
+
+
+def _evaluate() -> StageFunction:
+    from transferlab.stages.evaluate import evaluate
+
+    return evaluate
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
@@ -43,38 +68,6 @@ def cmd_compose(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides)
     write_params(cfg, Path(args.out))
     log.info("wrote %s", args.out)
-    return 0
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    from transferlab.stages.download import download
-
-    cfg = _load(args)
-    download(cfg.data, _paths().raw_dataset(cfg.data.name))
-    return 0
-
-
-def cmd_split(args: argparse.Namespace) -> int:
-    from transferlab.stages.split import split
-
-    cfg = _load(args)
-    paths = _paths()
-    split(cfg.data, paths.raw_dataset(cfg.data.name), paths.splits)
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from transferlab.stages.train import train
-
-    train(_load(args), _paths())
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from transferlab.stages.evaluate import evaluate
-
-    cfg = _load(args)
-    evaluate(cfg, _paths())
     return 0
 
 
@@ -95,16 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def stage(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    def stage(name: str, function: Callable[[], StageFunction], help_text: str) -> None:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--params", default="params.yaml", help="composed config (default: params.yaml)")
-        p.set_defaults(func=func)
-        return p
+        p.set_defaults(func=cmd_stage, stage=function)
 
-    stage("download", cmd_download, "fetch or generate the raw images into data/raw/<name>/")
-    stage("split", cmd_split, "verify images and write stratified train/val/test manifests")
-    stage("train", cmd_train, "train on the manifests and log the run to MLflow")
-    stage("evaluate", cmd_evaluate, "score the trained model on the test split")
+    stage("download", _download, "fetch or generate the raw images into data/raw/<name>/")
+    stage("split", _split, "verify images and write stratified train/val/test manifests")
+    stage("train", _train, "train on the manifests and log the run to MLflow")
+    stage("evaluate", _evaluate, "score the trained model on the test split")
 
     p = sub.add_parser("compose", help="write params.yaml from conf/ plus Hydra overrides")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.dropout=0.3 data=synthetic")
@@ -130,14 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `transferlab` console script."""
     args = build_parser().parse_args(argv)
     configure_runtime()
-    try:
-        return int(args.func(args))
-    except TransferlabError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_reporting_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

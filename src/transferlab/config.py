@@ -22,7 +22,7 @@ import yaml
 
 from transferlab import atomic
 from transferlab.backbones import BACKBONES
-from transferlab.errors import ConfigError
+from transferlab.errors import ConfigError, first_line
 
 CONFIG_NAME = "config"
 SYNTHETIC_SOURCE = "synthetic"
@@ -312,6 +312,13 @@ def validate(raw: Mapping[str, Any]) -> Config:
     return cfg
 
 
+def validate_section(name: str, raw: Any) -> Any:
+    """Check one top-level section (`mlflow`, ...) on its own, e.g. when the rest of a config is invalid."""
+    section = _build(typing.get_type_hints(Config)[name], raw, name)
+    section.check()
+    return section
+
+
 def conf_dir() -> Path:
     """`conf/` of the project in the working directory, else of this source checkout."""
     local = Path.cwd() / "conf"
@@ -333,14 +340,7 @@ def compose_raw(overrides: Sequence[str] = (), config_dir: Path | None = None) -
             composed = compose(config_name=CONFIG_NAME, overrides=list(overrides))
         return typing.cast(dict[str, Any], OmegaConf.to_container(composed, resolve=True, throw_on_missing=True))
     except (HydraException, OmegaConfBaseException) as exc:
-        raise ConfigError(_first_line(exc)) from exc
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    first = lines[0] if lines else type(exc).__name__
-    key = getattr(exc, "full_key", None)  # OmegaConf names only the leaf ("source") in the first line
-    return f"{first} ({key})" if key and key not in first else first
+        raise ConfigError(first_line(exc)) from exc
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> Config:
@@ -356,7 +356,7 @@ def from_omegaconf(node: Any) -> Config:
     try:
         raw = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_first_line(exc)) from exc
+        raise ConfigError(first_line(exc)) from exc
     return validate(typing.cast(dict[str, Any], raw))
 
 
@@ -367,7 +367,7 @@ def load_params(path: Path) -> Config:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {_first_line(exc)}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {first_line(exc)}") from exc
     return validate(raw or {})
 
 

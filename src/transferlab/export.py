@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from transferlab.errors import ModelError, TransferlabError
-from transferlab.predict import load_model, model_image_size
+from transferlab.errors import ModelError, TransferlabError, first_line
+from transferlab.inference import load_model, model_image_size
 
 if TYPE_CHECKING:
     import keras
@@ -80,7 +80,7 @@ def export_tflite(model: keras.Model, out: Path) -> Path:
         try:
             flatbuffer = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
         except Exception as exc:  # converter errors are long MLIR dumps; keep the first line
-            raise ModelError(f"TFLite conversion failed: {str(exc).strip().splitlines()[0]}") from exc
+            raise ModelError(f"TFLite conversion failed: {first_line(exc)}") from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(flatbuffer)
     image = probe_image(model_image_size(model))

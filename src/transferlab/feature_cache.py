@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from transferlab import atomic
-from transferlab.pipeline import Manifest, make_dataset
+from transferlab.manifests import Manifest
+from transferlab.pipeline import make_dataset
 
 if TYPE_CHECKING:
     import keras

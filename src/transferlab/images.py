@@ -1,18 +1,31 @@
-"""Image file checks: does a file fully decode as an image the input pipeline can read?
+"""Image files to pixels: the checks of the split stage and the one decode of every model input.
 
-Used by the split stage to keep unreadable files out of the manifests, and reusable by
-anything else that takes image files from users. Pillow only; no TensorFlow here.
+- `check_image` / `check_images` (Pillow): does a file fully decode as an image the input
+  pipeline can read? The split stage keeps unreadable files out of the manifests with them.
+- `decode_and_resize` (TensorFlow, graph-safe): encoded bytes -> square uint8 RGB. The training
+  pipeline, evaluate, predict and the served model all call it, so what a model sees at
+  serving time is bit-for-bit what it saw in training. `decode_image_bytes` is its eager form,
+  with a Pillow fallback for formats TensorFlow cannot read (WebP, TIFF...).
+TensorFlow is imported only inside the decode functions.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from transferlab.errors import first_line
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 # Formats `tf.io.decode_image` reads (MPO is the multi-picture JPEG some cameras write).
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP"})
@@ -49,7 +62,7 @@ def check_image(path: Path) -> str | None:
     except Image.DecompressionBombError as exc:
         return f"too large to decode safely: {exc}"
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...) on bad data
-        return f"corrupt or truncated: {_one_line(exc)}"
+        return f"corrupt or truncated: {first_line(exc)}"
     return None
 
 
@@ -84,6 +97,39 @@ def _bmp_problem(path: Path, mode: str) -> str | None:
     return f"{kind} BMP is not readable by the input pipeline (save it as 24-bit BMP, PNG or JPEG)"
 
 
-def _one_line(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+def resize_to_square(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """(h, w, 3) pixels -> (size, size, 3) uint8: bilinear resize, rounded to whole pixel values."""
+    import tensorflow as tf
+
+    resized = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    return tf.cast(tf.round(resized), tf.uint8)
+
+
+def decode_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> (size, size, 3) uint8 RGB (grayscale, CMYK, alpha converted)."""
+    import tensorflow as tf
+
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return resize_to_square(image, image_size)
+
+
+def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
+    """Image file bytes -> (size, size, 3) float32 RGB in [0, 255]; `ValueError` if unreadable."""
+    import tensorflow as tf
+
+    try:
+        pixels = decode_and_resize(tf.constant(data), image_size)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+        pixels = resize_to_square(tf.constant(_decode_with_pillow(data)), image_size)
+    return pixels.numpy().astype(np.float32)
+
+
+def _decode_with_pillow(data: bytes) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except UnidentifiedImageError as exc:
+        raise ValueError("not a readable image (unknown format or corrupt data)") from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"not a readable image ({first_line(exc)})") from exc

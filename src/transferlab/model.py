@@ -10,7 +10,6 @@ the input pipeline, `predict` and the served model never need to know which back
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +18,16 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from transferlab.backbones import BACKBONES, imagenet_weights_filename
-from transferlab.config import ModelConfig
-from transferlab.errors import ModelError
+from transferlab.config import ModelConfig, TrainConfig
+from transferlab.errors import ModelError, first_line
 
 if TYPE_CHECKING:
     import keras
 
 IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
+# Names of the pooling layer and the head inside a classifier (checkpoints are matched by them).
+POOL_LAYER = "pool"
+HEAD_MODEL = "head"
 
 
 @dataclass
@@ -84,11 +86,9 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
     import keras
 
     spec = BACKBONES[cfg.backbone]
-    if ":" in spec.application:
-        module, function = spec.application.split(":")
-        constructor = getattr(importlib.import_module(module), function)
-    else:
-        constructor = getattr(keras.applications, spec.application)
+    constructor = spec.application
+    if isinstance(constructor, str):
+        constructor = getattr(keras.applications, constructor)
     kwargs: dict[str, object] = {
         "include_top": False,
         "weights": _weights_argument(cfg),
@@ -99,11 +99,11 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
     try:
         return constructor(**kwargs)
     except ValueError as exc:
-        raise ModelError(f"cannot build {cfg.backbone}: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"cannot build {cfg.backbone}: {first_line(exc)}") from exc
     except Exception as exc:  # URL, HTTP and OS errors of Keras' weight download
         if kwargs["weights"] == "imagenet":
             raise ModelError(_missing_imagenet_hint(cfg, image_size)) from exc
-        raise ModelError(f"cannot load model.weights {cfg.weights}: {str(exc).splitlines()[0]}") from exc
+        raise ModelError(f"cannot load model.weights {cfg.weights}: {first_line(exc)}") from exc
 
 
 def build_head(num_features: int, num_classes: int, dropout: float) -> keras.Model:
@@ -117,7 +117,7 @@ def build_head(num_features: int, num_classes: int, dropout: float) -> keras.Mod
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     # float32 output keeps softmax stable under a mixed_float16 policy.
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="head")
+    return keras.Model(inputs, outputs, name=HEAD_MODEL)
 
 
 def build_classifier(cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:
@@ -132,7 +132,7 @@ def build_classifier(cfg: ModelConfig, num_classes: int, image_size: int) -> Cla
         x = layer(x)
     # training=False keeps every BatchNormalization in inference mode, even when unfrozen.
     x = backbone(x, training=False)
-    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    pooled = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
     features = keras.Model(inputs, pooled, name="features")
     head = build_head(int(pooled.shape[-1]), num_classes, cfg.dropout)
     model = keras.Model(inputs, head(pooled), name=f"{cfg.backbone}_classifier")
@@ -144,6 +144,35 @@ def attach_head(features: keras.Model, head: keras.Model, name: str) -> keras.Mo
     import keras
 
     return keras.Model(features.input, head(features.output), name=name)
+
+
+def adopt_trained(classifier: Classifier, trained: keras.Model, *, head_only: bool) -> Classifier:
+    """Put a trained (checkpointed) head, or whole classifier, in place of a freshly built one."""
+    import keras
+
+    if head_only:
+        model = attach_head(classifier.features, trained, classifier.model.name)
+        return Classifier(model, classifier.backbone, classifier.features, trained)
+    backbone = trained.get_layer(classifier.backbone.name)
+    features = keras.Model(trained.input, trained.get_layer(POOL_LAYER).output, name="features")
+    return Classifier(trained, backbone, features, trained.get_layer(HEAD_MODEL))
+
+
+def compile_classifier(model: keras.Model, cfg: TrainConfig, learning_rate: float) -> None:
+    """Compile for training: the configured optimizer at `learning_rate`, cross-entropy, accuracy."""
+    import keras
+
+    optimizers = {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9),
+        "rmsprop": keras.optimizers.RMSprop,
+    }
+    model.compile(
+        optimizer=optimizers[cfg.optimizer](learning_rate=learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
 
 
 def set_trainable_layers(backbone: keras.Model, unfreeze: int | Literal["all"]) -> int:

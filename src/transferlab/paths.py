@@ -67,8 +67,23 @@ class StagePaths:
         return self.splits / "report.json"
 
     @property
+    def downloads(self) -> Path:
+        """Archives fetched from URLs, kept so a re-run does not fetch them again (a cache, not a DVC output)."""
+        return self.root / "data" / "downloads"
+
+    @property
+    def cache(self) -> Path:
+        """Computed values shared by runs and sweep jobs, rebuilt when missing (not a DVC output)."""
+        return self.root / "data" / "cache"
+
+    @property
     def feature_cache(self) -> Path:
-        return self.root / "data" / "cache" / "features"
+        return self.cache / "features"
+
+    @property
+    def caches(self) -> list[Path]:
+        """What stages write besides their declared outputs: caches that only save time."""
+        return [self.downloads, self.cache]
 
     @property
     def models(self) -> Path:
@@ -113,6 +128,34 @@ class StagePaths:
     @property
     def figures(self) -> Path:
         return self.reports / "figures"
+
+    @property
+    def confusion_figure(self) -> Path:
+        return self.figures / "confusion_matrix.png"
+
+    @property
+    def misclassified_figure(self) -> Path:
+        return self.figures / "misclassified.png"
+
+    @property
+    def reliability_figure(self) -> Path:
+        return self.figures / "reliability.png"
+
+    def stage_outputs(self) -> dict[str, list[Path]]:
+        """What each DVC stage writes; `dvc.yaml` declares exactly these (a test checks it)."""
+        return {
+            "download": [self.raw_root],
+            "split": [self.splits],
+            "train": [self.models, self.history, self.training_curves],
+            "evaluate": [
+                self.metrics,
+                self.per_class,
+                self.confusion,
+                self.confusion_figure,
+                self.misclassified_figure,
+                self.reliability_figure,
+            ],
+        }
 
 
 SPLITS = ("train", "val", "test")

@@ -1,25 +1,22 @@
-"""`transferlab predict`: top-k classes for image files and folders, plus the reusable pieces.
+"""`transferlab predict`: top-k classes for image files and folders.
 
-Images are decoded the way the training pipeline decodes them (TensorFlow's decoder, bilinear
-resize to the model's square input, rounded to whole pixel values), falling back to Pillow
-for formats TensorFlow cannot read (WebP, TIFF...). A file that neither can read is reported
-on its own; the rest are still predicted. Evaluate, export and the served MLflow model load
-models and decode images through this module too.
+Images are decoded exactly as the training pipeline decodes them (`images.decode_and_resize`),
+with a Pillow fallback for formats TensorFlow cannot read (WebP, TIFF...). A file that neither
+can read is reported on its own; the rest are still predicted.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from transferlab.errors import DataError, ModelError
+from transferlab.errors import DataError
+from transferlab.inference import load_image_batch, load_model, model_image_size
 
 if TYPE_CHECKING:
     import keras
@@ -29,79 +26,6 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 # Images decoded and scored per model call, so a folder of any size fits in memory.
 CHUNK = 64
-
-
-@dataclass
-class ImageBatch:
-    """Decoded images (float32 RGB in [0, 255], square) and the files that could not be read."""
-
-    pixels: np.ndarray
-    paths: list[Path]
-    errors: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def load_model(path: Path) -> keras.Model:
-    """A trained `.keras` classifier, or a `ModelError` that says what to do."""
-    import keras
-
-    if not path.is_file():
-        raise ModelError(f"{path} not found: run `dvc repro train` (or `transferlab train`) first")
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, ...
-        raise ModelError(f"cannot load {path}: {_first_line(exc)}") from exc
-
-
-def model_image_size(model: keras.Model) -> int:
-    """The square input size of a model that takes `(None, size, size, 3)` pixels."""
-    shape = tuple(model.input_shape)
-    if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[1] != shape[2]:
-        raise ModelError(f"model input must be (None, size, size, 3) RGB pixels, got {shape}")
-    return int(shape[1])
-
-
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Image file bytes -> (size, size, 3) float32 RGB in [0, 255]; `ValueError` if unreadable."""
-    import tensorflow as tf
-
-    try:
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
-        image = tf.constant(_decode_with_pillow(data))
-    resized = tf.image.resize(image, [image_size, image_size], method="bilinear")
-    return tf.cast(tf.cast(tf.round(resized), tf.uint8), tf.float32).numpy()
-
-
-def _decode_with_pillow(data: bytes) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-    except UnidentifiedImageError as exc:
-        raise ValueError("not a readable image (unknown format or corrupt data)") from exc
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"not a readable image ({_first_line(exc)})") from exc
-
-
-def load_image_batch(paths: Sequence[Path], image_size: int) -> ImageBatch:
-    """Decode every readable file; unreadable ones go to `errors` with the reason."""
-    pixels: list[np.ndarray] = []
-    decoded: list[Path] = []
-    errors: list[tuple[Path, str]] = []
-    for path in paths:
-        try:
-            pixels.append(decode_image(Path(path).read_bytes(), image_size))
-            decoded.append(Path(path))
-        except (OSError, ValueError) as exc:
-            errors.append((Path(path), _first_line(exc)))
-    array = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), dtype=np.float32)
-    return ImageBatch(pixels=array, paths=decoded, errors=errors)
 
 
 def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -127,7 +51,7 @@ def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[Path,
 
 def find_classes(model_path: Path, num_classes: int) -> list[str]:
     """Class names for a model's outputs: `classes.json` beside it, or the project's splits."""
-    from transferlab.pipeline import load_classes
+    from transferlab.manifests import load_classes
 
     model_dir = model_path.resolve().parent
     candidates = [

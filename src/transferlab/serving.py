@@ -70,7 +70,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the `.keras` file logged as the `keras_model` artifact, and the class names."""
-        from transferlab.predict import load_model, model_image_size
+        from transferlab.inference import load_model, model_image_size
 
         config = context.model_config or {}
         self._model = load_model(Path(context.artifacts[KERAS_ARTIFACT]))
@@ -94,7 +94,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         return to_output_frame(probabilities, self.classes)
 
     def _decode(self, value: object, row: int) -> np.ndarray:
-        from transferlab.predict import decode_image
+        from transferlab.images import decode_image_bytes
 
         if not isinstance(value, str | bytes):
             raise ValueError(f"row {row}: {IMAGE_COLUMN!r} must be a base64 string, got {type(value).__name__}")
@@ -106,7 +106,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         except (binascii.Error, ValueError) as exc:
             raise ValueError(f"row {row}: {IMAGE_COLUMN!r} is not valid base64") from exc
         try:
-            return decode_image(data, self.image_size)
+            return decode_image_bytes(data, self.image_size)
         except ValueError as exc:
             raise ValueError(f"row {row}: {exc}") from exc
 

@@ -13,19 +13,21 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Literal
 
 from tqdm import tqdm
 
-from transferlab.errors import DownloadError
+from transferlab.errors import DownloadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def _stream_to(url: str, out: Path) -> str:
         raise DownloadError(f"{url} answered HTTP {exc.code} {exc.reason}; {OFFLINE_HINT}") from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise DownloadError(f"could not fetch {url} ({_one_line(reason)}); {OFFLINE_HINT}") from exc
+        raise DownloadError(f"could not fetch {url} ({first_line(reason)}); {OFFLINE_HINT}") from exc
     if total is not None and received != total:
         raise DownloadError(f"download of {url} stopped after {received} of {total} bytes; {OFFLINE_HINT}")
     return digest.hexdigest()
@@ -131,15 +133,17 @@ def extract_archive(archive: Path, dest: Path) -> None:
     scratch.mkdir()
     try:
         if zipfile.is_zipfile(archive):
-            _extract_zip(archive, scratch)
+            with zipfile.ZipFile(archive) as zf:
+                _extract_members(archive, _zip_members(zf), scratch)
         elif tarfile.is_tarfile(archive):
-            _extract_tar(archive, scratch)
+            with tarfile.open(archive, "r|*") as tar:
+                _extract_members(archive, _tar_members(tar), scratch)
         else:
             raise DownloadError(f"{archive} is not a .tgz, .tar or .zip archive")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:  # the disk, not the archive
-            raise DownloadError(f"could not extract {archive} into {dest}: {_one_line(exc)}") from exc
-        raise DownloadError(f"{archive} is corrupt or truncated ({_one_line(exc)})") from exc
+            raise DownloadError(f"could not extract {archive} into {dest}: {first_line(exc)}") from exc
+        raise DownloadError(f"{archive} is corrupt or truncated ({first_line(exc)})") from exc
     root = _single_top_folder(scratch) or scratch
     for entry in sorted(root.iterdir()):
         if entry.name not in _IGNORED_TOP:
@@ -147,38 +151,55 @@ def extract_archive(archive: Path, dest: Path) -> None:
     shutil.rmtree(scratch)
 
 
-def _extract_tar(archive: Path, dest: Path) -> None:
-    with tarfile.open(archive, "r|*") as tar:
-        for member in tqdm(tar, desc=f"extracting {archive.name}", unit="file", disable=None):
-            rel = _safe_member_path(member.name, archive)
-            if member.issym() or member.islnk():
-                raise DownloadError(f"{archive}: member {member.name!r} is a link; refusing to extract")
-            if not (member.isfile() or member.isdir()):
-                raise DownloadError(f"{archive}: member {member.name!r} is a device or fifo; refusing to extract")
-            if rel is None:
-                continue
-            if member.isdir():
-                (dest / rel).mkdir(parents=True, exist_ok=True)
-                continue
-            source = tar.extractfile(member)
-            assert source is not None  # regular files always have content
+@dataclass(frozen=True)
+class _Member:
+    """One archive entry, tar or zip alike."""
+
+    name: str
+    kind: Literal["file", "dir", "link", "special"]
+    open: Callable[[], IO[bytes]]
+
+
+def _tar_members(tar: tarfile.TarFile) -> Iterator[_Member]:
+    for info in tar:
+        if info.issym() or info.islnk():
+            kind = "link"
+        elif info.isfile():
+            kind = "file"
+        elif info.isdir():
+            kind = "dir"
+        else:
+            kind = "special"
+        yield _Member(info.name, kind, lambda info=info: tar.extractfile(info))
+
+
+def _zip_members(zf: zipfile.ZipFile) -> Iterator[_Member]:
+    for info in zf.infolist():
+        mode = (info.external_attr >> 16) & 0o170000  # 0 when the archiver recorded no Unix mode
+        if stat.S_ISLNK(mode):
+            kind = "link"
+        elif mode not in (0, stat.S_IFREG, stat.S_IFDIR):
+            kind = "special"
+        else:
+            kind = "dir" if info.is_dir() else "file"
+        yield _Member(info.filename, kind, lambda info=info: zf.open(info))
+
+
+def _extract_members(archive: Path, members: Iterator[_Member], dest: Path) -> None:
+    """Write regular files and folders; refuse links, devices and paths that leave `dest`."""
+    for member in tqdm(members, desc=f"extracting {archive.name}", unit="file", disable=None):
+        rel = _safe_member_path(member.name, archive)
+        if member.kind == "link":
+            raise DownloadError(f"{archive}: member {member.name!r} is a link; refusing to extract")
+        if member.kind == "special":
+            raise DownloadError(f"{archive}: member {member.name!r} is a device or fifo; refusing to extract")
+        if rel is None:
+            continue
+        if member.kind == "dir":
+            (dest / rel).mkdir(parents=True, exist_ok=True)
+            continue
+        with member.open() as source:
             _write_file(source, dest / rel)
-
-
-def _extract_zip(archive: Path, dest: Path) -> None:
-    with zipfile.ZipFile(archive) as zf:
-        for info in tqdm(zf.infolist(), desc=f"extracting {archive.name}", unit="file", disable=None):
-            rel = _safe_member_path(info.filename, archive)
-            file_type = (info.external_attr >> 16) & 0o170000
-            if file_type not in (0, 0o100000, 0o040000):  # unset, regular file, directory
-                raise DownloadError(f"{archive}: member {info.filename!r} is a link or device; refusing to extract")
-            if rel is None:
-                continue
-            if info.is_dir():
-                (dest / rel).mkdir(parents=True, exist_ok=True)
-                continue
-            with zf.open(info) as source:
-                _write_file(source, dest / rel)
 
 
 def _safe_member_path(name: str, archive: Path) -> PurePosixPath | None:
@@ -234,8 +255,3 @@ def _walk_files(root: Path) -> Iterator[Path]:
             path = Path(folder) / name
             if path.is_file():
                 yield path
-
-
-def _one_line(reason: object) -> str:
-    text = " ".join(str(reason).split())
-    return text or type(reason).__name__

@@ -29,9 +29,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import atomic, tracking
-from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf
-from transferlab.errors import TransferlabError
+from transferlab import atomic, sweep_bookkeeping, tracking
+from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf, validate_section
+from transferlab.errors import describe, run_reporting_errors
 from transferlab.paths import StagePaths, project_root
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,9 @@ class SweepInfo:
 
 
 def _mlflow_section(node: DictConfig) -> MlflowConfig:
+    """The job's `mlflow` section, validated on its own (the rest of the config may be invalid)."""
     raw = OmegaConf.to_container(node.get("mlflow", {}), resolve=True) or {}
-    try:
-        return MlflowConfig(**raw)  # type: ignore[arg-type]
-    except TypeError:
-        return MlflowConfig()
+    return validate_section("mlflow", raw)
 
 
 def sweep_keys(task_overrides: Sequence[str], sweeper_params: dict[str, str] | None) -> list[str]:
@@ -126,8 +124,9 @@ class SweepTracker(Callback):
             tracking.TAG_SWEEPER: sweeper,
             tracking.TAG_LAUNCHER: launcher,
         }
-        parent = tracking.create_parent_run(_mlflow_section(config), project_root(), name, tags)
-        SweepInfo(parent, tuple(keys)).write(sweep_dir)
+        root = project_root()
+        parent = tracking.open_store(_mlflow_section(config), root).create_parent_run(name, tags, root)
+        SweepInfo(parent.record, tuple(keys)).write(sweep_dir)
         atexit.register(_close_unfinished, sweep_dir)
         log.info("sweep parent run %s (%s), varying %s", parent.run_id, name, ", ".join(keys) or "nothing")
 
@@ -145,7 +144,7 @@ def _close_parent(sweep_dir: Path, status: str) -> None:
     rows = [json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{RESULT_FILE}")]
     rows.sort(key=lambda r: r["job"])
     extra = [sweep_dir / name for name in SWEEP_FILES if (sweep_dir / name).is_file()]
-    summary = tracking.finish_parent_run(info.parent, rows, sweep_dir / SUMMARY_FILE, info.keys, status, extra)
+    summary = sweep_bookkeeping.finish_parent_run(info.parent, rows, sweep_dir / SUMMARY_FILE, info.keys, status, extra)
     log.info("sweep summary (%d jobs, parent %s) in %s", len(rows), status, sweep_dir / SUMMARY_FILE)
     for line in summary.splitlines():
         log.info("%s", line)
@@ -223,12 +222,7 @@ def run_job(node: DictConfig) -> float:
     tags.update({tracking.TAG_OVERRIDES: " ".join(overrides), tracking.TAG_JOB: uuid.uuid4().hex})
 
     if not multirun:
-        try:
-            cfg = from_omegaconf(node)
-            return _train_and_evaluate(cfg, paths, name, None, tags)[1]
-        except TransferlabError as exc:
-            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-            sys.exit(2)
+        return _single_run(node, paths, name, tags)
 
     parent_id = info.parent.run_id if info else None
     if parent_id:
@@ -244,13 +238,12 @@ def run_job(node: DictConfig) -> float:
         _interrupted = True
         raise
     except Exception as exc:  # one failing job (bad value, out of memory) must not end the sweep
-        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        message = describe(exc)
         log.exception("job %s failed: %s", name, message)
         record.update(status="FAILED", run_id=None, val_accuracy=None, error=message)
         try:
-            record["run_id"] = tracking.failed_child_run(
-                _mlflow_section(node), paths.root, name, parent_id, tags, message, traceback.format_exc()
-            )
+            store = tracking.open_store(_mlflow_section(node), paths.root)
+            record["run_id"] = store.failed_child_run(name, parent_id, tags, message, traceback.format_exc())
         except Exception:  # the store itself failing must not end the sweep either
             log.exception("could not record job %s as a FAILED run in MLflow", name)
     finally:
@@ -262,13 +255,28 @@ def run_job(node: DictConfig) -> float:
     return float(value) if value is not None and not math.isnan(value) else FAILED_VALUE
 
 
+def _single_run(node: DictConfig, paths: StagePaths, name: str, tags: dict[str, str]) -> float:
+    """`transferlab-train` without `-m`: a bad config or data prints one line and exits non-zero."""
+    val_accuracy: list[float] = []
+
+    def task() -> int:
+        val_accuracy.append(_train_and_evaluate(from_omegaconf(node), paths, name, None, tags)[1])
+        return 0
+
+    status = run_reporting_errors(task)
+    if status:
+        sys.exit(status)
+    return val_accuracy[0]
+
+
 def _run_or_skip(node: DictConfig, paths: StagePaths, name: str, parent_id: str | None, tags: dict[str, str]) -> dict:
     cfg = from_omegaconf(node)
     if cfg.sweep.skip_finished:
-        experiment_id = tracking.configure(cfg.mlflow, paths.root)
-        done = tracking.find_finished_run(experiment_id, config_hash(cfg))
+        store = tracking.open_store(cfg.mlflow, paths.root)
+        done = sweep_bookkeeping.find_finished_run(store, config_hash(cfg))
         if done is not None:
             log.info("skipping %s: config already has FINISHED run %s", name, done)
-            return {"status": "SKIPPED", "run_id": done, "val_accuracy": tracking.final_val_accuracy(done)}
+            accuracy = sweep_bookkeeping.final_val_accuracy(store, done)
+            return {"status": "SKIPPED", "run_id": done, "val_accuracy": accuracy}
     run_id, val_accuracy = _train_and_evaluate(cfg, paths, name, parent_id, tags)
     return {"status": "FINISHED", "run_id": run_id, "val_accuracy": val_accuracy}

@@ -1,8 +1,12 @@
-"""The one owner of MLflow: store URI, experiment, runs (new, resumed, child), tags, artifacts.
+"""The one owner of MLflow: the store, runs (new, resumed, child, reopened), tags and artifacts.
 
-Stages call these functions and never `mlflow.*` directly. The default store is
+Stages and the sweep code call these and never `mlflow.*` directly. The default store is
 `sqlite:///<project>/mlruns/mlflow.db` with artifacts under `<project>/mlruns/artifacts`;
 `MLFLOW_TRACKING_URI` (or `mlflow.tracking_uri`) points runs at a shared `mlflow server`.
+
+`open_store` opens a store once per process (tracking URI plus experiment). A `Run` is bound
+to its run id: its log methods write to that run whatever run MLflow holds active, so a sweep
+job's child and its parent can never be mixed up.
 """
 
 from __future__ import annotations
@@ -11,20 +15,25 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferlab import atomic
 from transferlab.config import Config, MlflowConfig, config_hash, flatten
-from transferlab.errors import TransferlabError
+from transferlab.errors import TransferlabError, describe, first_line
 from transferlab.paths import tracking_root
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
-# Tag names, shared by the stages, the sweep callback and the tests.
+# Tag names, shared by the stages, the sweep code and the tests.
 TAG_CONFIG_HASH = "transferlab.config_hash"
 TAG_MANIFEST_HASH = "transferlab.manifest_hash"
 TAG_GIT_COMMIT = "transferlab.git_commit"
@@ -42,20 +51,7 @@ TAG_SWEEP_KEYS = "transferlab.sweep_keys"
 TAG_SWEEP_DIR = "transferlab.sweep_dir"
 TAG_SWEEPER = "transferlab.sweeper"
 TAG_LAUNCHER = "transferlab.launcher"
-# Columns of a sweep's summary table; one column per swept key goes after "job".
-SUMMARY_COLUMNS = [
-    "job",
-    "overrides",
-    "status",
-    "run_id",
-    "val_accuracy",
-    "val_loss",
-    "test_accuracy",
-    "test_macro_f1",
-    "duration_s",
-    "rss_mb",
-    "error",
-]
+TAG_PARENT_RUN = "mlflow.parentRunId"
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -72,7 +68,7 @@ def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
     return f"sqlite:///{(tracking_root(root) / 'mlruns' / 'mlflow.db').resolve()}"
 
 
-def _default_artifact_root(uri: str, root: Path) -> str | None:
+def _default_artifact_root(uri: str) -> str | None:
     """Local SQLite stores keep artifacts beside the database; servers decide for themselves."""
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -107,20 +103,19 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def configure(cfg: MlflowConfig, root: Path) -> str:
-    """Point MLflow at the store, create the experiment if needed; return the experiment id."""
+def _experiment_id(uri: str, experiment: str) -> str:
+    """The id of `experiment` in the store at `uri`, created (with its artifact location) if needed."""
     import mlflow
 
-    uri = tracking_uri(cfg, root)
     mlflow.set_tracking_uri(uri)
     try:
         with _store_lock(uri):
-            experiment = mlflow.get_experiment_by_name(cfg.experiment)
-            if experiment is not None:
-                return experiment.experiment_id
-            return mlflow.create_experiment(cfg.experiment, artifact_location=_default_artifact_root(uri, root))
+            found = mlflow.get_experiment_by_name(experiment)
+            if found is not None:
+                return found.experiment_id
+            return mlflow.create_experiment(experiment, artifact_location=_default_artifact_root(uri))
     except Exception as exc:  # MLflow raises many types for an unreachable or broken store
-        raise TransferlabError(f"MLflow store {uri} is not usable: {str(exc).splitlines()[0]}") from exc
+        raise TransferlabError(f"MLflow store {uri} is not usable: {first_line(exc)}") from exc
 
 
 def git_state(root: Path) -> dict[str, str]:
@@ -139,6 +134,11 @@ def git_state(root: Path) -> dict[str, str]:
         TAG_GIT_COMMIT: commit or "unknown",
         TAG_GIT_DIRTY: "unknown" if status is None else str(bool(status)).lower(),
     }
+
+
+def base_tags(cfg: Config, root: Path) -> dict[str, str]:
+    """Tags every training run carries (the stage adds TF version, device, manifest hash)."""
+    return {TAG_CONFIG_HASH: config_hash(cfg), **git_state(root)}
 
 
 @dataclass(frozen=True)
@@ -163,145 +163,201 @@ class RunRecord:
 
 
 class Run:
-    """A handle on the active MLflow run, with the few operations stages need."""
+    """One MLflow run, addressed by its id."""
 
-    def __init__(self, run_id: str, experiment_id: str, uri: str) -> None:
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
         self.run_id = run_id
-        self.experiment_id = experiment_id
-        self.tracking_uri = uri
 
     @property
     def record(self) -> RunRecord:
-        return RunRecord(self.run_id, self.tracking_uri, self.experiment_id)
+        return RunRecord(self.run_id, self.store.uri, self.store.experiment_id)
+
+    @property
+    def _client(self) -> MlflowClient:
+        return self.store.client
 
     def log_config(self, cfg: Config) -> None:
-        import mlflow
+        """The flattened config as params; a resumed run keeps the ones it has (MLflow refuses changes)."""
+        from mlflow.entities import Param
 
-        params = {k: "None" if v is None else v for k, v in flatten(cfg).items()}
         existing = self.params()
-        # A resumed run already holds its params; MLflow refuses to change a logged value.
-        mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+        params = [Param(k, "None" if v is None else str(v)) for k, v in flatten(cfg).items() if k not in existing]
+        for start in range(0, len(params), 100):  # MLflow's batch limit
+            self._client.log_batch(self.run_id, params=params[start : start + 100])
 
     def params(self) -> dict[str, str]:
-        import mlflow
+        return dict(self._client.get_run(self.run_id).data.params)
 
-        return dict(mlflow.get_run(self.run_id).data.params)
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        import mlflow
-
-        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    def metrics(self) -> dict[str, float]:
+        """The latest value of every metric of the run."""
+        return dict(self._client.get_run(self.run_id).data.metrics)
 
     def logged_steps(self, metric: str) -> set[int]:
         """Steps of `metric` already in the store (a resumed run must not log them twice)."""
-        from mlflow.tracking import MlflowClient
-
-        return {m.step for m in MlflowClient().get_metric_history(self.run_id, metric)}
+        return {m.step for m in self._client.get_metric_history(self.run_id, metric)}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import mlflow
+        from mlflow.entities import Metric
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._client.set_tag(self.run_id, key, value)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        import mlflow
-
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
     def log_dict(self, payload: Mapping[str, Any], artifact_file: str) -> None:
-        import mlflow
+        self._client.log_dict(self.run_id, dict(payload), artifact_file)
 
-        mlflow.log_dict(dict(payload), artifact_file)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        import mlflow
-
-        mlflow.log_text(text, artifact_file)
+    def log_table(self, table: pd.DataFrame, artifact_file: str) -> None:
+        self._client.log_table(self.run_id, table, artifact_file)
 
     def log_model(self, model_file: Path, classes: list[str], image_size: int) -> None:
-        """Log the Keras model as a servable pyfunc model named `model` (see transferlab.serving)."""
+        """Log the Keras model as a servable pyfunc model named `model` (see transferlab.serving).
+
+        MLflow logs models into the active run only, so this run must be the active one.
+        """
+        import mlflow
+
         from transferlab.serving import log_image_classifier
 
+        active = mlflow.active_run()
+        if active is None or active.info.run_id != self.run_id:
+            raise TransferlabError(f"cannot log a model to run {self.run_id}: it is not the active run")
         log_image_classifier(model_file, classes, image_size, name="model")
 
-
-def base_tags(cfg: Config, root: Path) -> dict[str, str]:
-    """Tags every training run carries (the stage adds TF version, device, manifest hash)."""
-    return {TAG_CONFIG_HASH: config_hash(cfg), **git_state(root)}
+    def terminate(self, status: str) -> None:
+        self._client.set_terminated(self.run_id, status=status)
 
 
-@contextmanager
-def start_run(
-    cfg: Config,
-    root: Path,
-    *,
-    run_name: str | None = None,
-    run_id: str | None = None,
-    parent_run_id: str | None = None,
-    tags: Mapping[str, str] | None = None,
-) -> Iterator[Run]:
-    """Start (or with `run_id`, resume) a run; it ends FINISHED, or FAILED on an exception."""
-    import mlflow
+class Store:
+    """An MLflow tracking store and the experiment this project's runs go to."""
 
-    experiment_id = configure(cfg.mlflow, root)
-    system_metrics = cfg.mlflow.system_metrics and _psutil_available()
-    with mlflow.start_run(
-        run_id=run_id,
-        experiment_id=None if run_id else experiment_id,
-        run_name=None if run_id else run_name,
-        parent_run_id=parent_run_id,
-        tags=dict(tags or {}),
-        log_system_metrics=system_metrics,
-    ) as active:
+    def __init__(self, uri: str, experiment_id: str) -> None:
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self._client: MlflowClient | None = None
+
+    @classmethod
+    def of_record(cls, record: RunRecord) -> Store:
+        """The store a recorded run lives in."""
+        return cls(record.tracking_uri, record.experiment_id)
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def run(self, run_id: str) -> Run:
+        """A handle on an existing run (no check that it exists)."""
+        return Run(self, run_id)
+
+    def run_status(self, run_id: str) -> str | None:
+        """RUNNING / FINISHED / FAILED / KILLED, or None if the run does not exist."""
         try:
-            yield Run(active.info.run_id, active.info.experiment_id, mlflow.get_tracking_uri())
-        except BaseException as exc:
-            # The run ends FAILED (or KILLED on Ctrl-C); say why in the UI.
-            mlflow.set_tag(TAG_ERROR, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            raise
+            return self.client.get_run(run_id).info.status
+        except Exception:
+            return None
+
+    def search(self, filter_string: str, max_results: int = 1) -> list[str]:
+        """Ids of this experiment's runs matching `filter_string`, newest first."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=filter_string, max_results=max_results, order_by=["start_time DESC"]
+        )
+        return [run.info.run_id for run in runs]
+
+    @contextmanager
+    def start_run(
+        self,
+        *,
+        run_name: str | None = None,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        system_metrics: bool = False,
+    ) -> Iterator[Run]:
+        """Start (or with `run_id`, resume) the active run; it ends FINISHED, or FAILED on an exception."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else self.experiment_id,
+            run_name=None if run_id else run_name,
+            parent_run_id=parent_run_id,
+            tags=dict(tags or {}),
+            log_system_metrics=system_metrics and _psutil_available(),
+        ) as active:
+            run = Run(self, active.info.run_id)
+            try:
+                yield run
+            except BaseException as exc:
+                run.set_tag(TAG_ERROR, describe(exc))  # the UI says why the run ended FAILED
+                raise
+
+    @contextmanager
+    def reopen_run(self, run_id: str) -> Iterator[Run]:
+        """Log more into a finished run (evaluate adds test metrics to the training run).
+
+        The run is active meanwhile: it ends FINISHED again, or FAILED if the block fails.
+        """
+        import mlflow
+
+        if self.run_status(run_id) is None:
+            raise TransferlabError(f"MLflow run {run_id} not found in {self.uri}: run `dvc repro train` again")
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):
+            yield Run(self, run_id)
+
+    def create_parent_run(self, name: str, tags: Mapping[str, str], root: Path) -> Run:
+        """Open (without activating) the parent run of a sweep; jobs attach children to it."""
+        all_tags = {TAG_SWEEP: "parent", **git_state(root), **dict(tags)}
+        return Run(self, self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id)
+
+    def failed_child_run(
+        self, name: str, parent_run_id: str | None, tags: Mapping[str, str], error: str, details: str | None = None
+    ) -> str:
+        """The FAILED child of a job: the run its training left (FAILED even if training itself
+        finished and evaluate failed), or a new one when none started. `error` becomes the
+        `transferlab.error` tag, `details` (a traceback) the artifact `error.txt`."""
+        job = tags.get(TAG_JOB)
+        query = f"tags.`{TAG_JOB}` = '{job}'"
+        existing = self.client.search_runs([self.experiment_id], query, max_results=1) if job else []
+        if existing:
+            run_id = existing[0].info.run_id
+            self.client.set_tag(run_id, TAG_ERROR, error)
+        else:
+            run_tags = {**dict(tags), TAG_ERROR: error}
+            if parent_run_id:
+                run_tags[TAG_PARENT_RUN] = parent_run_id
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags).info.run_id
+        if details:
+            self.client.log_text(run_id, details, "error.txt")
+        if not existing or existing[0].info.status in ("RUNNING", "FINISHED"):
+            self.client.set_terminated(run_id, status="FAILED")
+        return run_id
 
 
-@contextmanager
-def reopen_run(record: RunRecord) -> Iterator[Run]:
-    """Log more into a finished run (evaluate adds test metrics to the training run)."""
+_open_stores: dict[tuple[str, str], Store] = {}
+
+
+def open_store(cfg: MlflowConfig, root: Path) -> Store:
+    """The store and experiment `cfg` names, created if needed; opened once per process."""
     import mlflow
 
-    mlflow.set_tracking_uri(record.tracking_uri)
-    try:
-        mlflow.get_run(record.run_id)
-    except Exception as exc:
-        raise TransferlabError(
-            f"MLflow run {record.run_id} not found in {record.tracking_uri}: run `dvc repro train` again"
-        ) from exc
-    with mlflow.start_run(run_id=record.run_id) as active:
-        yield Run(active.info.run_id, active.info.experiment_id, record.tracking_uri)
-
-
-def run_status(run_id: str) -> str | None:
-    """RUNNING / FINISHED / FAILED / KILLED, or None if the run does not exist."""
-    import mlflow
-
-    try:
-        return mlflow.get_run(run_id).info.status
-    except Exception:
-        return None
-
-
-def find_finished_run(experiment_id: str, cfg_hash: str, evaluated: bool = True) -> str | None:
-    """A FINISHED run of this experiment with the given config hash (sweeps skip those).
-
-    With `evaluated`, only a run that also holds the test metrics counts: a run whose
-    evaluate step never ran (or failed) is trained again.
-    """
-    from mlflow.tracking import MlflowClient
-
-    query = f"tags.`{TAG_CONFIG_HASH}` = '{cfg_hash}' and attributes.status = 'FINISHED'"
-    if evaluated:
-        query += " and metrics.test_accuracy >= 0"
-    runs = MlflowClient().search_runs(
-        [experiment_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
-    )
-    return runs[0].info.run_id if runs else None
+    uri = tracking_uri(cfg, root)
+    key = (uri, cfg.experiment)
+    if key not in _open_stores:
+        _open_stores[key] = Store(uri, _experiment_id(uri, cfg.experiment))
+    mlflow.set_tracking_uri(uri)  # the fluent API (active runs, model logging) follows this store
+    return _open_stores[key]
 
 
 def _psutil_available() -> bool:
@@ -310,123 +366,3 @@ def _psutil_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def final_val_accuracy(run_id: str) -> float | None:
-    """The `final_val_accuracy` metric a training run logged, if any."""
-    import mlflow
-
-    value = mlflow.get_run(run_id).data.metrics.get("final_val_accuracy")
-    return None if value is None else float(value)
-
-
-def create_parent_run(cfg: MlflowConfig, root: Path, name: str, tags: Mapping[str, str]) -> RunRecord:
-    """Open (without activating) the parent run of a sweep; jobs attach children to it."""
-    from mlflow.tracking import MlflowClient
-
-    experiment_id = configure(cfg, root)
-    client = MlflowClient()
-    run = client.create_run(experiment_id, run_name=name, tags={TAG_SWEEP: "parent", **git_state(root), **dict(tags)})
-    return RunRecord(run.info.run_id, tracking_uri(cfg, root), experiment_id)
-
-
-def failed_child_run(
-    cfg: MlflowConfig,
-    root: Path,
-    name: str,
-    parent_run_id: str | None,
-    tags: Mapping[str, str],
-    error: str,
-    details: str | None = None,
-) -> str:
-    """The FAILED child of a job: the run its training left (FAILED even if training itself
-    finished and evaluate failed), or a new one when none started. `error` becomes the
-    `transferlab.error` tag, `details` (a traceback) the artifact `error.txt`."""
-    from mlflow.tracking import MlflowClient
-
-    experiment_id = configure(cfg, root)
-    client = MlflowClient()
-    job = tags.get(TAG_JOB)
-    existing = (
-        client.search_runs([experiment_id], filter_string=f"tags.`{TAG_JOB}` = '{job}'", max_results=1) if job else []
-    )
-    if existing:
-        run_id = existing[0].info.run_id
-        client.set_tag(run_id, TAG_ERROR, error)
-    else:
-        run_tags = {**dict(tags), TAG_ERROR: error}
-        if parent_run_id:
-            run_tags["mlflow.parentRunId"] = parent_run_id
-        run_id = client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
-    if details:
-        client.log_text(run_id, details, "error.txt")
-    if not existing or existing[0].info.status in ("RUNNING", "FINISHED"):
-        client.set_terminated(run_id, status="FAILED")
-    return run_id
-
-
-def _summary_table(client: Any, rows: list[dict[str, Any]], keys: Sequence[str]) -> Any:
-    """One row per job: swept values, status, validation and test metrics, duration, memory."""
-    import pandas as pd
-
-    for row in rows:
-        if row.get("run_id"):
-            metrics = client.get_run(row["run_id"]).data.metrics
-            if row.get("val_accuracy") is None:
-                row["val_accuracy"] = metrics.get("final_val_accuracy")
-            row["val_loss"] = metrics.get("final_val_loss")
-            row["test_accuracy"] = metrics.get("test_accuracy")
-            row["test_macro_f1"] = metrics.get("test_macro_f1")
-    columns = [SUMMARY_COLUMNS[0], *keys, *SUMMARY_COLUMNS[1:]]
-    table = pd.DataFrame(rows, columns=columns)
-    numeric = ["val_accuracy", "val_loss", "test_accuracy", "test_macro_f1", "duration_s", "rss_mb"]
-    return table.astype({c: float for c in numeric})
-
-
-def best_row(table: Any) -> Any | None:
-    """The row with the highest validation accuracy (lower validation loss breaks ties)."""
-    scored = table.dropna(subset=["val_accuracy"])
-    if not len(scored):
-        return None
-    ranked = scored.assign(_loss=scored["val_loss"].fillna(float("inf")))
-    return ranked.sort_values(["val_accuracy", "_loss"], ascending=[False, True], kind="stable").iloc[0]
-
-
-def finish_parent_run(
-    parent: RunRecord,
-    rows: list[dict[str, Any]],
-    summary_csv: Path,
-    keys: Sequence[str] = (),
-    status: str = "FINISHED",
-    extra_artifacts: Sequence[Path] = (),
-) -> str:
-    """Log the sweep summary table on the parent, tag the best child, end the parent with `status`.
-
-    The table goes to the parent as `sweep_summary.csv` and as the MLflow table
-    `sweep_summary.json` (shown in the UI's artifact view), beside `extra_artifacts` (the
-    sweep's Hydra config, Optuna's result). Returns the table as text.
-    """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(parent.tracking_uri)
-    client = MlflowClient()
-    table = _summary_table(client, rows, keys)
-    summary_csv.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(summary_csv, index=False)
-    client.log_artifact(parent.run_id, str(summary_csv))
-    client.log_table(parent.run_id, table, "sweep_summary.json")
-    for path in extra_artifacts:
-        client.log_artifact(parent.run_id, str(path))
-    best = best_row(table)
-    if best is not None:
-        client.set_tag(parent.run_id, TAG_BEST_CHILD, best["run_id"])
-        client.log_metric(parent.run_id, "best_val_accuracy", float(best["val_accuracy"]))
-        if best["test_accuracy"] == best["test_accuracy"]:  # not NaN
-            client.log_metric(parent.run_id, "best_test_accuracy", float(best["test_accuracy"]))
-    for state in ("FINISHED", "FAILED", "SKIPPED"):
-        client.log_metric(parent.run_id, f"jobs_{state.lower()}", int((table["status"] == state).sum()))
-    if status != "FINISHED":
-        client.set_tag(parent.run_id, TAG_ERROR, f"sweep stopped early ({status}) after {len(rows)} jobs")
-    client.set_terminated(parent.run_id, status=status)
-    return table.drop(columns=["overrides"]).to_string(index=False)

@@ -11,20 +11,22 @@ import logging
 from pathlib import Path
 
 from transferlab.atomic import replace_dir
-from transferlab.config import SYNTHETIC_SOURCE, DataConfig
+from transferlab.config import SYNTHETIC_SOURCE, Config, DataConfig
 from transferlab.errors import DownloadError
+from transferlab.paths import StagePaths
 from transferlab.sources import copy_folder, extract_archive, fetch_url, is_url, verify_sha256
 from transferlab.synthetic import generate
 
 log = logging.getLogger(__name__)
 
 
-def download(data_cfg: DataConfig, target_dir: Path, *, cache_dir: Path | None = None) -> Path:
-    """Fetch, extract, copy or generate the dataset into `target_dir`, replacing what was there.
+def download(cfg: Config, paths: StagePaths) -> Path:
+    """Fetch, extract, copy or generate the dataset into `data/raw/<name>/`, replacing what was there.
 
-    `cache_dir` keeps downloaded archives by URL; it defaults to `data/downloads/` beside
-    `data/raw/` (the parent of `target_dir`'s parent).
+    Archives fetched from URLs are kept in `data/downloads/`, so a re-run does not fetch them again.
     """
+    data_cfg = cfg.data
+    target_dir = paths.raw_dataset(data_cfg.name)
     source = data_cfg.source
     if source == SYNTHETIC_SOURCE:
         assert data_cfg.synthetic is not None  # DataConfig.check guarantees it
@@ -32,7 +34,7 @@ def download(data_cfg: DataConfig, target_dir: Path, *, cache_dir: Path | None =
         with replace_dir(target_dir) as tmp:
             generate(data_cfg.synthetic, tmp)
     elif is_url(source):
-        archive = fetch_url(source, cache_dir or target_dir.parent.parent / "downloads", data_cfg.sha256)
+        archive = fetch_url(source, paths.downloads, data_cfg.sha256)
         with replace_dir(target_dir) as tmp:
             extract_archive(archive, tmp)
     else:

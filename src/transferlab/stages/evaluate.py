@@ -24,19 +24,17 @@ import pandas as pd
 from transferlab import plots, tracking
 from transferlab.config import Config
 from transferlab.errors import DataError, ModelError
+from transferlab.inference import load_image_batch, load_model, model_image_size
+from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.metrics import Calibration, ClassificationReport, calibration, classification_report
 from transferlab.paths import StagePaths
-from transferlab.pipeline import Manifest, load_classes, load_manifest, make_dataset
-from transferlab.predict import load_image_batch, load_model, model_image_size
+from transferlab.pipeline import make_dataset
 
 if TYPE_CHECKING:
     import keras
 
 log = logging.getLogger(__name__)
 
-CONFUSION_FIGURE = "confusion_matrix.png"
-MISCLASSIFIED_FIGURE = "misclassified.png"
-RELIABILITY_FIGURE = "reliability.png"
 PER_CLASS_COLUMNS = ["class", "precision", "recall", "f1", "support"]
 # Side of each thumbnail in the misclassified grid, in pixels.
 THUMBNAIL_SIZE = 160
@@ -47,7 +45,7 @@ FIGURE_ARTIFACT_DIR = "figures"
 
 def figure_files(paths: StagePaths) -> list[Path]:
     """The PNGs evaluate writes (the training curves belong to the train stage)."""
-    return [paths.figures / name for name in (CONFUSION_FIGURE, MISCLASSIFIED_FIGURE, RELIABILITY_FIGURE)]
+    return [paths.confusion_figure, paths.misclassified_figure, paths.reliability_figure]
 
 
 def predict_manifest(model: keras.Model, manifest: Manifest, batch_size: int) -> np.ndarray:
@@ -162,7 +160,7 @@ def evaluate(cfg: Config, paths: StagePaths) -> dict[str, float]:
     confusion_frame(y_true, np.argmax(probabilities, axis=1), classes).to_csv(paths.confusion, index=False)
     figures = _write_figures(paths, cfg, test, classes, probabilities, report, reliability)
 
-    with tracking.reopen_run(record) as run:
+    with tracking.Store.of_record(record).reopen_run(record.run_id) as run:
         run.log_metrics(metrics)
         for file in (paths.metrics, paths.per_class, paths.confusion):
             run.log_artifact(file, ARTIFACT_DIR)

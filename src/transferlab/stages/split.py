@@ -20,17 +20,19 @@ from typing import Any
 import pandas as pd
 
 from transferlab.atomic import replace_dir
-from transferlab.config import DataConfig
+from transferlab.config import Config, DataConfig
 from transferlab.errors import DataError
 from transferlab.images import check_images, is_hidden
-from transferlab.paths import SPLITS
-from transferlab.pipeline import MANIFEST_COLUMNS
+from transferlab.manifests import MANIFEST_COLUMNS, split_settings
+from transferlab.paths import SPLITS, StagePaths
 
 log = logging.getLogger(__name__)
 
 
-def split(data_cfg: DataConfig, raw_dir: Path, splits_dir: Path) -> dict[str, Any]:
-    """Verify the images in `raw_dir`, split them per class, write `splits_dir`; return the report."""
+def split(cfg: Config, paths: StagePaths) -> dict[str, Any]:
+    """Verify the images in `data/raw/<name>/`, split them per class, write `data/splits/`; return the report."""
+    data_cfg = cfg.data
+    raw_dir = paths.raw_dataset(data_cfg.name)
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir} not found: run `dvc repro download` (or `transferlab download`) first")
     class_dirs, candidates, skipped = _scan(raw_dir)
@@ -45,7 +47,7 @@ def split(data_cfg: DataConfig, raw_dir: Path, splits_dir: Path) -> dict[str, An
             skipped.append({"path": rel, "reason": reason})
     assignment = _assign_splits(by_class, data_cfg, raw_dir)
     report = _report(data_cfg, assignment, skipped)
-    _write(splits_dir, assignment, report)
+    _write(paths, assignment, report)
     totals = report["totals"]
     log.info(
         "split %d images of %d classes: train %d, val %d, test %d; skipped %d (see %s)",
@@ -55,7 +57,7 @@ def split(data_cfg: DataConfig, raw_dir: Path, splits_dir: Path) -> dict[str, An
         totals["val"],
         totals["test"],
         totals["skipped"],
-        splits_dir / "report.json",
+        paths.split_report,
     )
     for item in report["skipped"][:5]:
         log.warning("skipped %s: %s", item["path"], item["reason"])
@@ -157,12 +159,7 @@ def _report(
     totals["images"] = sum(totals[name] for name in SPLITS)
     totals["skipped"] = len(skipped)
     return {
-        "settings": {
-            "name": data_cfg.name,
-            "val_fraction": data_cfg.val_fraction,
-            "test_fraction": data_cfg.test_fraction,
-            "split_seed": data_cfg.split_seed,
-        },
+        "settings": split_settings(data_cfg),
         "classes": classes,
         "counts": counts,
         "totals": totals,
@@ -170,11 +167,12 @@ def _report(
     }
 
 
-def _write(splits_dir: Path, assignment: Mapping[str, Mapping[str, Sequence[str]]], report: dict[str, Any]) -> None:
-    with replace_dir(splits_dir) as tmp:
+def _write(paths: StagePaths, assignment: Mapping[str, Mapping[str, Sequence[str]]], report: dict[str, Any]) -> None:
+    """All split files, built in a temporary folder that replaces `data/splits/` in one rename."""
+    with replace_dir(paths.splits) as tmp:
         for name in SPLITS:
-            rows = [(path, label) for label, paths in sorted(assignment[name].items()) for path in paths]
+            rows = [(path, label) for label, files in sorted(assignment[name].items()) for path in files]
             frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-            frame.to_csv(tmp / f"{name}.csv", index=False, lineterminator="\n")
-        (tmp / "classes.json").write_text(json.dumps(report["classes"], indent=2) + "\n")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            frame.to_csv(tmp / paths.manifest(name).name, index=False, lineterminator="\n")
+        (tmp / paths.classes.name).write_text(json.dumps(report["classes"], indent=2) + "\n")
+        (tmp / paths.split_report.name).write_text(json.dumps(report, indent=2) + "\n")

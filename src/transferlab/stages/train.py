@@ -10,8 +10,6 @@ in the same MLflow run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 from collections.abc import Mapping
@@ -24,10 +22,10 @@ from transferlab import atomic, tracking
 from transferlab.backbones import resolve_image_size
 from transferlab.checkpoint import Checkpointer, CheckpointState, ModelKind
 from transferlab.config import Config, config_hash
-from transferlab.errors import DataError
 from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
+from transferlab.manifests import Manifest, check_splits_fresh, load_classes, load_manifest, splits_digest
 from transferlab.paths import StagePaths
-from transferlab.pipeline import Manifest, load_classes, load_manifest, make_dataset
+from transferlab.pipeline import make_dataset
 
 if TYPE_CHECKING:
     import keras
@@ -80,55 +78,6 @@ def plan_phases(cfg: Config) -> list[Phase]:
     return phases
 
 
-def check_splits_fresh(cfg: Config, paths: StagePaths) -> None:
-    """Fail when the prepared splits were made from other data settings than this config's."""
-    try:
-        report = json.loads(paths.split_report.read_text())
-    except FileNotFoundError as exc:
-        raise DataError(f"{paths.split_report} not found: run `dvc repro split` (or `transferlab split`)") from exc
-    except ValueError as exc:
-        raise DataError(f"{paths.split_report} is not valid JSON: run `dvc repro split` again") from exc
-    made_with = report.get("settings", {})
-    wanted = {
-        "name": cfg.data.name,
-        "val_fraction": cfg.data.val_fraction,
-        "test_fraction": cfg.data.test_fraction,
-        "split_seed": cfg.data.split_seed,
-    }
-    stale = sorted(k for k, v in wanted.items() if made_with.get(k) != v)
-    if stale:
-        key = stale[0]
-        raise DataError(
-            f"prepared splits are stale (data.{key} is {wanted[key]!r}, splits were made with "
-            f"{made_with.get(key)!r}): run `dvc repro split`"
-        )
-
-
-def splits_digest(paths: StagePaths) -> str:
-    """Digest of the manifests and class list (the 'data manifest hash' tag)."""
-    digest = hashlib.sha256()
-    for file in [*(paths.manifest(s) for s in ("train", "val", "test")), paths.classes]:
-        if file.is_file():
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _compile(model: keras.Model, cfg: Config, learning_rate: float) -> None:
-    import keras
-
-    optimizers = {
-        "adam": keras.optimizers.Adam,
-        "adamw": keras.optimizers.AdamW,
-        "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9),
-        "rmsprop": keras.optimizers.RMSprop,
-    }
-    model.compile(
-        optimizer=optimizers[cfg.train.optimizer](learning_rate=learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
-        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-    )
-
-
 def _epoch_tracker(
     run: tracking.Run, checkpointer: Checkpointer, state: CheckpointState, phase: Phase, kind: ModelKind
 ) -> keras.callbacks.Callback:
@@ -171,28 +120,14 @@ class _Trainer:
         self.verbose = 1 if sys.stdout.isatty() else 2
 
     def build(self) -> Classifier:
-        from transferlab.model import build_classifier
+        from transferlab.model import adopt_trained, build_classifier
 
         classifier = build_classifier(self.cfg.model, len(self.classes), self.image_size)
         restored = self.checkpointer.restore_model(self.state)
         if restored is not None:
-            classifier = self._adopt(classifier, restored, self.state.model_kind)
+            classifier = adopt_trained(classifier, restored, head_only=self.state.model_kind == "head")
             log.info("resuming after epoch %d from %s", self.state.epochs_done, self.state.model_file)
         return classifier
-
-    @staticmethod
-    def _adopt(classifier: Classifier, restored: keras.Model, kind: ModelKind) -> Classifier:
-        """Put a checkpointed head or full model in place of the freshly built one."""
-        from transferlab.model import Classifier, attach_head
-
-        if kind == "head":
-            model = attach_head(classifier.features, restored, classifier.model.name)
-            return Classifier(model, classifier.backbone, classifier.features, restored)
-        import keras
-
-        backbone = restored.get_layer(classifier.backbone.name)
-        features = keras.Model(restored.input, restored.get_layer("pool").output, name="features")
-        return Classifier(restored, backbone, features, restored.get_layer("head"))
 
     def _feature_datasets(self, classifier: Classifier) -> tuple[Any, Any]:
         import tensorflow as tf
@@ -223,12 +158,12 @@ class _Trainer:
 
         common = {"image_size": self.image_size, "batch_size": self.cfg.train.batch_size}
         augmenter = build_augmenter(self.cfg.augment, self.cfg.train.seed)
-        train = make_dataset(self.train_set, shuffle=True, seed=self.cfg.train.seed, augmenter=augmenter, **common)
-        return train, make_dataset(self.val_set, **common)
+        train_ds = make_dataset(self.train_set, shuffle=True, seed=self.cfg.train.seed, augmenter=augmenter, **common)
+        return train_ds, make_dataset(self.val_set, **common)
 
     def run_phase(self, classifier: Classifier, phase: Phase, resuming_this_phase: bool) -> Classifier:
         """Fit one phase from where the checkpoint left it."""
-        from transferlab.model import Classifier, attach_head, set_trainable_layers
+        from transferlab.model import Classifier, attach_head, compile_classifier, set_trainable_layers
 
         kind: ModelKind = "head" if phase.cached else "full"
         if phase.cached:
@@ -243,7 +178,7 @@ class _Trainer:
             log.info("phase %s: %d backbone layers trainable (BatchNorm frozen)", phase.name, trainable)
             train_ds, val_ds = self._image_datasets()
         if not resuming_this_phase:
-            _compile(model, self.cfg, phase.learning_rate)
+            compile_classifier(model, self.cfg.train, phase.learning_rate)
         start = max(phase.first_epoch, self.state.epochs_done)
         log.info(
             "phase %s: epochs %d..%d at learning rate %g", phase.name, start + 1, phase.last_epoch, phase.learning_rate
@@ -262,11 +197,11 @@ class _Trainer:
         return classifier
 
 
-def _resumable_state(checkpointer: Checkpointer, cfg_hash: str) -> CheckpointState | None:
+def _resumable_state(store: tracking.Store, checkpointer: Checkpointer, cfg_hash: str) -> CheckpointState | None:
     state = checkpointer.load(cfg_hash)
     if state is None:
         return None
-    status = tracking.run_status(state.run_id)
+    status = store.run_status(state.run_id)
     if status in (None, "FINISHED"):
         log.warning("checkpoint belongs to run %s (%s): starting a new run", state.run_id, status or "missing")
         checkpointer.clear()
@@ -289,9 +224,9 @@ def train(
     check_splits_fresh(cfg, paths)
     load_classes(paths.classes)  # fail fast, before MLflow or TensorFlow start
     cfg_hash = config_hash(cfg)
-    tracking.configure(cfg.mlflow, paths.root)  # so run_status below reads the right store
+    store = tracking.open_store(cfg.mlflow, paths.root)
     checkpointer = Checkpointer(paths.checkpoints)
-    resume = _resumable_state(checkpointer, cfg_hash)
+    resume = _resumable_state(store, checkpointer, cfg_hash)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     import tensorflow as tf
@@ -306,13 +241,12 @@ def train(
     }
     name = run_name or f"{cfg.model.backbone}-{cfg.data.name}"
     with (
-        tracking.start_run(
-            cfg,
-            paths.root,
+        store.start_run(
             run_name=name,
             run_id=resume.run_id if resume else None,
             parent_run_id=parent_run_id,
             tags=tags,
+            system_metrics=cfg.mlflow.system_metrics,
         ) as run,
         precision_policy(cfg.train),
     ):

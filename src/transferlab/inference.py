@@ -1,0 +1,64 @@
+"""A trained classifier and its inputs: load a `.keras` model, read its input size, decode files for it.
+
+Evaluate, predict, export and the served MLflow model all load models and decode images here;
+the decode itself is `images.decode_and_resize`, the same function the training pipeline uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from transferlab.errors import ModelError, first_line
+from transferlab.images import decode_image_bytes
+
+if TYPE_CHECKING:
+    import keras
+
+
+@dataclass
+class ImageBatch:
+    """Decoded images (float32 RGB in [0, 255], square) and the files that could not be read."""
+
+    pixels: np.ndarray
+    paths: list[Path]
+    errors: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def load_model(path: Path) -> keras.Model:
+    """A trained `.keras` classifier, or a `ModelError` that says what to do."""
+    import keras
+
+    if not path.is_file():
+        raise ModelError(f"{path} not found: run `dvc repro train` (or `transferlab train`) first")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors, ...
+        raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
+
+
+def model_image_size(model: keras.Model) -> int:
+    """The square input size of a model that takes `(None, size, size, 3)` pixels."""
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[1] != shape[2]:
+        raise ModelError(f"model input must be (None, size, size, 3) RGB pixels, got {shape}")
+    return int(shape[1])
+
+
+def load_image_batch(paths: Sequence[Path], image_size: int) -> ImageBatch:
+    """Decode every readable file; unreadable ones go to `errors` with the reason."""
+    pixels: list[np.ndarray] = []
+    decoded: list[Path] = []
+    errors: list[tuple[Path, str]] = []
+    for path in paths:
+        try:
+            pixels.append(decode_image_bytes(Path(path).read_bytes(), image_size))
+            decoded.append(Path(path))
+        except (OSError, ValueError) as exc:
+            errors.append((Path(path), first_line(exc)))
+    array = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), dtype=np.float32)
+    return ImageBatch(pixels=array, paths=decoded, errors=errors)

@@ -1,0 +1,115 @@
+"""The split stage's file contract, read side: manifests, class list, and whether they fit a config.
+
+`stages/split.py` writes `data/splits/`; training, evaluation and predict read it through here,
+and `split_settings` is the one definition of "the settings a split was made with".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from transferlab.config import Config, DataConfig
+from transferlab.errors import DataError
+from transferlab.paths import SPLITS, StagePaths
+
+MANIFEST_COLUMNS = ("path", "label")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One split: image paths relative to `raw_root`, and their class indices."""
+
+    raw_root: Path
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def absolute_paths(self) -> list[str]:
+        return [str(self.raw_root / p) for p in self.paths]
+
+
+def load_classes(path: Path) -> list[str]:
+    """Ordered class names written by the split stage."""
+    try:
+        classes = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DataError(f"{path} not found: run `dvc repro split` (or `transferlab split`) first") from exc
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON: run `dvc repro split` again") from exc
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) < 2:
+        raise DataError(f"{path} must list at least two class names: run `dvc repro split` again")
+    return classes
+
+
+def load_manifest(path: Path, raw_root: Path, classes: Sequence[str]) -> Manifest:
+    """Read `<split>.csv`; fail with the stage to run when it is missing or inconsistent."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path} not found: run `dvc repro split` (or `transferlab split`) first") from exc
+    if tuple(frame.columns) != MANIFEST_COLUMNS:
+        raise DataError(f"{path} must have columns {','.join(MANIFEST_COLUMNS)}: run `dvc repro split` again")
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(frame["label"]) - set(index))
+    if unknown:
+        raise DataError(f"{path} has label {unknown[0]!r} not in classes.json: run `dvc repro split` again")
+    if len(frame) and not (raw_root / frame["path"].iloc[0]).is_file():
+        raise DataError(
+            f"{raw_root / frame['path'].iloc[0]} listed in {path} is missing: run `dvc repro download` "
+            "and `dvc repro split` again"
+        )
+    return Manifest(
+        raw_root=raw_root,
+        paths=tuple(frame["path"]),
+        labels=tuple(index[label] for label in frame["label"]),
+        classes=tuple(classes),
+    )
+
+
+def split_settings(data_cfg: DataConfig) -> dict[str, Any]:
+    """The data settings a split is made with; `report.json` records them, training checks them."""
+    return {
+        "name": data_cfg.name,
+        "val_fraction": data_cfg.val_fraction,
+        "test_fraction": data_cfg.test_fraction,
+        "split_seed": data_cfg.split_seed,
+    }
+
+
+def check_splits_fresh(cfg: Config, paths: StagePaths) -> None:
+    """Fail when the prepared splits were made with other data settings than this config's."""
+    try:
+        report = json.loads(paths.split_report.read_text())
+    except FileNotFoundError as exc:
+        raise DataError(f"{paths.split_report} not found: run `dvc repro split` (or `transferlab split`)") from exc
+    except ValueError as exc:
+        raise DataError(f"{paths.split_report} is not valid JSON: run `dvc repro split` again") from exc
+    made_with = report.get("settings", {})
+    wanted = split_settings(cfg.data)
+    stale = sorted(k for k, v in wanted.items() if made_with.get(k) != v)
+    if stale:
+        key = stale[0]
+        raise DataError(
+            f"prepared splits are stale (data.{key} is {wanted[key]!r}, splits were made with "
+            f"{made_with.get(key)!r}): run `dvc repro split`"
+        )
+
+
+def splits_digest(paths: StagePaths) -> str:
+    """Digest of the manifests and class list (the 'data manifest hash' tag)."""
+    digest = hashlib.sha256()
+    for file in [*(paths.manifest(name) for name in SPLITS), paths.classes]:
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]

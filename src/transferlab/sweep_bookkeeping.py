@@ -1,0 +1,110 @@
+"""Sweep bookkeeping: which jobs are already done, the summary table, and the best child.
+
+Pure logic over the `tracking` API (it never calls MLflow itself): `sweep.py` runs the jobs,
+this module keeps their accounts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from transferlab import tracking
+
+# Columns of a sweep's summary table; one column per swept key goes after "job".
+SUMMARY_COLUMNS = [
+    "job",
+    "overrides",
+    "status",
+    "run_id",
+    "val_accuracy",
+    "val_loss",
+    "test_accuracy",
+    "test_macro_f1",
+    "duration_s",
+    "rss_mb",
+    "error",
+]
+JOB_STATES = ("FINISHED", "FAILED", "SKIPPED")
+NUMERIC_COLUMNS = ["val_accuracy", "val_loss", "test_accuracy", "test_macro_f1", "duration_s", "rss_mb"]
+
+
+def find_finished_run(store: tracking.Store, cfg_hash: str, evaluated: bool = True) -> str | None:
+    """A FINISHED run of the experiment with the given config hash (sweeps skip those).
+
+    With `evaluated`, only a run that also holds the test metrics counts: a run whose
+    evaluate step never ran (or failed) is trained again.
+    """
+    query = f"tags.`{tracking.TAG_CONFIG_HASH}` = '{cfg_hash}' and attributes.status = 'FINISHED'"
+    if evaluated:
+        query += " and metrics.test_accuracy >= 0"
+    found = store.search(query, max_results=1)
+    return found[0] if found else None
+
+
+def final_val_accuracy(store: tracking.Store, run_id: str) -> float | None:
+    """The `final_val_accuracy` metric a training run logged, if any."""
+    value = store.run(run_id).metrics().get("final_val_accuracy")
+    return None if value is None else float(value)
+
+
+def summary_table(store: tracking.Store, rows: list[dict[str, Any]], keys: Sequence[str]) -> pd.DataFrame:
+    """One row per job: swept values, status, validation and test metrics, duration, memory."""
+    for row in rows:
+        if row.get("run_id"):
+            metrics = store.run(row["run_id"]).metrics()
+            if row.get("val_accuracy") is None:
+                row["val_accuracy"] = metrics.get("final_val_accuracy")
+            row["val_loss"] = metrics.get("final_val_loss")
+            row["test_accuracy"] = metrics.get("test_accuracy")
+            row["test_macro_f1"] = metrics.get("test_macro_f1")
+    columns = [SUMMARY_COLUMNS[0], *keys, *SUMMARY_COLUMNS[1:]]
+    return pd.DataFrame(rows, columns=columns).astype({c: float for c in NUMERIC_COLUMNS})
+
+
+def best_row(table: pd.DataFrame) -> pd.Series | None:
+    """The row with the highest validation accuracy (lower validation loss breaks ties)."""
+    scored = table.dropna(subset=["val_accuracy"])
+    if not len(scored):
+        return None
+    ranked = scored.assign(_loss=scored["val_loss"].fillna(float("inf")))
+    return ranked.sort_values(["val_accuracy", "_loss"], ascending=[False, True], kind="stable").iloc[0]
+
+
+def finish_parent_run(
+    parent: tracking.RunRecord,
+    rows: list[dict[str, Any]],
+    summary_csv: Path,
+    keys: Sequence[str] = (),
+    status: str = "FINISHED",
+    extra_artifacts: Sequence[Path] = (),
+) -> str:
+    """Log the sweep summary table on the parent, tag the best child, end the parent with `status`.
+
+    The table goes to `summary_csv` (in the sweep folder) and to the parent as an artifact and
+    as the MLflow table `sweep_summary.json` (shown in the UI's artifact view), beside
+    `extra_artifacts` (the sweep's Hydra config, Optuna's result). Returns the table as text.
+    """
+    store = tracking.Store.of_record(parent)
+    run = store.run(parent.run_id)
+    table = summary_table(store, rows, keys)
+    summary_csv.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(summary_csv, index=False)
+    run.log_artifact(summary_csv)
+    run.log_table(table, "sweep_summary.json")
+    for path in extra_artifacts:
+        run.log_artifact(path)
+    best = best_row(table)
+    if best is not None:
+        run.set_tag(tracking.TAG_BEST_CHILD, best["run_id"])
+        run.log_metrics({"best_val_accuracy": float(best["val_accuracy"])})
+        if best["test_accuracy"] == best["test_accuracy"]:  # not NaN
+            run.log_metrics({"best_test_accuracy": float(best["test_accuracy"])})
+    run.log_metrics({f"jobs_{state.lower()}": int((table["status"] == state).sum()) for state in JOB_STATES})
+    if status != "FINISHED":
+        run.set_tag(tracking.TAG_ERROR, f"sweep stopped early ({status}) after {len(rows)} jobs")
+    run.terminate(status)
+    return table.drop(columns=["overrides"]).to_string(index=False)

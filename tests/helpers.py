@@ -1,0 +1,52 @@
+"""Constants and small builders the test modules share (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from transferlab.config import Config, compose
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+SYNTHETIC_OVERRIDES = (
+    "data=synthetic",
+    "data.synthetic.num_classes=3",
+    "data.synthetic.images_per_class=12",
+    "data.synthetic.image_size=64",
+    "data.image_size=64",
+)
+TINY_MODEL = ("model=small_cnn", "train.batch_size=8")
+
+
+def tiny_cfg(*overrides: str) -> Config:
+    """The synthetic data of `prepared_project`, the small random-init CNN, one epoch, plus `overrides`."""
+    return compose([*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=1", *overrides], config_dir=REPO_ROOT / "conf")
+
+
+def declared_outputs(root: Path) -> dict[str, list[Path]]:
+    """Per stage of `root/dvc.yaml`, the paths it declares as `outs` or `metrics`."""
+    import yaml
+
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    return {
+        name: [
+            root / (next(iter(out)) if isinstance(out, dict) else out)
+            for out in [*spec.get("outs", []), *spec.get("metrics", [])]
+        ]
+        for name, spec in stages.items()
+    }
+
+
+def undeclared_files(root: Path, before: set[Path]) -> list[Path]:
+    """Files under `root` that are new since `before` and neither a declared stage output nor a cache.
+
+    Ignored: git and DVC internals, the MLflow store, `dvc.lock`.
+    """
+    from transferlab.paths import StagePaths
+
+    allowed = [path for outs in declared_outputs(root).values() for path in outs] + StagePaths(root).caches
+    internal = [root / ".git", root / ".dvc", root / "mlruns", root / "dvc.lock"]
+    new = [p for p in root.rglob("*") if p.is_file() and p not in before]
+    return sorted(p for p in new if not any(p == a or a in p.parents for a in [*allowed, *internal]))

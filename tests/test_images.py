@@ -1,0 +1,60 @@
+"""images.py: the one decode of every model input, identical in training, predict and serving."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transferlab.images import decode_image_bytes
+
+RED = (230, 20, 20)
+
+
+def _noise(path: Path, size: tuple[int, int] = (70, 50)) -> Path:
+    pixels = np.random.default_rng(0).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["noise.jpg", "noise.png"])
+def test_training_predict_and_serving_see_identical_pixels(tmp_path: Path, name: str) -> None:
+    """The same file through the training pipeline, `transferlab predict` and the served model."""
+    from transferlab.inference import load_image_batch
+    from transferlab.manifests import Manifest
+    from transferlab.pipeline import make_dataset
+    from transferlab.serving import ImageClassifierModel
+
+    (tmp_path / "cls").mkdir()
+    path = _noise(tmp_path / "cls" / name)
+    manifest = Manifest(tmp_path, (f"cls/{name}",), (0,), ("cls", "other"))
+    training = next(iter(make_dataset(manifest, image_size=64, batch_size=1)))[0].numpy()[0]
+    predicted = load_image_batch([path], 64).pixels[0]
+    served_model = ImageClassifierModel()
+    served_model.image_size = 64
+    served = served_model._decode(base64.b64encode(path.read_bytes()).decode(), row=0)
+
+    assert training.shape == (64, 64, 3) and training.dtype == np.float32
+    np.testing.assert_array_equal(training, predicted)
+    np.testing.assert_array_equal(training, served)
+
+
+def test_decode_converts_grayscale_and_alpha_to_rgb(tmp_path: Path) -> None:
+    Image.new("L", (10, 10), 200).save(tmp_path / "grey.png")
+    Image.new("RGBA", (10, 10), (10, 20, 30, 128)).save(tmp_path / "alpha.png")
+    assert decode_image_bytes((tmp_path / "grey.png").read_bytes(), 16).shape == (16, 16, 3)
+    assert decode_image_bytes((tmp_path / "alpha.png").read_bytes(), 16)[0, 0].tolist() == [10, 20, 30]
+
+
+def test_decode_falls_back_to_pillow_for_formats_tensorflow_lacks(tmp_path: Path) -> None:
+    Image.new("RGB", (12, 12), RED).save(tmp_path / "red.tiff")
+    pixels = decode_image_bytes((tmp_path / "red.tiff").read_bytes(), 8)
+    assert pixels[4, 4].tolist() == list(RED)
+
+
+def test_unreadable_bytes_raise_value_error() -> None:
+    with pytest.raises(ValueError, match="not a readable image"):
+        decode_image_bytes(b"\x00\x01 not an image", 8)

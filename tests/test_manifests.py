@@ -1,0 +1,52 @@
+"""manifests.py: reading the split stage's files, with a fix named for every way they can be wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from transferlab.config import Config
+from transferlab.errors import DataError
+from transferlab.manifests import check_splits_fresh, load_classes, load_manifest, splits_digest
+from transferlab.paths import StagePaths
+
+
+def test_class_list_problems_name_the_stage_to_run(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found: run `dvc repro split`"):
+        load_classes(tmp_path / "classes.json")
+    for text in ("{not json", '["only_one"]', '{"a": 1}'):
+        (tmp_path / "classes.json").write_text(text)
+        with pytest.raises(DataError, match="dvc repro split"):
+            load_classes(tmp_path / "classes.json")
+
+
+def test_manifest_problems_name_the_stage_to_run(prepared_project: StagePaths) -> None:
+    paths = prepared_project
+    raw, classes = paths.raw_dataset("synthetic"), load_classes(paths.classes)
+    manifest = load_manifest(paths.manifest("train"), raw, classes)
+    assert len(manifest) > 0 and all(Path(p).is_file() for p in manifest.absolute_paths)
+    with pytest.raises(DataError, match=r"has label 'red_circle' not in classes\.json"):
+        load_manifest(paths.manifest("train"), raw, [c for c in classes if c != "red_circle"] + ["x"])
+    with pytest.raises(DataError, match="run `dvc repro download`"):
+        load_manifest(paths.manifest("train"), raw.parent / "elsewhere", classes)
+    paths.manifest("val").write_text("file,class\n")
+    with pytest.raises(DataError, match="must have columns path,label"):
+        load_manifest(paths.manifest("val"), raw, classes)
+
+
+def test_splits_made_with_other_settings_are_stale(prepared_project: StagePaths, synthetic_cfg: Config) -> None:
+    check_splits_fresh(synthetic_cfg, prepared_project)
+    reseeded = dataclasses.replace(synthetic_cfg, data=dataclasses.replace(synthetic_cfg.data, split_seed=9))
+    with pytest.raises(DataError, match=r"stale \(data.split_seed is 9, splits were made with 123\)"):
+        check_splits_fresh(reseeded, prepared_project)
+
+
+def test_digest_follows_the_manifests(prepared_project: StagePaths) -> None:
+    before = splits_digest(prepared_project)
+    assert before == splits_digest(prepared_project) and len(before) == 16
+    classes = json.loads(prepared_project.classes.read_text())
+    prepared_project.classes.write_text(json.dumps(classes[::-1]))
+    assert splits_digest(prepared_project) != before

@@ -1,0 +1,50 @@
+"""sweep_bookkeeping.py: finished-run lookup, the summary table and the best child, on a real SQLite store."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from transferlab import tracking
+from transferlab.config import MlflowConfig
+from transferlab.sweep_bookkeeping import best_row, find_finished_run, summary_table
+
+
+def _row(job: int, val_accuracy: float | None, val_loss: float | None) -> dict:
+    return {"job": job, "status": "FINISHED", "val_accuracy": val_accuracy, "val_loss": val_loss}
+
+
+def test_best_row_prefers_accuracy_then_lower_loss_and_skips_unscored_jobs() -> None:
+    table = pd.DataFrame([_row(0, 0.8, 0.5), _row(1, 0.9, 0.7), _row(2, 0.9, 0.4), _row(3, None, None)])
+    assert best_row(table)["job"] == 2
+    assert best_row(pd.DataFrame([_row(0, 0.9, None), _row(1, 0.9, 0.3)]))["job"] == 1
+    assert best_row(pd.DataFrame([_row(0, None, None)])) is None
+
+
+def test_only_evaluated_finished_runs_count_as_done(tmp_path: Path) -> None:
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    tags = {tracking.TAG_CONFIG_HASH: "h1"}
+    with store.start_run(run_name="trained only", tags=tags):
+        pass
+    assert find_finished_run(store, "h1") is None
+    assert find_finished_run(store, "h1", evaluated=False) is not None
+    with store.start_run(run_name="evaluated", tags=tags) as run:
+        run.log_metrics({"test_accuracy": 0.75})
+    assert find_finished_run(store, "h1") == run.run_id
+    assert find_finished_run(store, "other") is None
+
+
+def test_summary_reads_each_jobs_metrics_from_its_run(tmp_path: Path) -> None:
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    with store.start_run(run_name="job") as run:
+        run.log_metrics({"final_val_accuracy": 0.8, "final_val_loss": 0.4, "test_accuracy": 0.7})
+    rows = [
+        {"job": 0, "overrides": "a=1", "status": "FINISHED", "run_id": run.run_id, "a": "1"},
+        {"job": 1, "overrides": "a=2", "status": "FAILED", "run_id": None, "a": "2", "error": "ConfigError: x"},
+    ]
+    table = summary_table(store, rows, ["a"])
+    assert list(table.columns[:2]) == ["job", "a"]
+    assert table.loc[0, "val_accuracy"] == 0.8 and table.loc[0, "test_accuracy"] == 0.7
+    assert math.isnan(table.loc[1, "val_accuracy"]) and table.loc[1, "error"] == "ConfigError: x"

@@ -1,0 +1,151 @@
+"""tracking.py: the store (opened once, safe to open concurrently), runs bound to their ids, run records."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from transferlab import tracking
+from transferlab.config import MlflowConfig
+from transferlab.errors import TransferlabError
+
+
+def client_for(root: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking.tracking_uri(MlflowConfig(), root))
+
+
+def test_uri_precedence_environment_then_config_then_project_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = tracking.tracking_uri(MlflowConfig(), tmp_path)
+    assert default == f"sqlite:///{(tmp_path / 'mlruns' / 'mlflow.db').resolve()}"
+    assert tracking.tracking_uri(MlflowConfig(tracking_uri="http://127.0.0.1:5999"), tmp_path).endswith(":5999")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5998")
+    assert tracking.tracking_uri(MlflowConfig(tracking_uri="http://127.0.0.1:5999"), tmp_path).endswith(":5998")
+
+
+def test_dvc_temp_workspaces_log_to_the_repos_store(tmp_path: Path) -> None:
+    """Queued and --temp experiments run in <repo>/.dvc/tmp/exps/...: their runs belong to the repo."""
+    repo = tmp_path / "repo"
+    expected = tracking.tracking_uri(MlflowConfig(), repo)
+    for workspace in (".dvc/tmp/exps/tmpab12cd", ".dvc/tmp/exps/standalone/tmpab12cd"):
+        assert tracking.tracking_uri(MlflowConfig(), repo / workspace) == expected
+    assert expected == f"sqlite:///{(repo / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+def test_store_is_opened_once_per_process_with_artifacts_beside_the_database(tmp_path: Path) -> None:
+    store = tracking.open_store(MlflowConfig(experiment="once"), tmp_path)
+    assert tracking.open_store(MlflowConfig(experiment="once"), tmp_path) is store
+    experiment = client_for(tmp_path).get_experiment(store.experiment_id)
+    assert experiment.name == "once"
+    assert experiment.artifact_location == (tmp_path / "mlruns" / "artifacts").resolve().as_uri()
+    assert tracking.open_store(MlflowConfig(experiment="other"), tmp_path) is not store
+
+
+def test_run_handles_log_to_their_own_run_while_another_is_active(tmp_path: Path) -> None:
+    """A sweep has a parent and a child open at once: each handle must write where it points."""
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    parent = store.create_parent_run("sweep", {}, tmp_path)
+    with store.start_run(run_name="child", parent_run_id=parent.run_id) as child:
+        parent.log_metrics({"best_val_accuracy": 0.5})
+        child.log_metrics({"val_accuracy": 0.9}, step=1)
+        parent.set_tag("where", "parent")
+    client = client_for(tmp_path)
+    assert client.get_run(parent.run_id).data.metrics == {"best_val_accuracy": 0.5}
+    assert client.get_run(child.run_id).data.metrics == {"val_accuracy": 0.9}
+    assert "where" not in client.get_run(child.run_id).data.tags
+    assert child.logged_steps("val_accuracy") == {1}
+    assert client.get_run(child.run_id).info.status == "FINISHED"
+
+
+def test_failed_block_ends_the_run_failed_with_the_reason(tmp_path: Path) -> None:
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    with pytest.raises(ValueError, match="boom"), store.start_run(run_name="fails") as run:
+        raise ValueError("boom\nsecond line")
+    info = client_for(tmp_path).get_run(run.run_id)
+    assert info.info.status == "FAILED"
+    assert info.data.tags[tracking.TAG_ERROR] == "ValueError: boom"
+
+
+def test_run_record_round_trip_and_clear_errors(tmp_path: Path) -> None:
+    record = tracking.RunRecord("abc", "sqlite:///x.db", "1")
+    record.write(tmp_path / "run.json")
+    assert tracking.RunRecord.read(tmp_path / "run.json") == record
+    with pytest.raises(TransferlabError, match="not found: run `dvc repro train` first"):
+        tracking.RunRecord.read(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(TransferlabError, match="not a valid run record"):
+        tracking.RunRecord.read(tmp_path / "bad.json")
+
+
+def test_reopening_a_missing_run_names_the_store(tmp_path: Path) -> None:
+    store = tracking.open_store(MlflowConfig(), tmp_path)
+    with pytest.raises(TransferlabError, match="run nope not found in sqlite"), store.reopen_run("nope"):
+        pass
+
+
+CONFIGURE_SCRIPT = """
+import sys, time
+from pathlib import Path
+from transferlab import tracking
+from transferlab.config import MlflowConfig
+Path(sys.argv[1]).touch()  # imported: ready
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+print(tracking.open_store(MlflowConfig(), Path.cwd()).experiment_id)
+"""
+
+
+@pytest.mark.slow
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path) -> None:
+    """joblib jobs or `dvc queue start -j N` on a fresh project: MLflow's schema migrations race.
+
+    Without the store lock in `tracking.open_store`, two processes fail this (3 tries of 3)."""
+    go, ready = tmp_path / "go", [tmp_path / f"ready-{i}" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONFIGURE_SCRIPT, str(flag), str(go)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flag in ready
+    ]
+    deadline = time.monotonic() + 120
+    while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()  # release them together
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-1500:] for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1, "all must see one experiment"
+
+
+@pytest.mark.slow
+def test_failed_job_marks_the_run_its_training_left(tmp_path: Path) -> None:
+    """Training finished but evaluate failed: the run must not stay FINISHED (a re-run would skip it)."""
+    cfg = MlflowConfig()
+    store = tracking.open_store(cfg, tmp_path)
+    experiment = store.experiment_id
+    client = client_for(tmp_path)
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
+    tags = {tracking.TAG_JOB: "job-1"}
+    trained = client.create_run(experiment, tags={**tags, "mlflow.parentRunId": parent}).info.run_id
+    client.set_terminated(trained, "FINISHED")
+
+    run_id = store.failed_child_run("x", parent, tags, "DataError: boom", "Traceback ...")
+    assert run_id == trained
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags[tracking.TAG_ERROR] == "DataError: boom"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["error.txt"]
+
+    fresh = store.failed_child_run("y", parent, {tracking.TAG_JOB: "job-2"}, "ConfigError: bad")
+    run = client.get_run(fresh)
+    assert run.info.status == "FAILED" and run.info.run_name == "y"
+    assert run.data.tags["mlflow.parentRunId"] == parent
