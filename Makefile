@@ -5,17 +5,19 @@ VENV ?= .venv
 TF ?= cpu
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-$(TF)
+# `dvc plots show` renders offline with this template (Vega inlined from an installed package; git-ignored).
+PLOTS_TEMPLATE := .dvc/offline_plots.html
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Quiet DVC's anonymous usage report (it cannot reach its server from offline machines anyway).
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: help setup test test-fast run demo sweep ui bench params lint format lock clean
+.PHONY: help setup test test-fast run demo sweep exps ui bench params lint format lock clean
 
 help:                  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 24
 
-setup: $(STAMP)        ## the virtualenv with the pinned dependencies (make test and make run do this)
+setup: $(STAMP) $(PLOTS_TEMPLATE)  ## the virtualenv with the pinned dependencies (make test and make run do this)
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,20 +27,26 @@ $(STAMP): pyproject.toml requirements.lock
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+$(PLOTS_TEMPLATE): $(STAMP)
+	$(BIN)/python -m transferlab.offline_plots $@
+
 test: setup            ## the whole test suite (about 10 minutes on 2 cores)
 	$(BIN)/pytest
 
 test-fast: setup       ## skip the tests that train models or start servers
 	$(BIN)/pytest -m "not slow"
 
-run: setup             ## the main job: download -> split -> train -> evaluate with DVC
-	$(BIN)/dvc repro
+run: setup             ## the main job: download -> split -> train -> evaluate with DVC (dvc repro)
+	$(BIN)/transferlab repro
 
 demo: setup            ## the whole pipeline offline on synthetic images, in a scratch copy
 	$(BIN)/python -m transferlab.demo
 
 sweep: setup           ## an example Hydra multirun sweep on the prepared splits
 	$(BIN)/transferlab-train -m train.learning_rate=1e-2,1e-3 model.dropout=0.2,0.5
+
+exps: setup            ## compare DVC experiments: params that differ, test accuracy, F1, ECE, MLflow run
+	$(BIN)/transferlab exps
 
 ui: setup              ## the MLflow UI on this project's store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
@@ -47,7 +55,7 @@ ui: setup              ## the MLflow UI on this project's store
 bench: setup           ## benchmark figures; writes reports/bench.json
 	$(BIN)/python bench/run.py
 
-params: setup          ## rewrite params.yaml from conf/ (add OVERRIDES="a=b c=d")
+params: setup          ## save OVERRIDES="a=b c=d" as project settings, rewrite params.yaml from conf/
 	$(BIN)/transferlab compose $(OVERRIDES)
 
 lint: setup            ## ruff check and ruff format --check

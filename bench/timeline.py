@@ -21,14 +21,14 @@ _HYDRA = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^\]]+\](?:\[
 # (segment name, regex of the log line that ENDS it) for one `transferlab train` run.
 TRAIN_MARKERS = (
     ("start: imports, MLflow run, build model", r"computing backbone features|feature cache hit"),
-    ("backbone features (~0 s when the cache is warm)", r"phase head: epochs"),
+    ("backbone features (~0 s when the cache is warm)", r"^head: .*epochs"),
     ("fit head + save model + curves", r"wrote .*training_curves\.png"),
     ("log MLflow model (signature check)", r"model saved to"),
 )
 # For each sweep job: the segments between its `#N :` line and the next job's.
 JOB_MARKERS = (
     ("start: MLflow run, build model", r"computing backbone features|feature cache hit"),
-    ("backbone features (first job only)", r"phase head: epochs"),
+    ("backbone features (first job only)", r"^head: .*epochs"),
     ("fit head + save model + curves", r"wrote .*training_curves\.png"),
     ("log MLflow model (signature check)", r"model saved to"),
     ("end run, load model for evaluate", r"evaluating .* test images"),

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 from transferlab.config import Config, compose
 
@@ -50,3 +55,41 @@ def undeclared_files(root: Path, before: set[Path]) -> list[Path]:
     internal = [root / ".git", root / ".dvc", root / "mlruns", root / "dvc.lock"]
     new = [p for p in root.rglob("*") if p.is_file() and p not in before]
     return sorted(p for p in new if not any(p == a or a in p.parents for a in [*allowed, *internal]))
+
+
+def offline_dom(page: Path, budget_ms: int = 10_000) -> str:
+    """The DOM of the local HTML file `page` after headless Chromium rendered it with no network.
+
+    Chromium runs in its own network namespace with only loopback up (`unshare --net`, as root),
+    so nothing it tries to fetch from the internet can arrive. Skips the test, saying why, when
+    Chromium or network namespaces are not available (`.ci/run` installs Debian's `chromium`).
+    """
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (`apt-get install chromium`; .ci/run installs it)")
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot create a network namespace (`unshare --net` needs root)")
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",  # without it, --dump-dom may not wait for scripts
+            "--dump-dom",
+            page.resolve().as_uri(),
+        ]
+        script = 'ip link set lo up && exec "$@"'
+        done = subprocess.run(
+            ["unshare", "--net", "sh", "-c", script, "sh", chromium, *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

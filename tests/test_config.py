@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transferlab.config import Config, compose
+from transferlab.config import Config, compose, compose_raw, validate
 from transferlab.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,17 @@ def test_every_conf_file_composes_and_validates(option: str) -> None:
     prefix = "" if group in _defaulted_groups() else "+"
     cfg = _compose(f"{prefix}{group}={name}", *REQUIRED_WITH.get(option, []))
     assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS)
+def test_every_conf_file_names_every_key(option: str) -> None:
+    """`dvc exp run -S` writes Hydra's composition to params.yaml as is, `transferlab compose` the
+    validated config: only when conf/ spells out every key are the two the same (and every param
+    dvc.yaml tracks, such as data.synthetic, exists in both)."""
+    group, name = option.split("/")
+    prefix = "" if group in _defaulted_groups() else "+"
+    raw = compose_raw([f"{prefix}{group}={name}", *REQUIRED_WITH.get(option, [])], CONF)
+    assert raw == validate(raw).to_dict()
 
 
 def test_every_group_has_options() -> None:

@@ -19,7 +19,8 @@ from transferlab.cli import main
 from transferlab.config import Config, EvaluateConfig, MlflowConfig, ModelConfig, write_params
 from transferlab.errors import DataError, ModelError, TransferlabError
 from transferlab.paths import StagePaths
-from transferlab.stages.evaluate import evaluate, figure_files
+from transferlab.stages.evaluate import RUN_ID_KEY, evaluate, figure_files
+from transferlab.tracking import RunRecord
 
 CLASSES = ["red", "green", "blue"]
 # (folder = true class, file name, colour). The colour model predicts the dominant channel, so
@@ -88,6 +89,7 @@ def evaluated(
 def test_metrics_json_holds_the_expected_numbers(evaluated: tuple[StagePaths, dict[str, float]]) -> None:
     paths, returned = evaluated
     metrics = json.loads(paths.metrics.read_text())
+    assert metrics.pop(RUN_ID_KEY) == RunRecord.read(paths.run_file).run_id  # the reverse link to MLflow
     assert metrics == returned
     assert metrics["test_images"] == 12
     assert metrics["test_accuracy"] == pytest.approx(10 / 12, abs=1e-6)
@@ -128,8 +130,6 @@ def test_figures_are_written(evaluated: tuple[StagePaths, dict[str, float]]) -> 
 
 def test_results_land_in_the_training_run(evaluated: tuple[StagePaths, dict[str, float]]) -> None:
     from mlflow.tracking import MlflowClient
-
-    from transferlab.tracking import RunRecord
 
     paths, metrics = evaluated
     record = RunRecord.read(paths.run_file)
@@ -190,8 +190,6 @@ def test_dvc_repro_end_to_end_on_synthetic_data(
     """download -> split -> train -> evaluate in a temporary clone, then DVC and MLflow show the results."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the clone's own mlruns/
     from mlflow.tracking import MlflowClient
-
-    from transferlab.tracking import RunRecord
 
     def run(*args: str) -> str:
         done = subprocess.run(args, cwd=project_copy, capture_output=True, text=True, timeout=900)

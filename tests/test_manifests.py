@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from transferlab.config import Config
+from transferlab.config import Config, write_params
 from transferlab.errors import DataError
 from transferlab.manifests import check_splits_fresh, load_classes, load_manifest, splits_digest
 from transferlab.paths import StagePaths
@@ -42,6 +42,23 @@ def test_splits_made_with_other_settings_are_stale(prepared_project: StagePaths,
     reseeded = dataclasses.replace(synthetic_cfg, data=dataclasses.replace(synthetic_cfg.data, split_seed=9))
     with pytest.raises(DataError, match=r"stale \(data.split_seed is 9, splits were made with 123\)"):
         check_splits_fresh(reseeded, prepared_project)
+
+
+def test_stale_splits_name_the_command_that_fixes_them(prepared_project: StagePaths, synthetic_cfg: Config) -> None:
+    paths = prepared_project
+    reseeded = dataclasses.replace(synthetic_cfg, data=dataclasses.replace(synthetic_cfg.data, split_seed=9))
+    # The project (params.yaml) still agrees with the splits: this run (a sweep job) overrides data.*,
+    # and `dvc repro split` would change nothing.
+    with pytest.raises(DataError, match=r"this run sets data\.split_seed.*`transferlab compose data\.split_seed=9`"):
+        check_splits_fresh(reseeded, paths)
+    # The project moved and the splits did not follow: DVC remakes them.
+    write_params(reseeded, paths.root / "params.yaml")
+    with pytest.raises(DataError, match=r": run `dvc repro split`$"):
+        check_splits_fresh(reseeded, paths)
+    # params.yaml agrees with neither: it is older than conf/.
+    other = dataclasses.replace(synthetic_cfg, data=dataclasses.replace(synthetic_cfg.data, split_seed=5))
+    with pytest.raises(DataError, match=r"params\.yaml does not match conf/: run `transferlab compose`"):
+        check_splits_fresh(other, paths)
 
 
 def test_digest_follows_the_manifests(prepared_project: StagePaths) -> None:

@@ -1,16 +1,16 @@
-"""Sweeps: Hydra multirun (grid and Optuna) as one MLflow parent with a child per job, and
-`dvc exp run` with DVC's Hydra composition; both land in the project's MLflow store.
+"""Sweeps: Hydra multirun (grid and Optuna) as one MLflow parent with a child per job. (DVC
+experiments, the other way to try many settings, are checked in test_entrypoints.py.)
 
 The grid sweep runs once per module (a subprocess of the real `transferlab-train -m`: ten jobs
 of a tiny model on synthetic data, six of them with an invalid value) and several tests read
-its results back from MLflow. A second run of the same command checks `sweep.skip_finished`;
-the Optuna sweep runs in the same project. The joblib launcher is not run here (its worker
-processes would add 10-20 s); the store lock that makes concurrent jobs safe is tested below.
+its results back from MLflow. A second run of the same command checks that it resumes the same
+parent and skips its finished jobs (`sweep.skip_finished`); the Optuna sweep runs in the same
+project. The joblib launcher is not run here (its worker processes would add 10-20 s); the store
+lock that makes concurrent jobs safe is tested below.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -25,9 +25,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from transferlab import tracking
-from transferlab.config import Config, MlflowConfig
+from transferlab.config import Config, MlflowConfig, compose, config_hash
 from transferlab.paths import StagePaths
-from transferlab.sweep import free_memory, job_name_and_tags, sweep_keys
+from transferlab.sweep import ERROR_FILE, SweepInfo, free_memory, job_name_and_tags, sweep_keys
 from transferlab.sweep_bookkeeping import best_row
 
 TINY = (
@@ -54,8 +54,8 @@ def dropout_error(value: float) -> str:
     return f"ConfigError: model.dropout must be in [0, 1), got {value}"
 
 
-def run_train_cli(root: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """`transferlab-train ARGS` in the project `root` (Hydra reads ./conf, jobs read ./data)."""
+def run_train_cli(root: Path, *args: str, timeout: float = 600, status: int = 0) -> subprocess.CompletedProcess[str]:
+    """`transferlab-train ARGS` in the project `root` (Hydra reads ./conf, jobs read ./data); exits `status`."""
     env = {
         **os.environ,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
@@ -70,7 +70,7 @@ def run_train_cli(root: Path, *args: str, timeout: float = 600) -> subprocess.Co
         text=True,
         timeout=timeout,
     )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert done.returncode == status, (done.stdout + done.stderr)[-4000:]
     return done
 
 
@@ -80,14 +80,6 @@ def client_for(root: Path) -> MlflowClient:
 
 def experiment_id(client: MlflowClient) -> str:
     return client.get_experiment_by_name(MlflowConfig().experiment).experiment_id
-
-
-def parent_named(client: MlflowClient, name: str) -> Run:
-    (parent,) = client.search_runs(
-        [experiment_id(client)],
-        filter_string=f"tags.`{tracking.TAG_SWEEP}` = 'parent' and attributes.run_name = '{name}'",
-    )
-    return parent
 
 
 def children_of(client: MlflowClient, parent: Run) -> list[Run]:
@@ -110,18 +102,26 @@ class Sweep:
     children: list[Run]
     summary: pd.DataFrame
     seconds: float
+    console: str
+
+
+def parent_of_sweep(client: MlflowClient, sweep_dir: Path) -> Run:
+    """The parent run a sweep recorded in its folder (a resumed sweep's is the first run's parent)."""
+    info = SweepInfo.read(sweep_dir)
+    assert info is not None
+    return client.get_run(info.parent.run_id)
 
 
 def _sweep(root: Path, name: str, tmp: Path, *args: str) -> Sweep:
     started = time.monotonic()
-    run_train_cli(root, "-m", *TINY, *GRID, f"hydra.sweep.dir=outputs/sweeps/{name}", *args)
+    done = run_train_cli(root, "-m", *TINY, *GRID, f"hydra.sweep.dir=outputs/sweeps/{name}", *args)
     seconds = time.monotonic() - started
     client = client_for(root)
-    parent = parent_named(client, f"sweep-{name}")
+    sweep_dir = root / "outputs" / "sweeps" / name
+    parent = parent_of_sweep(client, sweep_dir)
     summary = summary_from_mlflow(client, parent, tmp)
-    return Sweep(
-        root, root / "outputs" / "sweeps" / name, client, parent, children_of(client, parent), summary, seconds
-    )
+    children = children_of(client, parent)
+    return Sweep(root, sweep_dir, client, parent, children, summary, seconds, done.stdout + done.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,18 @@ def sweep_project(synthetic_cfg: Config, tmp_path_factory: pytest.TempPathFactor
     download(synthetic_cfg, paths)
     split(synthetic_cfg, paths)
     shutil.copytree(REPO_ROOT / "conf", paths.root / "conf")
+    _plant_a_pipeline_run(paths.root)
     return paths.root
+
+
+def _plant_a_pipeline_run(root: Path) -> str:
+    """A FINISHED, evaluated run outside any sweep (as `dvc repro` leaves one) with the config of the
+    grid's first trained job: `sweep.skip_finished` must not take it for that job's result."""
+    cfg = compose([*TINY, "model.dropout=0.0", "train.learning_rate=0.01"], REPO_ROOT / "conf")
+    store = tracking.open_store(cfg.mlflow, root)
+    with store.start_run(run_name="small_cnn-synthetic", tags={tracking.TAG_CONFIG_HASH: config_hash(cfg)}) as run:
+        run.log_metrics({"final_val_accuracy": 1.0, "test_accuracy": 1.0})
+    return run.run_id
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +209,20 @@ def test_grid_sweep_is_one_parent_with_a_child_per_job(grid_sweep: Sweep) -> Non
     for run in finished:  # comparable side by side: the same params and metrics in every child
         assert run.data.params["model.dropout"] == run.data.tags[tracking.TAG_OVERRIDE_PREFIX + "model.dropout"]
         assert {"final_val_accuracy", "test_accuracy", "test_macro_f1"} <= set(run.data.metrics)
+    # The pipeline run planted with job 2's config is no child of this sweep: job 2 trained.
+    assert grid_sweep.summary.set_index("job").loc[TRAINED_JOBS[0], "status"] == "FINISHED"
+
+
+@pytest.mark.slow
+def test_sweep_logs_are_quiet_and_plain(grid_sweep: Sweep) -> None:
+    logs = [(grid_sweep.sweep_dir / str(job) / "app.log").read_text() for job in range(10)]
+    for text in [grid_sweep.console, *logs]:
+        assert "retracing" not in text and "\x1b" not in text
+        assert "Traceback" not in text, "a failing job prints one line; its traceback goes to error.txt"
+    failures = [line for line in grid_sweep.console.splitlines() if " failed: ConfigError" in line]
+    assert len(failures) == len(FAILED_JOBS)
+    assert all(f"{ERROR_FILE})" in line for line in failures)
+    assert "Traceback" in (grid_sweep.sweep_dir / str(FAILED_JOBS[0]) / ERROR_FILE).read_text()
 
 
 @pytest.mark.slow
@@ -281,20 +306,55 @@ def test_freeing_memory_after_a_job_releases_its_graphs() -> None:
 
 
 @pytest.mark.slow
-def test_rerun_skips_configs_that_already_finished(grid_sweep: Sweep, grid_rerun: Sweep) -> None:
+def test_rerun_resumes_the_sweeps_parent_and_skips_its_finished_jobs(grid_sweep: Sweep, grid_rerun: Sweep) -> None:
+    parent = grid_rerun.parent
+    assert parent.info.run_id == grid_sweep.parent.info.run_id, "no second parent"
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tracking.TAG_SWEEP_DIR].endswith("again")
+    sweep_id = parent.data.tags[tracking.TAG_SWEEP_ID]
+    same_sweep = grid_rerun.client.search_runs(
+        [experiment_id(grid_rerun.client)], filter_string=f"tags.`{tracking.TAG_SWEEP_ID}` = '{sweep_id}'"
+    )
+    assert [run.info.run_id for run in same_sweep] == [parent.info.run_id]
+
     summary = grid_rerun.summary
     assert summary["status"].value_counts().to_dict() == {"SKIPPED": len(TRAINED_JOBS), "FAILED": len(FAILED_JOBS)}
     first = grid_sweep.summary.set_index("job")
     skipped = summary[summary["status"] == "SKIPPED"].set_index("job")
     assert skipped.index.tolist() == TRAINED_JOBS
-    # Each skipped job points at the run that already holds its result.
+    # Each skipped job points at this sweep's own run that already holds its result.
     assert (skipped["run_id"] == first.loc[TRAINED_JOBS, "run_id"]).all()
     assert skipped["val_accuracy"].tolist() == pytest.approx(first.loc[TRAINED_JOBS, "val_accuracy"].tolist())
-    assert {run.info.status for run in grid_rerun.children} == {"FAILED"}, "nothing was trained again"
-    assert len(grid_rerun.children) == len(FAILED_JOBS)
-    assert grid_rerun.parent.data.tags[tracking.TAG_BEST_CHILD] == grid_sweep.parent.data.tags[tracking.TAG_BEST_CHILD]
-    assert grid_rerun.parent.info.status == "FINISHED"
+    children = {run.info.run_id for run in grid_rerun.children}
+    assert set(summary["run_id"]) <= children, "the summary names only children of this parent"
+    best = parent.data.tags[tracking.TAG_BEST_CHILD]
+    assert best in children and best in set(summary["run_id"])
+    assert best == grid_sweep.parent.data.tags[tracking.TAG_BEST_CHILD]
+    new_children = children - {run.info.run_id for run in grid_sweep.children}
+    assert len(new_children) == len(FAILED_JOBS), "nothing was trained again; the failed jobs ran again"
     assert grid_rerun.seconds < grid_sweep.seconds / 2
+
+
+@pytest.mark.slow
+def test_a_sweep_in_which_every_job_fails_exits_non_zero(sweep_project: Path) -> None:
+    """No training: every job fails validation. The same command again resumes the same (FAILED) parent."""
+    args = ("-m", *TINY, "model.dropout=1.5,2.0", "hydra.sweep.dir=outputs/sweeps/all_failed")
+    done = run_train_cli(sweep_project, *args, status=1)
+    console = done.stdout + done.stderr
+    assert "Traceback" not in console
+    assert [line.split(" - ", 1)[1] for line in console.splitlines() if " failed: " in line] == [
+        f"job model.dropout={value:g} failed: {dropout_error(value)} (traceback: "
+        f"{sweep_project / 'outputs' / 'sweeps' / 'all_failed' / str(job) / ERROR_FILE})"
+        for job, value in ((0, 1.5), (1, 2.0))
+    ]
+    assert "no job of the sweep finished" in console
+    client = client_for(sweep_project)
+    parent = parent_of_sweep(client, sweep_project / "outputs" / "sweeps" / "all_failed")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags[tracking.TAG_ERROR] == "no job finished (2 failed)"
+    assert tracking.TAG_BEST_CHILD not in parent.data.tags
+    again = run_train_cli(sweep_project, *args, status=1)
+    assert f"resuming sweep parent run {parent.info.run_id}" in again.stdout + again.stderr
 
 
 # --- Optuna --------------------------------------------------------------------------------
@@ -323,7 +383,8 @@ def test_optuna_sweep_runs_trials_as_children(sweep_project: Path) -> None:
     done = run_train_cli(sweep_project, "-m", *TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2", *fixed)
     assert "Best parameters" in done.stdout + done.stderr
     client = client_for(sweep_project)
-    parent = parent_named(client, "optuna-optuna")
+    parent = parent_of_sweep(client, sweep_project / "outputs" / "sweeps" / "optuna")
+    assert parent.info.run_name == "optuna-optuna"
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[tracking.TAG_SWEEP_KEYS] == "train.learning_rate model.dropout"
     children = children_of(client, parent)
@@ -334,38 +395,4 @@ def test_optuna_sweep_runs_trials_as_children(sweep_project: Path) -> None:
         assert run.info.run_name.startswith("train.learning_rate=")
     assert parent.data.tags[tracking.TAG_BEST_CHILD] in {run.info.run_id for run in children}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"sweep_summary.csv", "optimization_results.yaml"} <= artifacts
-
-
-# --- DVC experiments -----------------------------------------------------------------------
-
-
-def dvc(repo: Path, *args: str, timeout: float = 600) -> str:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    done = subprocess.run(
-        [str(VENV_BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return done.stdout
-
-
-@pytest.mark.slow
-def test_dvc_exp_run_composes_conf_and_lands_in_mlflow(project_copy: Path) -> None:
-    # DVC composes conf/ afresh from its defaults plus every -S: the tiny synthetic setup
-    # must be passed along with the parameter under study.
-    overrides = [arg for item in (*TINY, "model.dropout=0.3") for arg in ("-S", item)]
-    dvc(project_copy, "exp", "run", "--name", "dropout-03", *overrides)
-
-    rows = json.loads(dvc(project_copy, "exp", "show", "--json"))
-    experiments = [exp for row in rows for exp in row.get("experiments") or []]
-    (record,) = [exp for exp in experiments if exp.get("name") == "dropout-03"]
-    data = record["revs"][0]["data"]
-    assert data["params"]["params.yaml"]["data"]["model"]["dropout"] == 0.3
-    assert data["params"]["params.yaml"]["data"]["data"]["name"] == "synthetic"
-    metrics = data["metrics"]["reports/metrics.json"]["data"]
-    assert 0.0 <= metrics["test_accuracy"] <= 1.0
-
-    client = client_for(project_copy)
-    (run,) = client.search_runs([experiment_id(client)])
-    assert run.data.params["model.dropout"] == "0.3"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert {"sweep_summary.csv", "optimization_results.yaml", "multirun.yaml"} <= artifacts

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_cfg
 from mlflow.tracking import MlflowClient
 
 from transferlab import tracking
@@ -149,3 +150,32 @@ def test_failed_job_marks_the_run_its_training_left(tmp_path: Path) -> None:
     run = client.get_run(fresh)
     assert run.info.status == "FAILED" and run.info.run_name == "y"
     assert run.data.tags["mlflow.parentRunId"] == parent
+
+
+def test_runs_of_a_dvc_experiment_are_named_and_tagged_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc exp run` hands stage commands DVC_EXP_NAME and DVC_EXP_BASELINE_REV (the real thing runs in
+    test_entrypoints.py); outside an experiment the run is named after backbone and data."""
+    cfg = tiny_cfg()
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert tracking.DvcExperiment.current() is None
+    assert tracking.default_run_name(cfg) == "small_cnn-synthetic"
+    assert tracking.TAG_DVC_EXP_NAME not in tracking.base_tags(cfg, Path.cwd())
+    baseline = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("DVC_EXP_NAME", "dropout-03")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", baseline)
+    assert tracking.default_run_name(cfg) == "dropout-03"
+    tags = tracking.base_tags(cfg, Path.cwd())
+    assert tags[tracking.TAG_DVC_EXP_NAME] == "dropout-03"
+    assert tags[tracking.TAG_DVC_EXP_REF] == f"refs/exps/01/{baseline[2:]}/dropout-03"
+    assert tags[tracking.TAG_DVC_EXP_BASELINE] == baseline
+
+
+def test_a_logged_table_is_replaced_not_appended_to(tmp_path: Path) -> None:
+    import pandas as pd
+
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    with store.start_run(run_name="resumed sweep parent") as run:
+        run.log_table(pd.DataFrame({"job": [0, 1]}), "summary.json")
+        run.log_table(pd.DataFrame({"job": [0, 1, 2]}), "summary.json")
+    local = store.client.download_artifacts(run.run_id, "summary.json", str(tmp_path))
+    assert pd.read_json(local, orient="split")["job"].tolist() == [0, 1, 2]

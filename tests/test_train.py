@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -95,19 +96,33 @@ def test_logged_model_loads_through_pyfunc(prepared_project: StagePaths) -> None
     assert out[classes].sum(axis=1).to_numpy() == pytest.approx([1.0, 1.0], abs=1e-4)
 
 
-def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths) -> None:
+def _phase_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("head:", "finetune:"))]
+
+
+def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths, caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_cfg("finetune=top20", "finetune.epochs=1", "finetune.learning_rate=0.0001")
-    result = train(cfg, prepared_project)
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        result = train(cfg, prepared_project)
     history = result.history
     assert history["phase"].tolist() == ["head", "finetune"]
     assert history["learning_rate"].tolist() == pytest.approx([cfg.train.learning_rate, 0.0001])
+    head, finetune = _phase_lines(caplog)
+    lr = cfg.train.learning_rate
+    assert head == f"head: backbone frozen, head trained on cached features; epochs 1..1 at learning rate {lr:g}"
+    assert finetune.startswith("finetune: top 20 backbone layers unfrozen (")
+    assert finetune.endswith("with weights; BatchNorm stays frozen); epochs 2..2 at learning rate 0.0001")
 
 
-def test_augmented_training_bypasses_the_feature_cache(prepared_project: StagePaths) -> None:
+def test_augmented_training_bypasses_the_feature_cache(
+    prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = tiny_cfg("augment=light")
     assert [p.cached for p in plan_phases(cfg)] == [False]
-    train(cfg, prepared_project)
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        train(cfg, prepared_project)
     assert not prepared_project.feature_cache.exists()
+    assert _phase_lines(caplog) == [f"head: backbone frozen; epochs 1..1 at learning rate {cfg.train.learning_rate:g}"]
 
 
 def test_cached_and_uncached_training_agree(prepared_project: StagePaths) -> None:

@@ -10,6 +10,7 @@ Hydra output folder, so sweep jobs never overwrite each other or the DVC outputs
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from transferlab.cli import configure_runtime
@@ -31,6 +32,9 @@ def main() -> None:
 
     configure_runtime()
     hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_task)()
+    from transferlab.sweep import sweep_exit_status  # imported already, by Hydra's callback
+
+    sys.exit(sweep_exit_status())  # non-zero after a sweep in which no job finished
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ if TYPE_CHECKING:
     from transferlab.config import Config
     from transferlab.paths import StagePaths
 
-log = logging.getLogger("transferlab")
-
 
 def configure_runtime() -> None:
     """Logging format and quieter TensorFlow, before anything heavy is imported."""
@@ -63,11 +61,13 @@ def _evaluate() -> StageFunction:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from transferlab.config import compose, write_params
+    from transferlab.config import conf_dir, write_params
+    from transferlab.project_settings import save
 
-    cfg = compose(args.overrides)
+    settings, cfg = save(args.overrides, reset=args.reset)
     write_params(cfg, Path(args.out))
-    log.info("wrote %s", args.out)
+    print(settings.describe(conf_dir()))
+    print(f"wrote {args.out}; `dvc repro` runs the pipeline with it")
     return 0
 
 
@@ -84,6 +84,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repro(args: argparse.Namespace) -> int:
+    from transferlab.dvc_commands import repro
+
+    return repro(args.dvc_args)
+
+
+def cmd_exps(args: argparse.Namespace) -> int:
+    from transferlab.dvc_commands import show_experiments
+
+    return show_experiments(args.dvc_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="transferlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,13 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     stage("train", _train, "train on the manifests and log the run to MLflow")
     stage("evaluate", _evaluate, "score the trained model on the test split")
 
-    p = sub.add_parser("compose", help="write params.yaml from conf/ plus Hydra overrides")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.dropout=0.3 data=synthetic")
+    p = sub.add_parser("compose", help="save project settings in conf/project.yaml and write params.yaml from conf/")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides to save, e.g. data=folder data.source=/path/to/images")
+    p.add_argument("--reset", action="store_true", help="drop the saved project settings first")
     p.add_argument("--out", default="params.yaml")
     p.set_defaults(func=cmd_compose)
 
+    # These two pass every further argument on to DVC (`transferlab repro -f evaluate`, `transferlab exps --md`).
+    p = sub.add_parser("repro", help="`dvc repro [ARGS]` (`make run`); no `dvc push` hint without a remote")
+    p.set_defaults(func=cmd_repro, passes_arguments_on=True)
+    p = sub.add_parser("exps", help="`dvc exp show [ARGS]`: the params that differ, test accuracy, F1 and ECE")
+    p.set_defaults(func=cmd_exps, passes_arguments_on=True)
+
     p = sub.add_parser("predict", help="top-k labels for images or folders of images")
-    p.add_argument("model", help="a trained models/model.keras")
+    p.add_argument("model", help="a trained models/model.keras, or its SavedModel folder or .tflite export")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-k", "--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -120,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `transferlab` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, args.dvc_args = parser.parse_known_args(argv)
+    if args.dvc_args and not getattr(args, "passes_arguments_on", False):
+        parser.error(f"unrecognized arguments: {' '.join(args.dvc_args)}")
     configure_runtime()
     return run_reporting_errors(lambda: args.func(args))
 

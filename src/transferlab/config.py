@@ -25,9 +25,11 @@ from transferlab.backbones import BACKBONES
 from transferlab.errors import ConfigError, first_line
 
 CONFIG_NAME = "config"
+PARAMS_FILE = "params.yaml"  # conf/ composed, what DVC stages read
 SYNTHETIC_SOURCE = "synthetic"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_./:~+@-]+$")
 
 
 @dataclass(frozen=True)
@@ -327,20 +329,36 @@ def conf_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "conf"
 
 
-def compose_raw(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:
-    """Compose `conf/` with Hydra's compose API (the same composition DVC performs)."""
+def compose_with_choices(
+    overrides: Sequence[str] = (), config_dir: Path | None = None, missing_ok: bool = False
+) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """Compose `conf/` with Hydra's compose API (the same composition DVC performs).
+
+    Returns the composed mapping and the option Hydra chose for each config group (`data`, ...).
+    A mandatory value left unset (`???`) is an error, unless `missing_ok`.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
 
     directory = (config_dir or conf_dir()).resolve()
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            composed = compose(config_name=CONFIG_NAME, overrides=list(overrides))
-        return typing.cast(dict[str, Any], OmegaConf.to_container(composed, resolve=True, throw_on_missing=True))
+            composed = compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+        choices = OmegaConf.to_container(composed.hydra.runtime.choices)
+        with open_dict(composed):
+            del composed["hydra"]
+        raw = OmegaConf.to_container(composed, resolve=True, throw_on_missing=not missing_ok)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(first_line(exc)) from exc
+    groups = {str(k): v for k, v in typing.cast(dict, choices).items() if not str(k).startswith("hydra/")}
+    return typing.cast(dict[str, Any], raw), groups
+
+
+def compose_raw(overrides: Sequence[str] = (), config_dir: Path | None = None) -> dict[str, Any]:
+    """Compose `conf/` (see `compose_with_choices`)."""
+    return compose_with_choices(overrides, config_dir)[0]
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> Config:
@@ -364,17 +382,26 @@ def load_params(path: Path) -> Config:
     """Read and validate a params.yaml written by `compose` (or by DVC's Hydra integration)."""
     if not path.is_file():
         raise ConfigError(f"{path} not found: run `transferlab compose` to write it")
+    return validate(read_yaml(path) or {})
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content (None when empty), or a `ConfigError` naming the file."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {first_line(exc)}") from exc
-    return validate(raw or {})
+
+
+def dump_yaml(data: Any) -> str:
+    """Block-style YAML in the given key order."""
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def write_params(cfg: Config, path: Path) -> None:
     """Write the composed config as YAML, atomically."""
-    text = "# Written by `transferlab compose` from conf/. Edit conf/, not this file.\n"
-    text += yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text = "# conf/ composed, with the project settings, by `transferlab compose`. Do not edit: use compose.\n"
+    text += dump_yaml(cfg.to_dict())
     atomic.write_text(path, text)
 
 
@@ -397,3 +424,19 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
     walk("", cfg.to_dict())
     return flat
+
+
+def override_value(value: Any) -> str:
+    """A value as Hydra's override grammar reads it back."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str) and _PLAIN_VALUE.match(value) and value.lower() not in ("null", "true", "false"):
+        try:
+            float(value)
+        except ValueError:
+            return value
+    return json.dumps(value)

@@ -1,6 +1,6 @@
 """`make demo`: the whole DVC pipeline, offline, on synthetic images, in a scratch copy.
 
-The copy (`build/demo/`) gets `params.yaml` composed with `+experiment=demo` and runs the
+The copy (`build/demo/`) gets the `+experiment=demo` preset as its project settings and runs the
 real `dvc repro` (download -> split -> train -> evaluate); MLflow runs land in this
 project's own store, experiment `transferlab-demo`, so `make ui` shows them.
 """
@@ -29,7 +29,7 @@ def run_demo(root: Path) -> Path:
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     started = time.monotonic()
-    for command in (["transferlab", "compose", "+experiment=demo"], ["dvc", "repro"]):
+    for command in (["transferlab", "compose", "+experiment=demo"], ["transferlab", "repro"]):
         log.info("$ %s", " ".join(command))
         subprocess.run(command, cwd=workdir, env=env, check=True)
     log.info("pipeline finished in %.0f s", time.monotonic() - started)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class TransferlabError(Exception):
@@ -31,13 +34,19 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+def strip_ansi(text: str) -> str:
+    """`text` without ANSI escape sequences (Keras puts bold codes into its exception messages)."""
+    return _ANSI_ESCAPE.sub("", text)
+
+
 def first_line(exc: BaseException | object) -> str:
-    """The first non-blank line of an exception's message (or of any object's text), whitespace folded.
+    """The first non-blank line of an exception's message (or of any object's text), whitespace folded,
+    without ANSI codes.
 
     Falls back to the type name when the message is empty. OmegaConf names only the leaf of a
     key in its first line, so its `full_key` is appended when it adds information.
     """
-    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    lines = [" ".join(line.split()) for line in strip_ansi(str(exc)).splitlines() if line.strip()]
     first = lines[0] if lines else type(exc).__name__
     key = getattr(exc, "full_key", None)
     return f"{first} ({key})" if key and key not in first else first

@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from transferlab.config import Config, DataConfig
-from transferlab.errors import DataError
+from transferlab.config import PARAMS_FILE, Config, DataConfig, load_params, override_value
+from transferlab.errors import ConfigError, DataError
 from transferlab.paths import SPLITS, StagePaths
 
 MANIFEST_COLUMNS = ("path", "label")
@@ -102,8 +102,29 @@ def check_splits_fresh(cfg: Config, paths: StagePaths) -> None:
         key = stale[0]
         raise DataError(
             f"prepared splits are stale (data.{key} is {wanted[key]!r}, splits were made with "
-            f"{made_with.get(key)!r}): run `dvc repro split`"
+            f"{made_with.get(key)!r}): {_splits_fix(cfg, paths, key, made_with)}"
         )
+
+
+def _splits_fix(cfg: Config, paths: StagePaths, key: str, made_with: dict[str, Any]) -> str:
+    """The command that makes the splits fit: it depends on whether this run or the project moved.
+
+    The splits follow the project settings (params.yaml). A run that sets other data values
+    (a sweep's `data.*` override) cannot get its own splits; `dvc repro split` would change nothing.
+    """
+    try:
+        project = split_settings(load_params(paths.root / PARAMS_FILE).data)
+    except ConfigError:
+        return "run `transferlab compose`, then `dvc repro split`"
+    value = override_value(getattr(cfg.data, key))
+    if project == made_with:
+        return (
+            f"this run sets data.{key}, but runs train on the splits of the project settings: drop the override, "
+            f"or make it the project's with `transferlab compose data.{key}={value}`, then `dvc repro split`"
+        )
+    if project == split_settings(cfg.data):
+        return "run `dvc repro split`"
+    return f"{PARAMS_FILE} does not match conf/: run `transferlab compose`, then `dvc repro split`"
 
 
 def splits_digest(paths: StagePaths) -> str:

@@ -31,13 +31,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from transferlab import atomic, sweep_bookkeeping, tracking
 from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf, validate_section
-from transferlab.errors import describe, run_reporting_errors
+from transferlab.errors import describe, run_reporting_errors, strip_ansi
+from transferlab.job_logs import quiet_job_logs
 from transferlab.paths import StagePaths, project_root
 
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "mlflow_parent_run.json"
 RESULT_FILE = "job_result.json"
+ERROR_FILE = "error.txt"  # a failed job's traceback, in its folder and in its MLflow run
 SUMMARY_FILE = "sweep_summary.csv"
 # What a failed job returns: the worst possible accuracy. Not NaN: Optuna 2.10 turns a NaN
 # objective into a ValueError inside the Hydra Optuna sweeper, which then ends the whole sweep.
@@ -46,6 +48,7 @@ FAILED_VALUE = 0.0
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
 
 _interrupted = False  # a job saw Ctrl-C: the parent ends KILLED rather than FAILED
+_sweep_status: str | None = None  # how the last sweep's parent ended (this process ran its callback)
 
 
 @dataclass(frozen=True)
@@ -124,11 +127,20 @@ class SweepTracker(Callback):
             tracking.TAG_SWEEPER: sweeper,
             tracking.TAG_LAUNCHER: launcher,
         }
+        tags[tracking.TAG_SWEEP_ID] = _sweep_id(config, task)
         root = project_root()
-        parent = tracking.open_store(_mlflow_section(config), root).create_parent_run(name, tags, root)
+        store = tracking.open_store(_mlflow_section(config), root)
+        earlier = sweep_bookkeeping.find_sweep_parent(store, tags[tracking.TAG_SWEEP_ID])
+        if earlier and config.sweep.get("skip_finished", True):
+            parent = store.reopen_parent_run(earlier, tags)
+            log.info("resuming sweep parent run %s: jobs with a FINISHED child there are skipped", earlier)
+        else:
+            parent = store.create_parent_run(name, tags, root)
+        if not (sweep_dir / SWEEP_FILES[0]).is_file():  # the basic sweeper writes it, Optuna's does not
+            OmegaConf.save(config, sweep_dir / SWEEP_FILES[0])
         SweepInfo(parent.record, tuple(keys)).write(sweep_dir)
         atexit.register(_close_unfinished, sweep_dir)
-        log.info("sweep parent run %s (%s), varying %s", parent.run_id, name, ", ".join(keys) or "nothing")
+        log.info("sweep parent run %s, varying %s", parent.run_id, ", ".join(keys) or "nothing")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -136,18 +148,36 @@ class SweepTracker(Callback):
         _close_parent(sweep_dir, "FINISHED")
 
 
+def _sweep_id(config: DictConfig, task: Sequence[str]) -> str:
+    params = config.hydra.sweeper.get("params")
+    base = OmegaConf.to_container(config, resolve=False)
+    sweeper = OmegaConf.to_container(params, resolve=False) if params else {}
+    return sweep_bookkeeping.sweep_id(task, base, sweeper)
+
+
 def _close_parent(sweep_dir: Path, status: str) -> None:
-    """Summarise the jobs that wrote a result and end the parent run with `status`."""
+    """Summarise the jobs that wrote a result and end the parent run with `status` (FAILED if none has one)."""
+    global _sweep_status
     info = SweepInfo.read(sweep_dir)
     if info is None:
         return
     rows = [json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{RESULT_FILE}")]
     rows.sort(key=lambda r: r["job"])
     extra = [sweep_dir / name for name in SWEEP_FILES if (sweep_dir / name).is_file()]
-    summary = sweep_bookkeeping.finish_parent_run(info.parent, rows, sweep_dir / SUMMARY_FILE, info.keys, status, extra)
-    log.info("sweep summary (%d jobs, parent %s) in %s", len(rows), status, sweep_dir / SUMMARY_FILE)
+    summary, _sweep_status = sweep_bookkeeping.finish_parent_run(
+        info.parent, rows, sweep_dir / SUMMARY_FILE, info.keys, status, extra
+    )
     for line in summary.splitlines():
         log.info("%s", line)
+    where = sweep_dir / SUMMARY_FILE
+    log.info("sweep summary: %s; MLflow parent run %s (%s)", where, info.parent.run_id, _sweep_status)
+    if _sweep_status == "FAILED" and status == "FINISHED":
+        log.error("no job of the sweep finished: the errors are in the summary's error column")
+
+
+def sweep_exit_status() -> int:
+    """Exit status of `transferlab-train -m`: 1 when the sweep's parent ended FAILED (no job finished)."""
+    return 1 if _sweep_status == "FAILED" else 0
 
 
 def _close_unfinished(sweep_dir: Path) -> None:
@@ -212,6 +242,7 @@ def run_job(node: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    quiet_job_logs()
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -239,11 +270,13 @@ def run_job(node: DictConfig) -> float:
         raise
     except Exception as exc:  # one failing job (bad value, out of memory) must not end the sweep
         message = describe(exc)
-        log.exception("job %s failed: %s", name, message)
+        details = strip_ansi(traceback.format_exc())
+        atomic.write_text(output_dir / ERROR_FILE, details)
+        log.error("job %s failed: %s (traceback: %s)", name, message, output_dir / ERROR_FILE)
         record.update(status="FAILED", run_id=None, val_accuracy=None, error=message)
         try:
             store = tracking.open_store(_mlflow_section(node), paths.root)
-            record["run_id"] = store.failed_child_run(name, parent_id, tags, message, traceback.format_exc())
+            record["run_id"] = store.failed_child_run(name, parent_id, tags, message, details)
         except Exception:  # the store itself failing must not end the sweep either
             log.exception("could not record job %s as a FAILED run in MLflow", name)
     finally:
@@ -271,11 +304,11 @@ def _single_run(node: DictConfig, paths: StagePaths, name: str, tags: dict[str, 
 
 def _run_or_skip(node: DictConfig, paths: StagePaths, name: str, parent_id: str | None, tags: dict[str, str]) -> dict:
     cfg = from_omegaconf(node)
-    if cfg.sweep.skip_finished:
+    if cfg.sweep.skip_finished and parent_id:
         store = tracking.open_store(cfg.mlflow, paths.root)
-        done = sweep_bookkeeping.find_finished_run(store, config_hash(cfg))
+        done = sweep_bookkeeping.find_finished_run(store, config_hash(cfg), parent_id)
         if done is not None:
-            log.info("skipping %s: config already has FINISHED run %s", name, done)
+            log.info("skipping %s: this sweep already has its FINISHED run %s", name, done)
             accuracy = sweep_bookkeeping.final_val_accuracy(store, done)
             return {"status": "SKIPPED", "run_id": done, "val_accuracy": accuracy}
     run_id, val_accuracy = _train_and_evaluate(cfg, paths, name, parent_id, tags)

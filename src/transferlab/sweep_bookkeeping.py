@@ -6,13 +6,16 @@ this module keeps their accounts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from transferlab import tracking
+from transferlab.config import TRAINING_SECTIONS
 
 # Columns of a sweep's summary table; one column per swept key goes after "job".
 SUMMARY_COLUMNS = [
@@ -32,15 +35,40 @@ JOB_STATES = ("FINISHED", "FAILED", "SKIPPED")
 NUMERIC_COLUMNS = ["val_accuracy", "val_loss", "test_accuracy", "test_macro_f1", "duration_s", "rss_mb"]
 
 
-def find_finished_run(store: tracking.Store, cfg_hash: str, evaluated: bool = True) -> str | None:
-    """A FINISHED run of the experiment with the given config hash (sweeps skip those).
+def find_finished_run(
+    store: tracking.Store, cfg_hash: str, parent_run_id: str | None = None, evaluated: bool = True
+) -> str | None:
+    """A FINISHED run of the experiment with the given config hash; with `parent_run_id`, only
+    a child of that sweep parent counts (a resumed sweep skips its own finished jobs).
 
     With `evaluated`, only a run that also holds the test metrics counts: a run whose
     evaluate step never ran (or failed) is trained again.
     """
     query = f"tags.`{tracking.TAG_CONFIG_HASH}` = '{cfg_hash}' and attributes.status = 'FINISHED'"
+    if parent_run_id:
+        query += f" and tags.`{tracking.TAG_PARENT_RUN}` = '{parent_run_id}'"
     if evaluated:
         query += " and metrics.test_accuracy >= 0"
+    found = store.search(query, max_results=1)
+    return found[0] if found else None
+
+
+def sweep_id(task_overrides: Sequence[str], base: Mapping[str, Any], sweeper_params: Mapping[str, Any]) -> str:
+    """A stable id of a sweep: the same command on the same project settings gets the same id.
+
+    It covers the job overrides (what is swept and what is fixed), the base config's training
+    sections and the sweeper's search space. Overrides that only change where or how jobs run
+    (`hydra.*`, `hydra/launcher=...`) or how they are recorded (`sweep.*`, `mlflow.*`) are left out.
+    """
+    ignored = ("hydra", "sweep", "mlflow")
+    kept = sorted(o for o in task_overrides if o.lstrip("+~").split("=")[0].split("/")[0].split(".")[0] not in ignored)
+    payload = {"overrides": kept, "base": {k: base.get(k) for k in TRAINING_SECTIONS}, "sweeper": sweeper_params}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def find_sweep_parent(store: tracking.Store, sweep: str) -> str | None:
+    """The newest parent run of the sweep with id `sweep`, if it ran before."""
+    query = f"tags.`{tracking.TAG_SWEEP_ID}` = '{sweep}' and tags.`{tracking.TAG_SWEEP}` = 'parent'"
     found = store.search(query, max_results=1)
     return found[0] if found else None
 
@@ -81,12 +109,14 @@ def finish_parent_run(
     keys: Sequence[str] = (),
     status: str = "FINISHED",
     extra_artifacts: Sequence[Path] = (),
-) -> str:
-    """Log the sweep summary table on the parent, tag the best child, end the parent with `status`.
+) -> tuple[str, str]:
+    """Log the sweep summary table on the parent, tag the best child, end the parent with `status`
+    (FAILED instead of FINISHED when no job has a result).
 
     The table goes to `summary_csv` (in the sweep folder) and to the parent as an artifact and
     as the MLflow table `sweep_summary.json` (shown in the UI's artifact view), beside
-    `extra_artifacts` (the sweep's Hydra config, Optuna's result). Returns the table as text.
+    `extra_artifacts` (the sweep's Hydra config, Optuna's result). Returns the table as text and
+    the status the parent ended with.
     """
     store = tracking.Store.of_record(parent)
     run = store.run(parent.run_id)
@@ -103,8 +133,20 @@ def finish_parent_run(
         run.log_metrics({"best_val_accuracy": float(best["val_accuracy"])})
         if best["test_accuracy"] == best["test_accuracy"]:  # not NaN
             run.log_metrics({"best_test_accuracy": float(best["test_accuracy"])})
+    else:
+        run.delete_tag(tracking.TAG_BEST_CHILD)  # a resumed parent may hold one from before
     run.log_metrics({f"jobs_{state.lower()}": int((table["status"] == state).sum()) for state in JOB_STATES})
-    if status != "FINISHED":
+    if status == "FINISHED" and not succeeded(table):
+        status = "FAILED"
+        run.set_tag(tracking.TAG_ERROR, f"no job finished ({len(rows)} failed)")
+    elif status != "FINISHED":
         run.set_tag(tracking.TAG_ERROR, f"sweep stopped early ({status}) after {len(rows)} jobs")
+    else:
+        run.delete_tag(tracking.TAG_ERROR)
     run.terminate(status)
-    return table.drop(columns=["overrides"]).to_string(index=False)
+    return table.drop(columns=["overrides"]).to_string(index=False), status
+
+
+def succeeded(table: pd.DataFrame) -> bool:
+    """At least one job has a result: it trained now, or it had a finished run from before."""
+    return bool(table["status"].isin(["FINISHED", "SKIPPED"]).any())

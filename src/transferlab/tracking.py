@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -49,9 +50,13 @@ TAG_JOB = "transferlab.job"
 TAG_OVERRIDE_PREFIX = "transferlab.override."  # one tag per Hydra override of a job
 TAG_SWEEP_KEYS = "transferlab.sweep_keys"
 TAG_SWEEP_DIR = "transferlab.sweep_dir"
+TAG_SWEEP_ID = "transferlab.sweep_id"  # the same sweep command on the same project settings
 TAG_SWEEPER = "transferlab.sweeper"
 TAG_LAUNCHER = "transferlab.launcher"
 TAG_PARENT_RUN = "mlflow.parentRunId"
+TAG_DVC_EXP_NAME = "transferlab.dvc_exp_name"  # set when the run is a stage of `dvc exp run`
+TAG_DVC_EXP_REF = "transferlab.dvc_exp_ref"  # the git ref DVC commits the experiment to, after the run
+TAG_DVC_EXP_BASELINE = "transferlab.dvc_exp_baseline"  # the commit the experiment starts from
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -136,9 +141,43 @@ def git_state(root: Path) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class DvcExperiment:
+    """The DVC experiment a stage command runs in: `dvc exp run` (DVC 3) passes its name and
+    baseline commit to every stage command as DVC_EXP_NAME and DVC_EXP_BASELINE_REV."""
+
+    name: str
+    baseline: str
+
+    @classmethod
+    def current(cls) -> DvcExperiment | None:
+        name, baseline = os.environ.get("DVC_EXP_NAME"), os.environ.get("DVC_EXP_BASELINE_REV")
+        return cls(name, baseline) if name and baseline else None
+
+    @property
+    def ref(self) -> str:
+        """Where DVC commits the experiment when it has run: `git rev-parse <ref>` gives its commit."""
+        return f"refs/exps/{self.baseline[:2]}/{self.baseline[2:]}/{self.name}"
+
+    def tags(self) -> dict[str, str]:
+        return {TAG_DVC_EXP_NAME: self.name, TAG_DVC_EXP_REF: self.ref, TAG_DVC_EXP_BASELINE: self.baseline}
+
+
 def base_tags(cfg: Config, root: Path) -> dict[str, str]:
-    """Tags every training run carries (the stage adds TF version, device, manifest hash)."""
-    return {TAG_CONFIG_HASH: config_hash(cfg), **git_state(root)}
+    """Tags every training run carries (the stage adds TF version, device, manifest hash).
+
+    `transferlab.git_commit` is the commit checked out when the run starts. In a DVC experiment
+    that is the experiment's baseline (its params differ, so `git_dirty` is true); DVC commits the
+    experiment itself only after the run, under the ref in `transferlab.dvc_exp_ref`.
+    """
+    experiment = DvcExperiment.current()
+    return {TAG_CONFIG_HASH: config_hash(cfg), **git_state(root), **(experiment.tags() if experiment else {})}
+
+
+def default_run_name(cfg: Config) -> str:
+    """A DVC experiment's run is named after the experiment; other runs after backbone and data."""
+    experiment = DvcExperiment.current()
+    return experiment.name if experiment else f"{cfg.model.backbone}-{cfg.data.name}"
 
 
 @dataclass(frozen=True)
@@ -207,6 +246,11 @@ class Run:
     def set_tag(self, key: str, value: str) -> None:
         self._client.set_tag(self.run_id, key, value)
 
+    def delete_tag(self, key: str) -> None:
+        """Remove a tag if the run has it."""
+        if key in self._client.get_run(self.run_id).data.tags:
+            self._client.delete_tag(self.run_id, key)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
@@ -214,7 +258,13 @@ class Run:
         self._client.log_dict(self.run_id, dict(payload), artifact_file)
 
     def log_table(self, table: pd.DataFrame, artifact_file: str) -> None:
-        self._client.log_table(self.run_id, table, artifact_file)
+        """An MLflow table (the UI shows it); one logged before is replaced (MLflow would append to it)."""
+        folder = posixpath.dirname(artifact_file) or None
+        if artifact_file in {a.path for a in self._client.list_artifacts(self.run_id, folder)}:
+            text = table.to_json(orient="split", index=False, date_format="iso")  # what log_table writes
+            self._client.log_text(self.run_id, text, artifact_file)
+        else:
+            self._client.log_table(self.run_id, table, artifact_file)
 
     def log_model(self, model_file: Path, classes: list[str], image_size: int) -> None:
         """Log the Keras model as a servable pyfunc model named `model` (see transferlab.serving).
@@ -320,6 +370,13 @@ class Store:
         """Open (without activating) the parent run of a sweep; jobs attach children to it."""
         all_tags = {TAG_SWEEP: "parent", **git_state(root), **dict(tags)}
         return Run(self, self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id)
+
+    def reopen_parent_run(self, run_id: str, tags: Mapping[str, str]) -> Run:
+        """Set a sweep's earlier parent RUNNING again, with `tags` updated, for a resumed sweep."""
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+        self.client.update_run(run_id, status="RUNNING")
+        return Run(self, run_id)
 
     def failed_child_run(
         self, name: str, parent_run_id: str | None, tags: Mapping[str, str], error: str, details: str | None = None

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from transferlab.offline_plots import TEMPLATE_FILE
+
 _GIT_IDENTITY = ("-c", "user.name=transferlab", "-c", "user.email=transferlab@localhost.invalid")
 
 
@@ -24,6 +26,7 @@ def copy_project(root: Path, target: Path) -> Path:
     """Copy the project's files into `target` (replaced) as a fresh git repo with one commit.
 
     DVC needs a git repo (and `dvc exp run` a commit); uncommitted work in `root` is included.
+    So is what `make setup` generated for DVC (the git-ignored offline plots template).
     """
     if target.exists():
         shutil.rmtree(target)
@@ -33,4 +36,6 @@ def copy_project(root: Path, target: Path) -> Path:
     subprocess.run(["git", "init", "-q"], cwd=target, check=True)
     subprocess.run(["git", *_GIT_IDENTITY, "add", "-A"], cwd=target, check=True)
     subprocess.run(["git", *_GIT_IDENTITY, "commit", "-q", "--no-verify", "-m", "scratch copy"], cwd=target, check=True)
+    if (root / TEMPLATE_FILE).is_file():
+        shutil.copy2(root / TEMPLATE_FILE, target / TEMPLATE_FILE)
     return target

@@ -2,7 +2,7 @@
 
 Writes (all declared in `dvc.yaml`):
 - `reports/metrics.json`: flat numeric test metrics (`test_accuracy`, `test_top2_accuracy`,
-  `test_macro_f1`, `test_log_loss`, `test_ece`, ...), DVC metrics;
+  `test_macro_f1`, `test_log_loss`, `test_ece`, ...) and `mlflow_run_id`, DVC metrics;
 - `reports/per_class.csv`: `class,precision,recall,f1,support`;
 - `reports/confusion.csv`: `actual,predicted` class names, one row per test image, for
   DVC's confusion template;
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 PER_CLASS_COLUMNS = ["class", "precision", "recall", "f1", "support"]
 # Side of each thumbnail in the misclassified grid, in pixels.
 THUMBNAIL_SIZE = 160
+# The key of metrics.json naming the MLflow run that holds these results (`dvc exp show` lists it).
+RUN_ID_KEY = "mlflow_run_id"
 # MLflow artifact folders inside the training run.
 ARTIFACT_DIR = "evaluation"
 FIGURE_ARTIFACT_DIR = "figures"
@@ -155,7 +157,7 @@ def evaluate(cfg: Config, paths: StagePaths) -> dict[str, float]:
     metrics = metrics_dict(report, reliability, len(test))
 
     paths.reports.mkdir(parents=True, exist_ok=True)
-    paths.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    paths.metrics.write_text(json.dumps({**metrics, RUN_ID_KEY: record.run_id}, indent=2) + "\n")
     per_class_frame(report, classes).to_csv(paths.per_class, index=False)
     confusion_frame(y_true, np.argmax(probabilities, axis=1), classes).to_csv(paths.confusion, index=False)
     figures = _write_figures(paths, cfg, test, classes, probabilities, report, reliability)
@@ -175,5 +177,13 @@ def evaluate(cfg: Config, paths: StagePaths) -> dict[str, float]:
         report.log_loss,
         reliability.ece,
         record.run_id,
+    )
+    log.info(
+        "results: %s, %s/ and %s; MLflow run %s in %s",
+        paths.metrics,
+        paths.figures,
+        paths.model_file,
+        record.run_id,
+        record.tracking_uri,
     )
     return metrics

@@ -166,6 +166,7 @@ class _Trainer:
         from transferlab.model import Classifier, attach_head, compile_classifier, set_trainable_layers
 
         kind: ModelKind = "head" if phase.cached else "full"
+        trainable = 0
         if phase.cached:
             model, (train_ds, val_ds) = classifier.head, self._feature_datasets(classifier)
         else:
@@ -175,13 +176,17 @@ class _Trainer:
                 classifier = Classifier(model, classifier.backbone, classifier.features, classifier.head)
             model = classifier.model
             trainable = set_trainable_layers(classifier.backbone, phase.unfreeze)
-            log.info("phase %s: %d backbone layers trainable (BatchNorm frozen)", phase.name, trainable)
             train_ds, val_ds = self._image_datasets()
         if not resuming_this_phase:
             compile_classifier(model, self.cfg.train, phase.learning_rate)
         start = max(phase.first_epoch, self.state.epochs_done)
         log.info(
-            "phase %s: epochs %d..%d at learning rate %g", phase.name, start + 1, phase.last_epoch, phase.learning_rate
+            "%s: %s; epochs %d..%d at learning rate %g",
+            phase.name,
+            _backbone_state(phase, trainable),
+            start + 1,
+            phase.last_epoch,
+            phase.learning_rate,
         )
         model.fit(
             train_ds,
@@ -195,6 +200,14 @@ class _Trainer:
         if phase.cached:
             classifier.model = attach_head(classifier.features, classifier.head, classifier.model.name)
         return classifier
+
+
+def _backbone_state(phase: Phase, trainable: int) -> str:
+    """How much of the backbone a phase trains, for the log: "backbone frozen", "top 20 layers unfrozen"."""
+    if trainable == 0:
+        return "backbone frozen, head trained on cached features" if phase.cached else "backbone frozen"
+    which = "all backbone layers" if phase.unfreeze == "all" else f"top {phase.unfreeze} backbone layers"
+    return f"{which} unfrozen ({trainable} with weights; BatchNorm stays frozen)"
 
 
 def _resumable_state(store: tracking.Store, checkpointer: Checkpointer, cfg_hash: str) -> CheckpointState | None:
@@ -239,7 +252,7 @@ def train(
         tracking.TAG_STAGE: "train",
         **(extra_tags or {}),
     }
-    name = run_name or f"{cfg.model.backbone}-{cfg.data.name}"
+    name = run_name or tracking.default_run_name(cfg)
     with (
         store.start_run(
             run_name=name,

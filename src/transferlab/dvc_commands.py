@@ -1,0 +1,68 @@
+"""DVC commands as this project runs them: `transferlab repro` (`make run`) and `transferlab exps` (`make exps`).
+
+Both run DVC's own command line in this process, with its terminal output (progress, colours)
+untouched:
+- `repro` is `dvc repro ARGS`, without the closing "Use `dvc push` ..." hint when the project
+  has no DVC remote to push to (DVC prints it after every run that changed something);
+- `exps` is `dvc exp show ARGS` narrowed to what tells experiments apart: the params that differ
+  between them, test accuracy, macro F1, ECE and the MLflow run id (`--only-changed` alone also
+  keeps every dependency hash and every other metric).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+PUSH_HINT = "Use `dvc push`"
+# Columns of `transferlab exps`: --keep wins over --drop and over --only-changed.
+EXPS_COLUMNS = (
+    "--only-changed",
+    "--drop",
+    "test_|final_|data/|src/|models/",  # other metrics; dependency hashes (data/raw, src/..., models/...)
+    "--keep",
+    "test_accuracy$|test_macro_f1$|test_ece$|mlflow_run_id$",
+    "--sort-by",
+    "test_accuracy",
+    "--sort-order",
+    "desc",
+)
+
+
+def _dvc(args: Sequence[str]) -> int:
+    from dvc.cli import main
+
+    for name in ("dvc", "dvc_objects", "dvc_data"):  # DVC formats its own log lines
+        logging.getLogger(name).propagate = False
+    return int(main(list(args)) or 0)
+
+
+def has_remote() -> bool:
+    """True when the DVC project in the working directory has a remote configured."""
+    from dvc.config import Config
+
+    try:
+        return bool(Config.from_cwd().get("remote"))
+    except Exception:  # not a DVC project: `dvc repro` itself says so
+        return False
+
+
+def repro(args: Sequence[str]) -> int:
+    """`dvc repro ARGS`; the `dvc push` hint only when there is a remote to push to."""
+    if not has_remote():
+        from dvc.ui import ui
+
+        write = ui.write
+
+        def write_without_push_hint(*objects: Any, **kwargs: Any) -> None:
+            if not (objects and str(objects[0]).startswith(PUSH_HINT)):
+                write(*objects, **kwargs)
+
+        ui.write = write_without_push_hint  # type: ignore[method-assign]
+    return _dvc(["repro", *args])
+
+
+def show_experiments(args: Sequence[str]) -> int:
+    """`dvc exp show` with the readable columns (EXPS_COLUMNS), plus ARGS (`--md`, `-A`, ...)."""
+    return _dvc(["exp", "show", *EXPS_COLUMNS, *args])

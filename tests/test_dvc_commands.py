@@ -1,0 +1,59 @@
+"""dvc_commands.py: `transferlab repro` (`make run`) is `dvc repro` without the push hint when there is
+no remote. `transferlab exps` (`make exps`) is checked on real experiments in test_entrypoints.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import VENV_BIN
+
+from transferlab.dvc_commands import EXPS_COLUMNS, PUSH_HINT
+
+
+def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> Path:
+    """A git + DVC repo with one stage that writes a file."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _run(repo, "git", "init", "-q")
+    _run(repo, "dvc", "init", "-q")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  make:\n    cmd: python -c \"open('out.txt', 'w').write('x')\"\n    outs: [out.txt]\n"
+    )
+    return repo
+
+
+@pytest.mark.slow
+def test_repro_leaves_out_the_push_hint_only_without_a_remote(dvc_repo: Path, tmp_path: Path) -> None:
+    plain = _run(dvc_repo, "dvc", "repro", "-f")
+    assert PUSH_HINT in plain.stdout, "what DVC prints after every run that changed something"
+    ours = _run(dvc_repo, "transferlab", "repro", "-f")
+    assert "Running stage 'make'" in ours.stdout + ours.stderr
+    assert PUSH_HINT not in ours.stdout + ours.stderr
+    assert (dvc_repo / "out.txt").read_text() == "x"
+    _run(dvc_repo, "dvc", "remote", "add", "-d", "store", str(tmp_path / "store"))
+    with_remote = _run(dvc_repo, "transferlab", "repro", "-f")
+    assert PUSH_HINT in with_remote.stdout
+
+
+def test_exps_view_keeps_the_three_test_metrics_over_the_dropped_ones() -> None:
+    import re
+
+    drop = re.compile(EXPS_COLUMNS[EXPS_COLUMNS.index("--drop") + 1])
+    keep = re.compile(EXPS_COLUMNS[EXPS_COLUMNS.index("--keep") + 1])
+    for column in ("test_top2_accuracy", "test_log_loss", "final_val_accuracy", "data/raw", "src/transferlab/x.py"):
+        assert drop.match(column) and not keep.match(column), column
+    for column in ("test_accuracy", "test_macro_f1", "test_ece", "mlflow_run_id"):
+        assert keep.match(column), column
+    for param in ("model.dropout", "data.name", "train.learning_rate"):
+        assert not drop.match(param), param
