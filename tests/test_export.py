@@ -1,7 +1,10 @@
-"""export.py: SavedModel and TFLite exports that give the Keras model's probabilities."""
+"""export.py: SavedModel and TFLite exports that give the Keras model's probabilities and carry
+their class names, so `transferlab predict` works on an export alone."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +12,7 @@ import pytest
 
 from transferlab.cli import main
 from transferlab.errors import ModelError, TransferlabError
-from transferlab.export import export_model, probe_image, run_tflite
+from transferlab.export import export_model, load_export, probe_image, run_tflite
 from transferlab.images import decode_image_bytes
 from transferlab.inference import load_model
 
@@ -33,6 +36,38 @@ def test_tflite_export_runs_in_the_interpreter(colour_model: Path, colour_image,
     probabilities = run_tflite(out, image)
     np.testing.assert_allclose(probabilities, load_model(colour_model).predict(image, verbose=0), atol=1e-5)
     assert probabilities.argmax() == 2  # blue
+
+
+COLOURS = ["red", "green", "blue"]  # the colour_model fixture's classes.json
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("savedmodel", "savedmodel"), ("tflite", "model.tflite")])
+def test_exports_carry_their_class_names_and_predict_on_their_own(
+    colour_model: Path, colour_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, fmt: str, name: str
+) -> None:
+    out = export_model(colour_model, tmp_path / "export" / name, fmt)  # type: ignore[arg-type]
+    if fmt == "savedmodel":
+        assert json.loads((out / "assets.extra" / "classes.json").read_text()) == COLOURS
+    # Elsewhere, with no classes.json and no data/splits/ in sight:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = Path(shutil.move(out, elsewhere / name))
+    monkeypatch.chdir(elsewhere)
+    exported = load_export(moved)
+    assert exported.classes == COLOURS and exported.image_size == 64
+    images = [colour_image("r.png", (230, 20, 20)), colour_image("b.png", (20, 20, 230))]
+    assert main(["predict", str(moved), *map(str, images), "-k", "1", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["predictions"][0]["label"] for r in results] == ["red", "blue"]
+
+
+def test_export_needs_the_class_names(colour_model: Path, tmp_path: Path) -> None:
+    lone = tmp_path / "lone" / "model.keras"
+    lone.parent.mkdir()
+    shutil.copy(colour_model, lone)
+    with pytest.raises(ModelError, match=r"no classes\.json with 3 class names"):
+        export_model(lone, tmp_path / "m.tflite", "tflite")
+    assert not (tmp_path / "m.tflite").exists()
 
 
 def test_export_refuses_to_overwrite_and_unknown_formats(colour_model: Path, tmp_path: Path) -> None:
@@ -61,6 +96,7 @@ def test_tflite_export_of_a_real_transfer_model(tmp_path: Path) -> None:
     classifier = build_classifier(ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights=None), 4, 64)
     model_file = tmp_path / "model.keras"
     classifier.model.save(model_file)
+    (tmp_path / "classes.json").write_text(json.dumps(["a", "b", "c", "d"]))
     out = export_model(model_file, tmp_path / "model.tflite", "tflite")
     image = probe_image(64)
     np.testing.assert_allclose(run_tflite(out, image), classifier.model.predict(image, verbose=0), atol=1e-3)

@@ -6,6 +6,7 @@ the decode itself is `images.decode_and_resize`, the same function the training 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from transferlab.errors import ModelError, first_line
+from transferlab.errors import DataError, ModelError, first_line
 from transferlab.images import decode_image_bytes
 
 if TYPE_CHECKING:
     import keras
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +50,28 @@ def model_image_size(model: keras.Model) -> int:
     if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[1] != shape[2]:
         raise ModelError(f"model input must be (None, size, size, 3) RGB pixels, got {shape}")
     return int(shape[1])
+
+
+def find_classes(model_path: Path, num_classes: int) -> list[str] | None:
+    """Class names for a model's outputs: `classes.json` beside it, or in the project's splits."""
+    from transferlab.manifests import load_classes
+
+    model_dir = model_path.resolve().parent
+    candidates = [
+        model_dir / "classes.json",
+        model_dir.parent / "data" / "splits" / "classes.json",
+        Path.cwd() / "data" / "splits" / "classes.json",
+    ]
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                classes = load_classes(candidate)
+            except DataError:
+                continue
+            if len(classes) == num_classes:
+                return classes
+            log.warning("%s lists %d classes but the model has %d outputs", candidate, len(classes), num_classes)
+    return None
 
 
 def load_image_batch(paths: Sequence[Path], image_size: int) -> ImageBatch:

@@ -1,4 +1,5 @@
-"""`transferlab predict`: top-k classes for image files and folders.
+"""`transferlab predict`: top-k classes for image files and folders, from a trained `.keras` model
+or from an export (SavedModel folder, `.tflite` file), which brings its own class names.
 
 Images are decoded exactly as the training pipeline decodes them (`images.decode_and_resize`),
 with a Pillow fallback for formats TensorFlow cannot read (WebP, TIFF...). A file that neither
@@ -9,17 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from transferlab import inference
 from transferlab.errors import DataError
-from transferlab.inference import load_image_batch, load_model, model_image_size
-
-if TYPE_CHECKING:
-    import keras
+from transferlab.inference import load_image_batch
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +49,36 @@ def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[Path,
     return files, errors
 
 
-def find_classes(model_path: Path, num_classes: int) -> list[str]:
-    """Class names for a model's outputs: `classes.json` beside it, or the project's splits."""
-    from transferlab.manifests import load_classes
+@dataclass(frozen=True)
+class Predictor:
+    """A trained model or an export, ready to predict: input size, class names, pixels -> probabilities."""
 
-    model_dir = model_path.resolve().parent
-    candidates = [
-        model_dir / "classes.json",
-        model_dir.parent / "data" / "splits" / "classes.json",
-        Path.cwd() / "data" / "splits" / "classes.json",
-    ]
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                classes = load_classes(candidate)
-            except DataError:
-                continue
-            if len(classes) == num_classes:
-                return classes
-            log.warning("%s lists %d classes but the model has %d outputs", candidate, len(classes), num_classes)
-    log.warning("no classes.json matches %s; labels are class indices", model_path)
-    return [f"class_{i}" for i in range(num_classes)]
+    image_size: int
+    classes: list[str]
+    probabilities: Callable[[np.ndarray], np.ndarray]
+
+
+def find_classes(model_path: Path, num_classes: int) -> list[str]:
+    """Class names for a model's outputs (see `inference.find_classes`), else `class_<i>` with a warning."""
+    classes = inference.find_classes(model_path, num_classes)
+    if classes is None:
+        log.warning("no classes.json matches %s; labels are class indices", model_path)
+        return [f"class_{i}" for i in range(num_classes)]
+    return classes
+
+
+def load_predictor(path: Path) -> Predictor:
+    """A `.keras` model, a SavedModel folder or a `.tflite` file; exports bring their own class names."""
+    from transferlab.export import is_export, load_export
+
+    if is_export(path):
+        exported = load_export(path)
+        probe = exported.probabilities(np.zeros((1, exported.image_size, exported.image_size, 3), np.float32))
+        classes = exported.classes or find_classes(path, int(probe.shape[-1]))
+        return Predictor(exported.image_size, classes, exported.probabilities)
+    model = inference.load_model(path)
+    classes = find_classes(path, int(model.output_shape[-1]))
+    return Predictor(inference.model_image_size(model), classes, lambda pixels: model.predict(pixels, verbose=0))
 
 
 def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
@@ -79,14 +88,14 @@ def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> l
     return [[(classes[i], float(row[i])) for i in idx] for row, idx in zip(probabilities, order, strict=True)]
 
 
-def predict_files(model: keras.Model, classes: Sequence[str], files: Sequence[Path], k: int) -> list[dict[str, Any]]:
+def predict_files(predictor: Predictor, files: Sequence[Path], k: int) -> list[dict[str, Any]]:
     """One result per file in order: `{"file", "predictions": [{"label", "probability"}]}` or `{"file", "error"}`."""
-    image_size = model_image_size(model)
+    classes = predictor.classes
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), CHUNK):
         chunk = files[start : start + CHUNK]
-        batch = load_image_batch(chunk, image_size)
-        probabilities = model.predict(batch.pixels, verbose=0) if len(batch.paths) else np.zeros((0, len(classes)))
+        batch = load_image_batch(chunk, predictor.image_size)
+        probabilities = predictor.probabilities(batch.pixels) if len(batch.paths) else np.zeros((0, len(classes)))
         ranked = dict(zip(batch.paths, top_k_labels(np.asarray(probabilities), classes, k), strict=True))
         failed = dict(batch.errors)
         for path in chunk:
@@ -117,11 +126,9 @@ def predict_command(model_path: Path, inputs: Sequence[Path], top_k: int, as_jso
     if top_k < 1:
         raise DataError(f"--top-k must be >= 1, got {top_k}")
     files, missing = collect_images(inputs)
-    model = load_model(model_path)
-    num_classes = int(model.output_shape[-1])
-    classes = find_classes(model_path, num_classes)
+    predictor = load_predictor(model_path)
     results = [{"file": str(path), "error": reason} for path, reason in missing]
-    results += predict_files(model, classes, files, top_k) if files else []
+    results += predict_files(predictor, files, top_k) if files else []
     failures = [r for r in results if "error" in r]
     for failure in failures:
         log.warning("cannot predict %s: %s", failure["file"], failure["error"])
