@@ -36,7 +36,7 @@ from transferlab.config import (
     read_yaml,
     validate,
 )
-from transferlab.errors import ConfigError
+from transferlab.errors import ConfigError, first_line
 
 SETTINGS_NAME = "project"  # conf/project.yaml, and the option conf/<group>/project.yaml
 GROUPS = ("data", "model", "augment", "finetune")  # config groups that are sections of the config
@@ -116,7 +116,7 @@ def _refuse_per_run(overrides: Sequence[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as exc:
-        raise ConfigError(str(exc).splitlines()[0]) from exc
+        raise ConfigError(first_line(exc)) from exc
     for override in parsed:
         key = override.key_or_group
         if key.split(".")[0].split("/")[0] in PER_RUN:
