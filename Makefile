@@ -11,6 +11,8 @@ export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Quiet DVC's anonymous usage report (it cannot reach its server from offline machines anyway).
 export DVC_NO_ANALYTICS := 1
+# Nor does MLflow (its UI server and clients) call home; `transferlab` commands set the same default.
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: help setup test test-fast run demo sweep exps ui bench params lint format lock clean
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,20 @@ SYNTHETIC_OVERRIDES = (
     "data.image_size=64",
 )
 TINY_MODEL = ("model=small_cnn", "train.batch_size=8")
+# Library internals no user can act on, as they reached the terminal before console.configure():
+# absl's preamble and absl/glog lines ("I0000 00:00:1795893590.097380   26424 port.cc:153] oneDNN custom
+# operations are on..."), TensorFlow Lite's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+# MLflow's INFO lines ("INFO mlflow.store.db.utils: Creating initial MLflow database tables...") and
+# the artifact download bar of every model it logs.
+CHATTER_LINE = re.compile(
+    r"absl::InitializeLog|^[IW]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+:\d+\]|^INFO: |oneDNN| INFO mlflow|Downloading artifacts",
+    re.M,
+)
+
+
+def chatter(output: str) -> list[str]:
+    """The lines of `output` that are TensorFlow or MLflow internals a user should never see."""
+    return [line for line in output.splitlines() if CHATTER_LINE.search(line)]
 
 
 def tiny_cfg(*overrides: str) -> Config:

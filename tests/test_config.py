@@ -72,6 +72,9 @@ def test_every_group_has_options() -> None:
         pytest.param(["model.backbone=vgg16"], r"model\.backbone must be one of .*efficientnet_b0", id="backbone"),
         pytest.param(["data=folder"], r"data\.source", id="folder-without-source"),
         pytest.param(["data=nope"], r"data/nope", id="unknown-group-option"),
+        pytest.param(
+            ["mlflow.registered_model=a/b"], r"mlflow\.registered_model must be null or a name", id="model-uri"
+        ),
     ],
 )
 def test_rejections(overrides: list[str], message: str) -> None:
@@ -83,3 +86,9 @@ def test_rejections(overrides: list[str], message: str) -> None:
 def test_params_yaml_is_conf_composed_without_overrides() -> None:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     assert params == _compose().to_dict(), "params.yaml is stale: run `make params` (transferlab compose)"
+
+
+def test_registered_model_follows_the_data_name_and_can_be_turned_off() -> None:
+    assert _compose().mlflow.registered_model == "flower_photos-classifier"
+    assert _compose("data=synthetic").mlflow.registered_model == "synthetic-classifier"
+    assert _compose("mlflow.registered_model=null").mlflow.registered_model is None

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import undeclared_files
+from helpers import chatter, undeclared_files
 
 from transferlab.cli import main
 from transferlab.config import Config, EvaluateConfig, MlflowConfig, ModelConfig, write_params
 from transferlab.errors import DataError, ModelError, TransferlabError
+from transferlab.manifests import splits_digest
 from transferlab.paths import StagePaths
 from transferlab.stages.evaluate import RUN_ID_KEY, evaluate, figure_files
 from transferlab.tracking import RunRecord
@@ -143,6 +144,10 @@ def test_results_land_in_the_training_run(evaluated: tuple[StagePaths, dict[str,
     assert evaluation == {"metrics.json", "per_class.csv", "confusion.csv"}
     figures = {Path(a.path).name for a in client.list_artifacts(record.run_id, "figures")}
     assert {f.name for f in figure_files(paths)} <= figures
+    (test_input,) = run.inputs.dataset_inputs  # the test split, as a dataset input of the run
+    assert (test_input.dataset.name, test_input.dataset.digest) == ("colours-test", splits_digest(paths))
+    assert {t.key: t.value for t in test_input.tags}["mlflow.data.context"] == "test"
+    assert run.data.tags["mlflow.note.content"].startswith("**Test**: accuracy **0.833**, top-2 accuracy 1.000")
 
 
 def test_missing_inputs_name_the_stage_to_run(tmp_path: Path, colour_model: Path, colour_cfg: Config) -> None:
@@ -194,13 +199,14 @@ def test_dvc_repro_end_to_end_on_synthetic_data(
     def run(*args: str) -> str:
         done = subprocess.run(args, cwd=project_copy, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        assert chatter(done.stdout + done.stderr) == [], "library internals reached the terminal"
         return done.stdout
 
     cfg = dataclasses.replace(
         synthetic_cfg,
         model=ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights=None),  # offline: no ImageNet download
         train=dataclasses.replace(synthetic_cfg.train, epochs=1),
-        mlflow=MlflowConfig(experiment="repro-test", system_metrics=False),
+        mlflow=MlflowConfig(experiment="repro-test", system_metrics=False, registered_model="repro-classifier"),
     )
     write_params(cfg, project_copy / "params.yaml")
     before = {path for path in project_copy.rglob("*") if path.is_file()}
@@ -220,6 +226,11 @@ def test_dvc_repro_end_to_end_on_synthetic_data(
     record = RunRecord.read(paths.run_file)
     logged = MlflowClient(record.tracking_uri).get_run(record.run_id).data.metrics
     assert {"final_val_accuracy", "test_accuracy", "test_ece"} <= set(logged)  # one run, val and test
+    client = MlflowClient(record.tracking_uri)
+    datasets = {d.dataset.name for d in client.get_run(record.run_id).inputs.dataset_inputs}
+    assert datasets == {"synthetic-train", "synthetic-val", "synthetic-test"}
+    (version,) = client.search_model_versions(f"name = '{cfg.mlflow.registered_model}'")
+    assert version.run_id == record.run_id, "a dvc repro training run registers its model"
 
     # Commit, re-evaluate with another k: only evaluate reruns, and DVC compares with HEAD.
     git = ["git", "-c", "user.name=transferlab tests", "-c", "user.email=tests@transferlab.invalid"]

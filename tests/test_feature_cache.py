@@ -53,7 +53,7 @@ def key_for(extractor: CountingExtractor, manifest: Manifest) -> FeatureKey:
 
 
 def features(cache: FeatureCache, extractor: CountingExtractor, manifest: Manifest) -> tuple[np.ndarray, bool]:
-    values, labels, hit = cache.features_for(key_for(extractor, manifest), extractor, manifest, IMAGE_SIZE, 8, 0)
+    values, labels, hit = cache.features_for(key_for(extractor, manifest), extractor, manifest, IMAGE_SIZE, 8)
     assert labels.tolist() == list(manifest.labels)
     return values, hit
 

@@ -10,7 +10,7 @@ import pytest
 
 from transferlab.config import Config, write_params
 from transferlab.errors import DataError
-from transferlab.manifests import check_splits_fresh, load_classes, load_manifest, splits_digest
+from transferlab.manifests import check_splits_fresh, load_classes, load_manifest, split_datasets, splits_digest
 from transferlab.paths import StagePaths
 
 
@@ -67,3 +67,23 @@ def test_digest_follows_the_manifests(prepared_project: StagePaths) -> None:
     classes = json.loads(prepared_project.classes.read_text())
     prepared_project.classes.write_text(json.dumps(classes[::-1]))
     assert splits_digest(prepared_project) != before
+
+
+def test_split_datasets_describe_each_manifest_with_the_split_digest(
+    prepared_project: StagePaths, synthetic_cfg: Config
+) -> None:
+    datasets = split_datasets(synthetic_cfg, prepared_project)
+    assert [(d.split, d.name, d.context) for d in datasets] == [
+        ("train", "synthetic-train", "training"),
+        ("val", "synthetic-val", "validation"),
+        ("test", "synthetic-test", "test"),
+    ]
+    assert {d.digest for d in datasets} == {splits_digest(prepared_project)}  # the transferlab.manifest_hash tag
+    assert [d.source for d in datasets] == ["data/splits/train.csv", "data/splits/val.csv", "data/splits/test.csv"]
+    assert {d.data_source for d in datasets} == {"synthetic"}
+    report = json.loads(prepared_project.split_report.read_text())
+    assert [len(d.frame) for d in datasets] == [report["totals"][s] for s in ("train", "val", "test")]
+    assert list(datasets[0].frame.columns) == ["path", "label"]
+    prepared_project.manifest("test").unlink()
+    with pytest.raises(DataError, match=r"test\.csv not found: run `dvc repro split`"):
+        split_datasets(synthetic_cfg, prepared_project, ["test"])

@@ -82,3 +82,21 @@ def test_reliability_diagram(tmp_path: Path) -> None:
     y = rng.integers(0, 3, size=60)
     p = rng.dirichlet([1.0, 1.0, 1.0], size=60)
     assert_png(plots.plot_reliability(calibration(y, p, bins=10), tmp_path / "reliability.png"))
+
+
+def test_sweep_plot_has_a_panel_per_swept_key(tmp_path: Path) -> None:
+    table = pd.DataFrame(
+        {
+            "job": range(6),
+            "train.learning_rate": ["0.01", "0.001", "0.0001"] * 2,  # numeric: log axis
+            "augment": ["none"] * 3 + ["light"] * 3,  # categorical
+            "status": ["FINISHED"] * 5 + ["FAILED"],
+            "val_accuracy": [0.8, 0.9, 0.7, 0.85, 0.95, None],
+        }
+    )
+    two_panels = plots.plot_sweep(table, ["train.learning_rate", "augment"], tmp_path / "sweep.png")
+    one_panel = plots.plot_sweep(table, ["augment"], tmp_path / "one.png")
+    assert_png(two_panels) and assert_png(one_panel)
+    with Image.open(two_panels) as wide, Image.open(one_panel) as narrow:
+        assert wide.width > 1.5 * narrow.width
+    assert_png(plots.plot_sweep(table.iloc[:0], ["augment"], tmp_path / "empty.png"))

@@ -1,4 +1,5 @@
-"""serving.py: the pyfunc wrapper, `runs:/<id>/model` loading, and `mlflow models serve` over HTTP."""
+"""serving.py: the pyfunc wrapper, `runs:/<id>/model` loading, and `mlflow models serve` of
+`models:/<name>@<alias>` over HTTP."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pandas as pd
 import pytest
 
 from transferlab.config import Config, MlflowConfig
+from transferlab.registry import register_run_model
 from transferlab.serving import (
     IMAGE_COLUMN,
     ImageClassifierModel,
@@ -31,6 +33,7 @@ from transferlab.serving import (
 CLASSES = ["red", "green", "blue"]
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
 SERVER_START_TIMEOUT_S = 180
+REGISTERED = "colours-classifier"  # the served model is addressed by registered name and alias
 
 
 @pytest.fixture
@@ -96,6 +99,7 @@ def logged_run(
             run.log_metrics({"val_accuracy": 1.0})
             run.log_model(colour_model, CLASSES, 64)
         run.record.write(root / "models" / "run.json")
+        register_run_model(run.store, REGISTERED, run.run_id, alias="champion")
         yield run.run_id, run.store.uri
 
 
@@ -150,7 +154,7 @@ def _wait_for_ping(base: str, server: subprocess.Popen, log_file: Path) -> None:
 def test_mlflow_models_serve_round_trip(
     logged_run: tuple[str, str], colour_requests: tuple[list[str], list[str]], tmp_path: Path
 ) -> None:
-    run_id, uri = logged_run
+    _, uri = logged_run
     port = _free_port()
     bin_dir = Path(sys.executable).parent
     env = {
@@ -159,7 +163,7 @@ def test_mlflow_models_serve_round_trip(
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # the server execs `uvicorn`
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
-    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", f"runs:/{run_id}/model"]
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{REGISTERED}@champion"]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     log_file = tmp_path / "serve.log"
     with log_file.open("w") as log:

@@ -229,7 +229,8 @@ def test_sweep_logs_are_quiet_and_plain(grid_sweep: Sweep) -> None:
 def test_parent_holds_the_summary_table_and_names_the_best_child(grid_sweep: Sweep) -> None:
     client, parent, summary = grid_sweep.client, grid_sweep.parent, grid_sweep.summary
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"sweep_summary.csv", "sweep_summary.json", "multirun.yaml"} <= artifacts
+    assert {"sweep_summary.csv", "sweep_summary.json", "sweep_val_accuracy.png", "multirun.yaml"} <= artifacts
+    assert client.search_registered_models() == [], "jobs logged no model (mlflow.log_model=false): none registered"
     assert list(summary.columns[:3]) == ["job", "model.dropout", "train.learning_rate"]
     assert {"overrides", "status", "run_id", "val_accuracy", "test_accuracy", "duration_s", "error"} <= set(summary)
     assert summary["job"].tolist() == list(range(10))

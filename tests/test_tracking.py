@@ -1,19 +1,23 @@
-"""tracking.py: the store (opened once, safe to open concurrently), runs bound to their ids, run records."""
+"""tracking.py: the store (opened once, safe to open concurrently), runs bound to their ids, run records,
+dataset inputs and descriptions, and mlruns/ in the repository."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import tiny_cfg
+from helpers import REPO_ROOT, tiny_cfg
 from mlflow.tracking import MlflowClient
 
 from transferlab import tracking
-from transferlab.config import MlflowConfig
+from transferlab.config import Config, MlflowConfig
 from transferlab.errors import TransferlabError
+from transferlab.manifests import split_datasets, splits_digest
+from transferlab.paths import StagePaths
 
 
 def client_for(root: Path) -> MlflowClient:
@@ -179,3 +183,38 @@ def test_a_logged_table_is_replaced_not_appended_to(tmp_path: Path) -> None:
         run.log_table(pd.DataFrame({"job": [0, 1, 2]}), "summary.json")
     local = store.client.download_artifacts(run.run_id, "summary.json", str(tmp_path))
     assert pd.read_json(local, orient="split")["job"].tolist() == [0, 1, 2]
+
+
+def test_datasets_and_description_are_logged_to_a_finished_run(
+    prepared_project: StagePaths, synthetic_cfg: Config
+) -> None:
+    """Evaluate adds to the training run after it finished: inputs and description go in by run id."""
+    store = tracking.open_store(MlflowConfig(experiment="datasets", system_metrics=False), prepared_project.root)
+    with store.start_run(run_name="trained") as run:
+        run.log_datasets(split_datasets(synthetic_cfg, prepared_project, ["train", "val"]))
+    run.log_datasets(split_datasets(synthetic_cfg, prepared_project))  # test added; train, val kept once
+    run.description = "**small_cnn** on synthetic"
+    client = client_for(prepared_project.root)
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED"
+    inputs = {d.dataset.name: d for d in finished.inputs.dataset_inputs}
+    assert sorted(inputs) == ["synthetic-test", "synthetic-train", "synthetic-val"]
+    contexts = {name: {t.key: t.value for t in d.tags} for name, d in inputs.items()}
+    assert contexts["synthetic-val"] == {"mlflow.data.context": "validation", "transferlab.data_source": "synthetic"}
+    digest = splits_digest(prepared_project)
+    assert {d.dataset.digest for d in inputs.values()} == {digest}
+    assert json.loads(inputs["synthetic-test"].dataset.source) == {"uri": "data/splits/test.csv"}
+    by_data = client.search_runs([store.experiment_id], f"datasets.digest = '{digest}'")
+    assert [r.info.run_id for r in by_data] == [run.run_id], "one search finds the runs trained on these splits"
+    assert run.description == "**small_cnn** on synthetic"
+    assert finished.data.tags["mlflow.note.content"] == run.description
+
+
+def test_mlruns_is_in_the_repository_with_only_its_readme() -> None:
+    """A fresh clone has mlruns/ (like conf/ and src/); the store's files there are never committed."""
+    tracked = subprocess.run(["git", "ls-files", "mlruns"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert tracked.stdout.split() == ["mlruns/README.md"]
+    assert "mlflow.db" in (REPO_ROOT / "mlruns" / "README.md").read_text()
+    for path in ("mlruns/mlflow.db", "mlruns/artifacts/1/x/artifacts/model.keras"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO_ROOT)
+        assert ignored.returncode == 0, f"{path} is not ignored"

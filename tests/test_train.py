@@ -79,6 +79,17 @@ def test_one_epoch_writes_model_and_a_complete_mlflow_run(prepared_project: Stag
     assert list(history.columns) == ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
     assert history["epoch"].tolist() == [1]
 
+    datasets = {d.dataset.name: d for d in run.inputs.dataset_inputs}  # "Datasets used" in the UI
+    assert sorted(datasets) == ["synthetic-test", "synthetic-train", "synthetic-val"]
+    assert {d.dataset.digest for d in datasets.values()} == {tags[tracking.TAG_MANIFEST_HASH]}
+    contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in datasets.items()}
+    assert contexts == {"synthetic-train": "training", "synthetic-val": "validation", "synthetic-test": "test"}
+    description = tags["mlflow.note.content"]
+    assert description.startswith("**small_cnn** (random weights, dropout 0.2) on **synthetic**: 3 classes;")
+    assert f"**Best epoch** 1 of 1: validation accuracy **{history['val_accuracy'].iloc[-1]:.3f}**" in description
+    (version,) = client.search_model_versions(f"name = '{cfg.mlflow.registered_model}'")
+    assert version.run_id == result.run_id and version.source.startswith("models:/m-")
+
 
 def test_logged_model_loads_through_pyfunc(prepared_project: StagePaths) -> None:
     import mlflow

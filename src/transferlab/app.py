@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from transferlab.cli import configure_runtime
+from transferlab import console
 from transferlab.config import CONFIG_NAME, conf_dir
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def main() -> None:
     """Entry point of the `transferlab-train` console script."""
     import hydra
 
-    configure_runtime()
+    console.configure()
     hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_task)()
     from transferlab.sweep import sweep_exit_status  # imported already, by Hydra's callback
 

@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from transferlab import console
 from transferlab.errors import run_reporting_errors
+from transferlab.registry import DEFAULT_ALIAS
 
 if TYPE_CHECKING:
-    from transferlab.config import Config
+    from transferlab.config import Config, MlflowConfig
     from transferlab.paths import StagePaths
-
-
-def configure_runtime() -> None:
-    """Logging format and quieter TensorFlow, before anything heavy is imported."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 StageFunction = Callable[["Config", "StagePaths"], object]
@@ -71,16 +65,44 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from transferlab.predict import predict_command
+def _project_mlflow(params: Path) -> MlflowConfig:
+    """The `mlflow` settings of the project's params file, or the defaults when there is none."""
+    from transferlab.config import MlflowConfig, load_params
 
-    return predict_command(Path(args.model), [Path(p) for p in args.inputs], args.top_k, args.json)
+    return load_params(params).mlflow if params.is_file() else MlflowConfig()
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from transferlab.paths import project_root
+    from transferlab.predict import predict_command
+    from transferlab.registry import local_model
+
+    with local_model(args.model, _project_mlflow(Path("params.yaml")), project_root()) as model:
+        return predict_command(model, [Path(p) for p in args.inputs], args.top_k, args.json)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from transferlab.export import export_model
+    from transferlab.paths import project_root
+    from transferlab.registry import local_model
 
-    export_model(Path(args.model), Path(args.out), args.format)
+    with local_model(args.model, _project_mlflow(Path("params.yaml")), project_root()) as model:
+        export_model(model, Path(args.out), args.format)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from transferlab.errors import ConfigError
+    from transferlab.paths import project_root
+    from transferlab.registry import promote
+    from transferlab.tracking import connect
+
+    cfg = _project_mlflow(Path(args.params))
+    name = args.name or cfg.registered_model
+    if not name:
+        raise ConfigError(f"mlflow.registered_model is null in {args.params}: pass --name NAME")
+    version = promote(connect(cfg, project_root()), name, args.version_or_run, args.alias)
+    print(f"models:/{name}@{args.alias} -> version {version}")
     return 0
 
 
@@ -123,17 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_exps, passes_arguments_on=True)
 
     p = sub.add_parser("predict", help="top-k labels for images or folders of images")
-    p.add_argument("model", help="a trained models/model.keras, or its SavedModel folder or .tflite export")
+    registered = "or a model URI such as models:/<name>@champion"
+    p.add_argument("model", help=f"a trained models/model.keras, its SavedModel folder or .tflite export, {registered}")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-k", "--top-k", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a trained model as a SavedModel or TFLite file")
-    p.add_argument("model", help="a trained models/model.keras")
+    p.add_argument("model", help=f"a trained models/model.keras, {registered}")
     p.add_argument("out", help="output folder (savedmodel) or .tflite file")
     p.add_argument("--format", choices=("savedmodel", "tflite"), default="savedmodel")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("promote", help="point a registered model's alias at a version or a run's model")
+    p.add_argument(
+        "version_or_run", metavar="VERSION_OR_RUN", help="a version number, @alias or run id (registered if needed)"
+    )
+    p.add_argument("--alias", default=DEFAULT_ALIAS, help=f"the alias to move (default: {DEFAULT_ALIAS})")
+    p.add_argument("--name", help="registered model (default: mlflow.registered_model of the params file)")
+    p.add_argument("--params", default="params.yaml", help="composed config (default: params.yaml)")
+    p.set_defaults(func=cmd_promote)
     return parser
 
 
@@ -143,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, args.dvc_args = parser.parse_known_args(argv)
     if args.dvc_args and not getattr(args, "passes_arguments_on", False):
         parser.error(f"unrecognized arguments: {' '.join(args.dvc_args)}")
-    configure_runtime()
+    console.configure()
     return run_reporting_errors(lambda: args.func(args))
 
 

@@ -198,9 +198,16 @@ class MlflowConfig:
     experiment: str = "transferlab"
     log_model: bool = True
     system_metrics: bool = True
+    registered_model: str | None = None  # the registry name training runs add versions to; null: none
 
     def check(self) -> None:
         _require(bool(self.experiment.strip()), "mlflow.experiment", "a non-empty name", self.experiment)
+        if self.registered_model is not None:
+            # It goes into `models:/<name>@<alias>` URIs: no '/', '@' or spaces.
+            ok = bool(_SAFE_NAME.match(self.registered_model))
+            _require(
+                ok, "mlflow.registered_model", "null or a name of letters, digits, '_', '.', '-'", self.registered_model
+            )
 
 
 @dataclass(frozen=True)

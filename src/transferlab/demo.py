@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from transferlab.cli import configure_runtime
+from transferlab import console
 from transferlab.paths import StagePaths, project_root
 from transferlab.workspace import copy_project
 
@@ -54,7 +54,7 @@ def summary(workdir: Path, root: Path) -> str:
 
 
 def main() -> int:
-    configure_runtime()
+    console.configure()
     root = project_root()
     try:
         workdir = run_demo(root)

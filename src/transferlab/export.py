@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from transferlab.console import quiet_c_stderr
 from transferlab.errors import ModelError, TransferlabError, first_line
 from transferlab.inference import find_classes, load_model, model_image_size
 
@@ -102,10 +103,11 @@ def run_tflite(path: Path, image: np.ndarray) -> np.ndarray:
 def _tflite_interpreter(path: Path) -> Any:
     import tensorflow as tf
 
-    with warnings.catch_warnings():  # tf.lite.Interpreter announces its move to ai-edge-litert
+    # The interpreter announces its move to ai-edge-litert and prints an XNNPACK INFO line to fd 2.
+    with warnings.catch_warnings(), quiet_c_stderr():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
         interpreter = tf.lite.Interpreter(model_path=str(path))
-    interpreter.allocate_tensors()
+        interpreter.allocate_tensors()
     return interpreter
 
 

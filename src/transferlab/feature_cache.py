@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from transferlab import atomic
+from transferlab.console import keras_progress
 from transferlab.manifests import Manifest
 from transferlab.pipeline import make_dataset
 
@@ -96,7 +97,6 @@ class FeatureCache:
         manifest: Manifest,
         image_size: int,
         batch_size: int,
-        verbose: int = 1,
     ) -> tuple[np.ndarray, np.ndarray, bool]:
         """(features, labels, hit): from the cache, or computed in one streaming pass and stored."""
         cached = self.load(key, len(manifest))
@@ -104,7 +104,9 @@ class FeatureCache:
             return (*cached, True)
         log.info("computing backbone features for %d images (cached for later runs)", len(manifest))
         dataset = make_dataset(manifest, image_size=image_size, batch_size=batch_size, cache=False)
-        features = extractor.predict(dataset.map(lambda x, y: x), verbose=verbose).astype("float32")
+        with keras_progress("backbone features") as progress:
+            features = extractor.predict(dataset.map(lambda x, y: x), verbose=0, callbacks=[progress])
+        features = features.astype("float32")
         labels = np.asarray(manifest.labels, dtype="int32")
         self.store(key, features, labels)
         return features, labels, False

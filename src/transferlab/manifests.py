@@ -20,6 +20,8 @@ from transferlab.errors import ConfigError, DataError
 from transferlab.paths import SPLITS, StagePaths
 
 MANIFEST_COLUMNS = ("path", "label")
+# MLflow's dataset context of each split ("Datasets used" in the UI).
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,19 @@ class Manifest:
         return [str(self.raw_root / p) for p in self.paths]
 
 
+@dataclass(frozen=True, eq=False)
+class SplitDataset:
+    """One split as MLflow records it (see `tracking.Run.log_datasets`)."""
+
+    split: str
+    name: str  # <data.name>-<split>
+    context: str  # training, validation or test
+    digest: str  # `splits_digest`, the value of the transferlab.manifest_hash tag
+    source: str  # the manifest in the project, tracked by DVC: data/splits/<split>.csv
+    data_source: str  # where the images came from: `data.source` (URL, archive, folder, synthetic)
+    frame: pd.DataFrame  # the manifest's rows (path, label)
+
+
 def load_classes(path: Path) -> list[str]:
     """Ordered class names written by the split stage."""
     try:
@@ -52,12 +67,16 @@ def load_classes(path: Path) -> list[str]:
     return classes
 
 
-def load_manifest(path: Path, raw_root: Path, classes: Sequence[str]) -> Manifest:
-    """Read `<split>.csv`; fail with the stage to run when it is missing or inconsistent."""
+def _read_manifest(path: Path) -> pd.DataFrame:
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError as exc:
         raise DataError(f"{path} not found: run `dvc repro split` (or `transferlab split`) first") from exc
+
+
+def load_manifest(path: Path, raw_root: Path, classes: Sequence[str]) -> Manifest:
+    """Read `<split>.csv`; fail with the stage to run when it is missing or inconsistent."""
+    frame = _read_manifest(path)
     if tuple(frame.columns) != MANIFEST_COLUMNS:
         raise DataError(f"{path} must have columns {','.join(MANIFEST_COLUMNS)}: run `dvc repro split` again")
     index = {name: i for i, name in enumerate(classes)}
@@ -134,3 +153,25 @@ def splits_digest(paths: StagePaths) -> str:
         if file.is_file():
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def split_datasets(cfg: Config, paths: StagePaths, splits: Sequence[str] = SPLITS) -> list[SplitDataset]:
+    """The prepared manifests of `splits` as datasets, all with the digest of the whole split."""
+    digest = splits_digest(paths)
+    datasets = []
+    for split in splits:
+        manifest = paths.manifest(split)
+        frame = _read_manifest(manifest)
+        source = manifest.relative_to(paths.root).as_posix() if manifest.is_relative_to(paths.root) else str(manifest)
+        datasets.append(
+            SplitDataset(
+                split=split,
+                name=f"{cfg.data.name}-{split}",
+                context=SPLIT_CONTEXTS[split],
+                digest=digest,
+                source=source,
+                data_source=cfg.data.source,
+                frame=frame,
+            )
+        )
+    return datasets

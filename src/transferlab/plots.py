@@ -161,3 +161,50 @@ def plot_reliability(calibration: Calibration, path: Path) -> Path:
     hist.set_ylabel("images")
     hist.set_title("Confidence histogram")
     return _save(fig, path)
+
+
+def _sweep_positions(values: pd.Series) -> tuple[np.ndarray, list[str] | None]:
+    """x positions of a swept key's values: the numbers themselves, or category indices and their labels."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().all():
+        return numbers.to_numpy(dtype=float), None
+    labels = sorted(values.astype(str).unique())
+    return values.astype(str).map(labels.index).to_numpy(dtype=float), labels
+
+
+def plot_sweep(table: pd.DataFrame, keys: Sequence[str], path: Path) -> Path:
+    """Validation accuracy against each swept key (one panel per key), best job starred, failed jobs as x.
+
+    `table` is a sweep summary (`sweep_bookkeeping.summary_table`): a column per key, `status`,
+    `val_accuracy`.
+    """
+    if not keys or table.empty:
+        return _message_figure("no swept keys", path)
+    columns = min(3, len(keys))
+    rows = int(np.ceil(len(keys) / columns))
+    fig = Figure(figsize=(4.5 * columns, 3.6 * rows), layout="constrained")
+    scored = table["val_accuracy"].notna()
+    best = table.loc[scored, "val_accuracy"].idxmax() if scored.any() else None
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        x, labels = _sweep_positions(table[key].fillna("").astype(str))
+        y = table["val_accuracy"].to_numpy(dtype=float)
+        ax.scatter(x[scored], y[scored], color="tab:blue", label="job")
+        if (~scored).any():
+            ax.scatter(x[~scored], np.zeros(int((~scored).sum())), color="tab:red", marker="x", label="failed")
+        if best is not None:
+            where = table.index.get_loc(best)
+            ax.scatter([x[where]], [y[where]], s=220, marker="*", color="gold", edgecolor="black", label="best")
+        if labels is not None:
+            ax.set_xticks(range(len(labels)), labels=labels, rotation=30, ha="right")
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        elif x.min() > 0 and x.max() / x.min() >= 50:
+            ax.set_xscale("log")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel(key)
+        ax.set_ylabel("validation accuracy")
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(loc="best", fontsize=8)
+    fig.suptitle("Validation accuracy per swept value")
+    return _save(fig, path)

@@ -70,6 +70,9 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Load the `.keras` file logged as the `keras_model` artifact, and the class names."""
+        from transferlab.console import quiet_imports
+
+        quiet_imports()  # before TensorFlow loads: no C++ start-up chatter in the server's log
         from transferlab.inference import load_model, model_image_size
 
         config = context.model_config or {}
@@ -159,6 +162,23 @@ def pip_requirements() -> list[str]:
             except importlib.metadata.PackageNotFoundError:
                 continue
     return pins
+
+
+def unpack_classifier(model_dir: Path, uri: str) -> tuple[Path, list[str]]:
+    """The `.keras` file and class names in `model_dir`, the MLflow model `uri` downloaded there
+    (logged by `log_image_classifier`)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from transferlab.errors import ModelError
+
+    try:
+        flavor = Model.load(str(model_dir)).flavors["python_function"]
+        keras_file = model_dir / flavor["artifacts"][KERAS_ARTIFACT]["path"]
+        classes = list(flavor["config"]["classes"])
+    except (MlflowException, OSError, KeyError, TypeError) as exc:
+        raise ModelError(f"{uri} is not an image classifier logged by transferlab") from exc
+    return keras_file, classes
 
 
 def log_image_classifier(

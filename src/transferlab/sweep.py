@@ -57,9 +57,10 @@ class SweepInfo:
 
     parent: tracking.RunRecord
     keys: tuple[str, ...]  # config keys the sweep varies; child runs are named by them
+    registered_model: str | None = None  # the best child's model goes there, alias `candidate`
 
     def write(self, sweep_dir: Path) -> None:
-        payload = {**self.parent.__dict__, "sweep_keys": list(self.keys)}
+        payload = {**self.parent.__dict__, "sweep_keys": list(self.keys), "registered_model": self.registered_model}
         atomic.write_text(sweep_dir / PARENT_FILE, json.dumps(payload, indent=1) + "\n")
 
     @classmethod
@@ -69,7 +70,8 @@ class SweepInfo:
             return None
         payload = json.loads(path.read_text())
         keys = tuple(payload.pop("sweep_keys", ()))
-        return cls(tracking.RunRecord(**payload), keys)
+        registered_model = payload.pop("registered_model", None)
+        return cls(tracking.RunRecord(**payload), keys, registered_model)
 
 
 def _mlflow_section(node: DictConfig) -> MlflowConfig:
@@ -129,7 +131,8 @@ class SweepTracker(Callback):
         }
         tags[tracking.TAG_SWEEP_ID] = _sweep_id(config, task)
         root = project_root()
-        store = tracking.open_store(_mlflow_section(config), root)
+        mlflow_cfg = _mlflow_section(config)
+        store = tracking.open_store(mlflow_cfg, root)
         earlier = sweep_bookkeeping.find_sweep_parent(store, tags[tracking.TAG_SWEEP_ID])
         if earlier and config.sweep.get("skip_finished", True):
             parent = store.reopen_parent_run(earlier, tags)
@@ -138,7 +141,8 @@ class SweepTracker(Callback):
             parent = store.create_parent_run(name, tags, root)
         if not (sweep_dir / SWEEP_FILES[0]).is_file():  # the basic sweeper writes it, Optuna's does not
             OmegaConf.save(config, sweep_dir / SWEEP_FILES[0])
-        SweepInfo(parent.record, tuple(keys)).write(sweep_dir)
+        registered_model = mlflow_cfg.registered_model if mlflow_cfg.log_model else None
+        SweepInfo(parent.record, tuple(keys), registered_model).write(sweep_dir)
         atexit.register(_close_unfinished, sweep_dir)
         log.info("sweep parent run %s, varying %s", parent.run_id, ", ".join(keys) or "nothing")
 
@@ -165,7 +169,7 @@ def _close_parent(sweep_dir: Path, status: str) -> None:
     rows.sort(key=lambda r: r["job"])
     extra = [sweep_dir / name for name in SWEEP_FILES if (sweep_dir / name).is_file()]
     summary, _sweep_status = sweep_bookkeeping.finish_parent_run(
-        info.parent, rows, sweep_dir / SUMMARY_FILE, info.keys, status, extra
+        info.parent, rows, sweep_dir / SUMMARY_FILE, info.keys, status, extra, info.registered_model
     )
     for line in summary.splitlines():
         log.info("%s", line)
@@ -195,7 +199,7 @@ def _train_and_evaluate(
     from transferlab.stages.evaluate import evaluate
     from transferlab.stages.train import train
 
-    result = train(cfg, paths, run_name=name, parent_run_id=parent, extra_tags=tags)
+    result = train(cfg, paths, run_name=name, parent_run_id=parent, extra_tags=tags, register_model=parent is None)
     evaluate(cfg, paths)
     return result.run_id, result.val_accuracy
 

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from transferlab import tracking
+from transferlab import registry, tracking
 from transferlab.config import TRAINING_SECTIONS
+from transferlab.errors import TransferlabError
+from transferlab.plots import plot_sweep
+
+log = logging.getLogger(__name__)
 
 # Columns of a sweep's summary table; one column per swept key goes after "job".
 SUMMARY_COLUMNS = [
@@ -32,6 +37,7 @@ SUMMARY_COLUMNS = [
     "error",
 ]
 JOB_STATES = ("FINISHED", "FAILED", "SKIPPED")
+SWEEP_PLOT = "sweep_val_accuracy.png"
 NUMERIC_COLUMNS = ["val_accuracy", "val_loss", "test_accuracy", "test_macro_f1", "duration_s", "rss_mb"]
 
 
@@ -109,14 +115,17 @@ def finish_parent_run(
     keys: Sequence[str] = (),
     status: str = "FINISHED",
     extra_artifacts: Sequence[Path] = (),
+    register_as: str | None = None,
 ) -> tuple[str, str]:
     """Log the sweep summary table on the parent, tag the best child, end the parent with `status`
     (FAILED instead of FINISHED when no job has a result).
 
     The table goes to `summary_csv` (in the sweep folder) and to the parent as an artifact and
-    as the MLflow table `sweep_summary.json` (shown in the UI's artifact view), beside
-    `extra_artifacts` (the sweep's Hydra config, Optuna's result). Returns the table as text and
-    the status the parent ended with.
+    as the MLflow table `sweep_summary.json` (shown in the UI's artifact view), beside a plot of
+    validation accuracy per swept value (`sweep_val_accuracy.png`) and `extra_artifacts` (the
+    sweep's Hydra config, Optuna's result). A finished sweep registers its best child's model as
+    a version of `register_as` with the alias `candidate`. Returns the table as text and the
+    status the parent ended with.
     """
     store = tracking.Store.of_record(parent)
     run = store.run(parent.run_id)
@@ -125,6 +134,8 @@ def finish_parent_run(
     table.to_csv(summary_csv, index=False)
     run.log_artifact(summary_csv)
     run.log_table(table, "sweep_summary.json")
+    if keys:
+        run.log_artifact(plot_sweep(table, keys, summary_csv.parent / SWEEP_PLOT))
     for path in extra_artifacts:
         run.log_artifact(path)
     best = best_row(table)
@@ -133,6 +144,8 @@ def finish_parent_run(
         run.log_metrics({"best_val_accuracy": float(best["val_accuracy"])})
         if best["test_accuracy"] == best["test_accuracy"]:  # not NaN
             run.log_metrics({"best_test_accuracy": float(best["test_accuracy"])})
+        if register_as and status == "FINISHED":
+            _register_candidate(store, register_as, best["run_id"])
     else:
         run.delete_tag(tracking.TAG_BEST_CHILD)  # a resumed parent may hold one from before
     run.log_metrics({f"jobs_{state.lower()}": int((table["status"] == state).sum()) for state in JOB_STATES})
@@ -150,3 +163,11 @@ def finish_parent_run(
 def succeeded(table: pd.DataFrame) -> bool:
     """At least one job has a result: it trained now, or it had a finished run from before."""
     return bool(table["status"].isin(["FINISHED", "SKIPPED"]).any())
+
+
+def _register_candidate(store: tracking.Store, name: str, run_id: str) -> None:
+    """The best child's model as `name@candidate`; a registry failure loses nothing, so it only warns."""
+    try:
+        registry.register_run_model(store, name, run_id, alias=registry.CANDIDATE_ALIAS)
+    except TransferlabError as exc:
+        log.warning("best child not registered (%s): `transferlab promote %s --alias candidate`", exc, run_id)

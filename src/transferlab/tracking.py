@@ -17,7 +17,8 @@ import os
 import posixpath
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from transferlab.paths import tracking_root
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow.tracking import MlflowClient
+
+    from transferlab.manifests import SplitDataset
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ TAG_PARENT_RUN = "mlflow.parentRunId"
 TAG_DVC_EXP_NAME = "transferlab.dvc_exp_name"  # set when the run is a stage of `dvc exp run`
 TAG_DVC_EXP_REF = "transferlab.dvc_exp_ref"  # the git ref DVC commits the experiment to, after the run
 TAG_DVC_EXP_BASELINE = "transferlab.dvc_exp_baseline"  # the commit the experiment starts from
+TAG_DESCRIPTION = "mlflow.note.content"  # the run's description (markdown) in the UI
+INPUT_TAG_DATA_SOURCE = "transferlab.data_source"  # on each dataset input: where the images came from
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -266,10 +271,11 @@ class Run:
         else:
             self._client.log_table(self.run_id, table, artifact_file)
 
-    def log_model(self, model_file: Path, classes: list[str], image_size: int) -> None:
+    def log_model(self, model_file: Path, classes: list[str], image_size: int) -> str:
         """Log the Keras model as a servable pyfunc model named `model` (see transferlab.serving).
 
         MLflow logs models into the active run only, so this run must be the active one.
+        Returns the logged model's URI, `models:/<model_id>`.
         """
         import mlflow
 
@@ -278,7 +284,33 @@ class Run:
         active = mlflow.active_run()
         if active is None or active.info.run_id != self.run_id:
             raise TransferlabError(f"cannot log a model to run {self.run_id}: it is not the active run")
-        log_image_classifier(model_file, classes, image_size, name="model")
+        return log_image_classifier(model_file, classes, image_size, name="model").model_uri
+
+    def log_datasets(self, datasets: Sequence[SplitDataset]) -> None:
+        """The splits as dataset inputs ("Datasets used" in the UI); MLflow keeps each one once per run."""
+        import mlflow
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = []
+        for split in datasets:
+            with warnings.catch_warnings():  # a relative path "can be interpreted in multiple ways" (all local)
+                warnings.simplefilter("ignore")
+                dataset = mlflow.data.from_pandas(
+                    split.frame, source=split.source, name=split.name, digest=split.digest, targets="label"
+                )
+            tags = [InputTag(MLFLOW_DATASET_CONTEXT, split.context), InputTag(INPUT_TAG_DATA_SOURCE, split.data_source)]
+            # `_to_mlflow_entity` is how mlflow.log_input itself turns a dataset into a run input.
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        self._client.log_inputs(self.run_id, datasets=inputs)
+
+    @property
+    def description(self) -> str:
+        return self._client.get_run(self.run_id).data.tags.get(TAG_DESCRIPTION, "")
+
+    @description.setter
+    def description(self, markdown: str) -> None:
+        self.set_tag(TAG_DESCRIPTION, markdown)
 
     def terminate(self, status: str) -> None:
         self._client.set_terminated(self.run_id, status=status)
@@ -287,9 +319,9 @@ class Run:
 class Store:
     """An MLflow tracking store and the experiment this project's runs go to."""
 
-    def __init__(self, uri: str, experiment_id: str) -> None:
+    def __init__(self, uri: str, experiment_id: str | None) -> None:
         self.uri = uri
-        self.experiment_id = experiment_id
+        self.experiment_id = experiment_id  # None: a store opened for the model registry only
         self._client: MlflowClient | None = None
 
     @classmethod
@@ -366,6 +398,67 @@ class Store:
         with mlflow.start_run(run_id=run_id):
             yield Run(self, run_id)
 
+    def logged_model_uri(self, run_id: str) -> str | None:
+        """`models:/<model_id>` of the model named `model` that run `run_id` logged, if any."""
+        with _registry_errors(f"run {run_id}"):
+            run = self.client.get_run(run_id)
+            found = self.client.search_logged_models(
+                experiment_ids=[run.info.experiment_id],
+                filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
+                max_results=1,
+            )
+        return f"models:/{found[0].model_id}" if found else None
+
+    def version_of_run(self, name: str, run_id: str) -> str | None:
+        """The newest version of registered model `name` that holds run `run_id`'s model, if any."""
+        with _registry_errors(f"registered model {name}"):
+            found = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        return str(max(int(v.version) for v in found)) if found else None
+
+    def register_version(self, name: str, model_uri: str, run_id: str) -> str:
+        """A new version of registered model `name` (created if needed) holding `model_uri`."""
+        from mlflow.exceptions import MlflowException
+
+        with _registry_errors(f"registered model {name}"):
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            model_id = model_uri.removeprefix("models:/")
+            version = self.client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id)
+        return str(version.version)
+
+    def model_version_run(self, name: str, version: str) -> str:
+        """The run whose model version `version` of `name` holds."""
+        with _registry_errors(f"version {version} of registered model {name}"):
+            return self.client.get_model_version(name, version).run_id
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version of `name` that `alias` points at, if the alias is set."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point `name@alias` at `version` (moving it from the version that had it)."""
+        with _registry_errors(f"registered model {name}"):
+            self.client.set_registered_model_alias(name, alias, version)
+
+    def download_model(self, uri: str, destination: Path) -> Path:
+        """Download a logged or registered model (`models:/...`, `runs:/...`) into `destination`."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)  # MLflow resolves `models:/` names in the global registry only
+        with _registry_errors(uri):
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(destination), tracking_uri=self.uri
+            )
+        return Path(local)
+
     def create_parent_run(self, name: str, tags: Mapping[str, str], root: Path) -> Run:
         """Open (without activating) the parent run of a sweep; jobs attach children to it."""
         all_tags = {TAG_SWEEP: "parent", **git_state(root), **dict(tags)}
@@ -400,6 +493,28 @@ class Store:
         if not existing or existing[0].info.status in ("RUNNING", "FINISHED"):
             self.client.set_terminated(run_id, status="FAILED")
         return run_id
+
+
+@contextmanager
+def _registry_errors(subject: str) -> Iterator[None]:
+    """MLflow's registry errors as one line naming what was looked for."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise TransferlabError(f"{subject}: {first_line(exc.message)}") from exc
+
+
+def connect(cfg: MlflowConfig, root: Path) -> Store:
+    """The store `cfg` names, for the model registry: no experiment is created, no new local store either."""
+    uri = tracking_uri(cfg, root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise TransferlabError(
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}: run this in the project that trained the "
+            "model, or set MLFLOW_TRACKING_URI"
+        )
+    return Store(uri, None)
 
 
 _open_stores: dict[tuple[str, str], Store] = {}

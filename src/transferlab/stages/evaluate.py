@@ -7,8 +7,9 @@ Writes (all declared in `dvc.yaml`):
 - `reports/confusion.csv`: `actual,predicted` class names, one row per test image, for
   DVC's confusion template;
 - `reports/figures/{confusion_matrix,misclassified,reliability}.png`.
-The same metrics and files are logged into the MLflow run that trained the model
-(`models/run.json`), so one run holds both validation and test results.
+The same metrics and files, the test split as a dataset input and the test results in the run's
+description are logged into the MLflow run that trained the model (`models/run.json`), so one
+run holds both validation and test results.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import pandas as pd
 
 from transferlab import plots, tracking
 from transferlab.config import Config
+from transferlab.console import keras_progress
+from transferlab.descriptions import with_test_results
 from transferlab.errors import DataError, ModelError
 from transferlab.inference import load_image_batch, load_model, model_image_size
-from transferlab.manifests import Manifest, load_classes, load_manifest
+from transferlab.manifests import Manifest, load_classes, load_manifest, split_datasets
 from transferlab.metrics import Calibration, ClassificationReport, calibration, classification_report
 from transferlab.paths import StagePaths
 from transferlab.pipeline import make_dataset
@@ -53,7 +56,8 @@ def figure_files(paths: StagePaths) -> list[Path]:
 def predict_manifest(model: keras.Model, manifest: Manifest, batch_size: int) -> np.ndarray:
     """Class probabilities (n, classes) for every image of a split, in manifest order."""
     dataset = make_dataset(manifest, image_size=model_image_size(model), batch_size=batch_size, cache=False)
-    probabilities = model.predict(dataset.map(lambda x, y: x), verbose=0)
+    with keras_progress("evaluating") as progress:
+        probabilities = model.predict(dataset.map(lambda x, y: x), verbose=0, callbacks=[progress])
     return np.asarray(probabilities, dtype=np.float64)
 
 
@@ -164,6 +168,8 @@ def evaluate(cfg: Config, paths: StagePaths) -> dict[str, float]:
 
     with tracking.Store.of_record(record).reopen_run(record.run_id) as run:
         run.log_metrics(metrics)
+        run.log_datasets(split_datasets(cfg, paths, ["test"]))
+        run.description = with_test_results(run.description, metrics, cfg.evaluate.top_k)
         for file in (paths.metrics, paths.per_class, paths.confusion):
             run.log_artifact(file, ARTIFACT_DIR)
         for figure in figures:

@@ -11,7 +11,6 @@ in the same MLflow run.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,10 +21,22 @@ from transferlab import atomic, tracking
 from transferlab.backbones import resolve_image_size
 from transferlab.checkpoint import Checkpointer, CheckpointState, ModelKind
 from transferlab.config import Config, config_hash
+from transferlab.console import keras_progress
+from transferlab.descriptions import training_description
+from transferlab.errors import TransferlabError
 from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
-from transferlab.manifests import Manifest, check_splits_fresh, load_classes, load_manifest, splits_digest
+from transferlab.manifests import (
+    Manifest,
+    SplitDataset,
+    check_splits_fresh,
+    load_classes,
+    load_manifest,
+    split_datasets,
+    splits_digest,
+)
 from transferlab.paths import StagePaths
 from transferlab.pipeline import make_dataset
+from transferlab.registry import register_run_model
 
 if TYPE_CHECKING:
     import keras
@@ -94,6 +105,8 @@ def _epoch_tracker(
             state.epochs_done = epoch + 1
             checkpointer.save(state, self.model, kind)
             run.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch + 1)
+            shown = ", ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS[:4])
+            log.info("epoch %d/%d (%s): %s", epoch + 1, phase.last_epoch, phase.name, shown)
 
     return EpochTracker()
 
@@ -117,7 +130,6 @@ class _Trainer:
         raw = paths.raw_dataset(cfg.data.name)
         self.train_set = load_manifest(paths.manifest("train"), raw, self.classes)
         self.val_set = load_manifest(paths.manifest("val"), raw, self.classes)
-        self.verbose = 1 if sys.stdout.isatty() else 2
 
     def build(self) -> Classifier:
         from transferlab.model import adopt_trained, build_classifier
@@ -142,9 +154,7 @@ class _Trainer:
             key = FeatureKey(
                 self.cfg.model.backbone, self.cfg.model.alpha, digest, self.image_size, manifest_digest(manifest)
             )
-            features, labels, hit = cache.features_for(
-                key, classifier.features, manifest, self.image_size, batch, verbose=self.verbose
-            )
+            features, labels, hit = cache.features_for(key, classifier.features, manifest, self.image_size, batch)
             log.info("feature cache %s for %d images", "hit" if hit else "miss", len(manifest))
             ds = tf.data.Dataset.from_tensor_slices((features, tf.one_hot(labels, len(self.classes))))
             if shuffle:
@@ -188,15 +198,16 @@ class _Trainer:
             phase.last_epoch,
             phase.learning_rate,
         )
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=phase.last_epoch,
-            initial_epoch=start,
-            callbacks=[_epoch_tracker(self.run, self.checkpointer, self.state, phase, kind)],
-            shuffle=False,  # the datasets shuffle themselves, seeded
-            verbose=self.verbose,
-        )
+        with keras_progress(f"phase {phase.name}", epochs=phase.last_epoch - start) as progress:
+            model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=phase.last_epoch,
+                initial_epoch=start,
+                callbacks=[_epoch_tracker(self.run, self.checkpointer, self.state, phase, kind), progress],
+                shuffle=False,  # the datasets shuffle themselves, seeded
+                verbose=0,
+            )
         if phase.cached:
             classifier.model = attach_head(classifier.features, classifier.head, classifier.model.name)
         return classifier
@@ -208,6 +219,11 @@ def _backbone_state(phase: Phase, trainable: int) -> str:
         return "backbone frozen, head trained on cached features" if phase.cached else "backbone frozen"
     which = "all backbone layers" if phase.unfreeze == "all" else f"top {phase.unfreeze} backbone layers"
     return f"{which} unfrozen ({trainable} with weights; BatchNorm stays frozen)"
+
+
+def best_epoch(history: pd.DataFrame) -> pd.Series:
+    """The history row of the epoch whose weights the saved model holds: the last one."""
+    return history.iloc[-1]
 
 
 def _resumable_state(store: tracking.Store, checkpointer: Checkpointer, cfg_hash: str) -> CheckpointState | None:
@@ -229,8 +245,12 @@ def train(
     run_name: str | None = None,
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
+    register_model: bool = True,
 ) -> TrainResult:
-    """Train, checkpoint every epoch, save `models/model.keras`, log everything to MLflow."""
+    """Train, checkpoint every epoch, save `models/model.keras`, log everything to MLflow.
+
+    With `register_model` (not for sweep jobs) the model becomes a new version of
+    `mlflow.registered_model`."""
     from transferlab.runtime import device_description, make_strategy, precision_policy
     from transferlab.seeding import seed_everything
 
@@ -268,6 +288,8 @@ def train(
             _relog_missing_epochs(run, state)
         run.log_config(cfg)
         run.log_dict(cfg.to_dict(), "config.yaml")
+        datasets = split_datasets(cfg, paths)
+        run.log_datasets(datasets)
         with make_strategy(cfg.train).scope():
             trainer = _Trainer(cfg, paths, run, state)
             classifier = trainer.build()
@@ -276,7 +298,7 @@ def train(
                     continue
                 resuming = resume is not None and state.epochs_done > phase.first_epoch
                 classifier = trainer.run_phase(classifier, phase, resuming)
-        _finish(cfg, paths, run, trainer, classifier, state)
+        _finish(cfg, paths, run, trainer, classifier, state, datasets, register_model)
     checkpointer.clear()
     return TrainResult(run.run_id, pd.DataFrame(state.history, columns=HISTORY_COLUMNS), resume is not None)
 
@@ -288,8 +310,11 @@ def _finish(
     trainer: _Trainer,
     classifier: Classifier,
     state: CheckpointState,
+    datasets: list[SplitDataset],
+    register_model: bool,
 ) -> None:
-    """Write the model, history and curves; log them; record the run for evaluate."""
+    """Write the model, history and curves; log them, describe the run, register the model; record
+    the run for evaluate."""
     from transferlab.plots import plot_training_curves
 
     atomic.write_file(paths.model_file, classifier.model.save)
@@ -302,7 +327,21 @@ def _finish(
     run.log_artifact(paths.classes)
     final = history.iloc[-1]
     run.log_metrics({"final_val_accuracy": final["val_accuracy"], "final_val_loss": final["val_loss"]})
+    images = {dataset.split: len(dataset.frame) for dataset in datasets}
+    digest = datasets[0].digest
+    best = best_epoch(history)
+    run.description = training_description(cfg, plan_phases(cfg), history, best, images, len(trainer.classes), digest)
     if cfg.mlflow.log_model:
-        run.log_model(paths.model_file, list(trainer.classes), trainer.image_size)
+        model_uri = run.log_model(paths.model_file, list(trainer.classes), trainer.image_size)
+        if register_model and cfg.mlflow.registered_model:
+            _register(run, cfg.mlflow.registered_model, model_uri)
     run.record.write(paths.run_file)
     log.info("model saved to %s; MLflow run %s", paths.model_file, run.run_id)
+
+
+def _register(run: tracking.Run, name: str, model_uri: str) -> None:
+    """A new version of `name` for this run's model; a registry failure loses nothing, so it only warns."""
+    try:
+        register_run_model(run.store, name, run.run_id, model_uri)
+    except TransferlabError as exc:
+        log.warning("model not registered (%s): register it with `transferlab promote %s`", exc, run.run_id)

@@ -1,0 +1,92 @@
+"""A training run's description (markdown, shown at the top of its MLflow page).
+
+Train writes what was trained on what data and how it went; evaluate adds the test results.
+
+    **small_cnn** (random weights, dropout 0.2) on **synthetic**: 3 classes; 72 train, 24 validation
+    and 24 test images (splits `1f0c...`).
+
+    | phase | epochs | learning rate | trains |
+    ...
+
+    **Best epoch** 10 of 10: validation accuracy **0.917**, loss 0.308.
+
+    **Test**: accuracy **0.833**, top-2 accuracy 1.000, macro F1 0.817 on 24 images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+import pandas as pd
+
+from transferlab.config import Config
+
+TEST_HEADING = "**Test**"
+
+
+class Phase(Protocol):
+    """What a description needs of a training phase (`stages.train.Phase`)."""
+
+    name: str
+    learning_rate: float
+    unfreeze: int | Literal["all"]
+    cached: bool
+
+
+def _backbone(cfg: Config) -> str:
+    model = cfg.model
+    name = f"**{model.backbone}**" + (f" alpha {model.alpha:g}" if model.alpha is not None else "")
+    weights = {None: "random weights", "imagenet": "ImageNet weights"}.get(model.weights)
+    weights = weights or f"weights from {Path(str(model.weights)).name}"
+    return f"{name} ({weights}, dropout {model.dropout:g})"
+
+
+def _trains(phase: Phase) -> str:
+    if phase.unfreeze == 0:
+        return "the head on cached backbone features" if phase.cached else "the head, backbone frozen"
+    layers = "the whole backbone" if phase.unfreeze == "all" else f"the top {phase.unfreeze} backbone layers"
+    return f"the head and {layers} (BatchNorm frozen)"
+
+
+def _phase_rows(phases: Sequence[Phase], history: pd.DataFrame) -> list[str]:
+    rows = ["| phase | epochs | learning rate | trains |", "| --- | --- | --- | --- |"]
+    for phase in phases:
+        epochs = history.loc[history["phase"] == phase.name, "epoch"]
+        if epochs.empty:
+            continue
+        span = f"{epochs.min()}-{epochs.max()}" if len(epochs) > 1 else str(epochs.min())
+        rows.append(f"| {phase.name} | {span} | {phase.learning_rate:g} | {_trains(phase)} |")
+    return rows
+
+
+def training_description(
+    cfg: Config,
+    phases: Sequence[Phase],
+    history: pd.DataFrame,
+    best: pd.Series,
+    images: Mapping[str, int],
+    classes: int,
+    digest: str,
+) -> str:
+    """Backbone, data, phases and the best epoch of a finished training run."""
+    counts = ", ".join(f"{n} {split.replace('val', 'validation')}" for split, n in images.items())
+    data = f"**{cfg.data.name}**: {classes} classes; {counts} images (splits `{digest}`)."
+    lines = [f"{_backbone(cfg)} on {data}", "", *_phase_rows(phases, history), ""]
+    lines.append(
+        f"**Best epoch** {int(best['epoch'])} of {len(history)}: validation accuracy "
+        f"**{best['val_accuracy']:.3f}**, loss {best['val_loss']:.3f}."
+    )
+    return "\n".join(lines)
+
+
+def with_test_results(description: str, metrics: Mapping[str, float], top_k: int) -> str:
+    """`description` with its test paragraph (from evaluate's metrics) added or replaced."""
+    training = description.split(TEST_HEADING, 1)[0].rstrip()
+    test = (
+        f"{TEST_HEADING}: accuracy **{metrics['test_accuracy']:.3f}**, top-{top_k} accuracy "
+        f"{metrics[f'test_top{top_k}_accuracy']:.3f}, macro F1 {metrics['test_macro_f1']:.3f} "
+        f"on {int(metrics['test_images'])} images."
+    )
+    return f"{training}\n\n{test}" if training else test

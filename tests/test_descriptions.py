@@ -1,0 +1,44 @@
+"""descriptions.py: the markdown a training run shows at the top of its MLflow page."""
+
+from __future__ import annotations
+
+import pandas as pd
+from helpers import tiny_cfg
+
+from transferlab.descriptions import training_description, with_test_results
+from transferlab.stages.train import best_epoch, plan_phases
+
+TEST_METRICS = {"test_accuracy": 0.8333, "test_top2_accuracy": 1.0, "test_macro_f1": 0.8166, "test_images": 24}
+
+
+def two_phase_description() -> str:
+    cfg = tiny_cfg("train.epochs=2", "finetune=top20", "finetune.epochs=1", "finetune.learning_rate=0.0001")
+    history = pd.DataFrame(
+        {
+            "epoch": [1, 2, 3],
+            "phase": ["head", "head", "finetune"],
+            "val_accuracy": [0.5, 0.75, 0.875],
+            "val_loss": [1.0, 0.7, 0.4],
+        }
+    )
+    images = {"train": 20, "val": 8, "test": 8}
+    return training_description(cfg, plan_phases(cfg), history, best_epoch(history), images, 3, "0123456789abcdef")
+
+
+def test_training_description_names_backbone_data_phases_and_best_epoch() -> None:
+    text = two_phase_description()
+    assert text.startswith("**small_cnn** (random weights, dropout 0.2) on **synthetic**: 3 classes;")
+    assert "20 train, 8 validation, 8 test images (splits `0123456789abcdef`)" in text
+    assert f"| head | 1-2 | {tiny_cfg().train.learning_rate:g} | the head on cached backbone features |" in text
+    assert "| finetune | 3 | 0.0001 | the head and the top 20 backbone layers (BatchNorm frozen) |" in text
+    assert "**Best epoch** 3 of 3: validation accuracy **0.875**, loss 0.400." in text
+
+
+def test_test_results_are_added_once_and_replaced_by_a_new_evaluation() -> None:
+    trained = two_phase_description()
+    evaluated = with_test_results(trained, TEST_METRICS, top_k=2)
+    assert evaluated.startswith(trained)
+    assert evaluated.endswith("**Test**: accuracy **0.833**, top-2 accuracy 1.000, macro F1 0.817 on 24 images.")
+    again = with_test_results(evaluated, {**TEST_METRICS, "test_accuracy": 0.5}, top_k=2)
+    assert again.count("**Test**") == 1 and "accuracy **0.500**" in again
+    assert with_test_results("", TEST_METRICS, top_k=2).startswith("**Test**")
