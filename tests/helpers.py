@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -72,39 +73,50 @@ def undeclared_files(root: Path, before: set[Path]) -> list[Path]:
     return sorted(p for p in new if not any(p == a or a in p.parents for a in [*allowed, *internal]))
 
 
-def offline_dom(page: Path, budget_ms: int = 10_000) -> str:
-    """The DOM of the local HTML file `page` after headless Chromium rendered it with no network.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1600,1100",
+)
 
-    Chromium runs in its own network namespace with only loopback up (`unshare --net`, as root),
-    so nothing it tries to fetch from the internet can arrive. Skips the test, saying why, when
-    Chromium or network namespaces are not available (`.ci/run` installs Debian's `chromium`).
+
+def offline_dom(page: Path | str, budget_ms: int = 10_000, screenshot: Path | None = None) -> str:
+    """The DOM of a page after headless Chromium ran its scripts, with no way to the internet.
+
+    `page` is a local HTML file (Chromium then runs in its own network namespace with only
+    loopback up: `unshare --net`, as root) or a URL on 127.0.0.1 (every other host name is
+    unresolvable). With `screenshot`, a PNG of the page is saved there too. Skips the test,
+    saying why, when Chromium or network namespaces are not available, and fails it in CI
+    (`.ci/run` installs Debian's `chromium` and sets TRANSFERLAB_CI).
     """
+    missing = pytest.fail if os.environ.get("TRANSFERLAB_CI") else pytest.skip
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.skip("chromium is not installed (`apt-get install chromium`; .ci/run installs it)")
-    if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
-        pytest.skip("cannot create a network namespace (`unshare --net` needs root)")
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        flags = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={profile}",
-            f"--virtual-time-budget={budget_ms}",  # without it, --dump-dom may not wait for scripts
-            "--dump-dom",
+        missing("chromium is not installed (`apt-get install chromium`; .ci/run installs it)")
+    if isinstance(page, Path):
+        if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
+            missing("cannot create a network namespace (`unshare --net` needs root)")
+        url, isolation = (
             page.resolve().as_uri(),
-        ]
-        script = 'ip link set lo up && exec "$@"'
-        done = subprocess.run(
-            ["unshare", "--net", "sh", "-c", script, "sh", chromium, *flags],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+            ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"],
         )
-    assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        isolation, url = [], page
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        command = [*isolation, chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+        command += ["--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]  # nothing leaves this machine
+        command += [f"--virtual-time-budget={budget_ms}"]  # without it, --dump-dom may not wait for scripts
+        done = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0 and done.stdout, f"chromium could not render {url}:\n{done.stderr[-3000:]}"
+        if screenshot is not None:
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            shot = subprocess.run([*command, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+            assert shot.returncode == 0, shot.stderr[-3000:]
     return done.stdout

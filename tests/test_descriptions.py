@@ -29,8 +29,9 @@ def test_training_description_names_backbone_data_phases_and_best_epoch() -> Non
     text = two_phase_description()
     assert text.startswith("**small_cnn** (random weights, dropout 0.2) on **synthetic**: 3 classes;")
     assert "20 train, 8 validation, 8 test images (splits `0123456789abcdef`)" in text
-    assert f"| head | 1-2 | {tiny_cfg().train.learning_rate:g} | the head on cached backbone features |" in text
-    assert "| finetune | 3 | 0.0001 | the head and the top 20 backbone layers (BatchNorm frozen) |" in text
+    lr = tiny_cfg().train.learning_rate
+    assert f"| head | 1-2 | {lr:g} | backbone frozen, head trained on cached features |" in text
+    assert "| finetune | 3 | 0.0001 | top 20 backbone layers unfrozen (BatchNorm stays frozen) |" in text
     assert "**Best epoch** 3 of 3: validation accuracy **0.875**, loss 0.400." in text
 
 

@@ -8,7 +8,7 @@ copy of the repo, then a two-job Hydra sweep on the demo's splits into the same 
   best child is `<name>@candidate`, and `transferlab predict models:/<name>@candidate` works;
 - over the `mlflow ui` server (a tracking server), `promote` moves `champion` and the model fetches;
 - Chromium renders the run page, the experiment page, the compare view of the sweep's children,
-  and the registered model's page; their DOMs hold what a user looks for.
+  the registered model's page and the DVC plots page; their DOMs hold what a user looks for.
 `KEEP_SCREENSHOTS=1` keeps screenshots of each page in reports/. Without Chromium (Debian package
 `chromium`; `.ci/run` installs it) the browser checks are skipped, except in CI.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, VENV_BIN, chatter
+from helpers import REPO_ROOT, VENV_BIN, chatter, offline_dom
 from mlflow.tracking import MlflowClient
 
 from transferlab import registry, tracking
@@ -45,21 +44,6 @@ SWEEP = ("+experiment=demo", "train.epochs=2", "finetune.epochs=1", "model.dropo
 SERVER_START_TIMEOUT_S = 180
 # Chromium runs JavaScript for this much virtual time, then dumps the DOM (without it, it never stops).
 VIRTUAL_TIME_MS = 15_000
-CHROMIUM_TIMEOUT_S = 120
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",  # no request leaves this machine
-    "--window-size=1600,1100",
-    f"--virtual-time-budget={VIRTUAL_TIME_MS}",
-)
 
 
 def environment(**extra: str) -> dict[str, str]:
@@ -189,7 +173,7 @@ def ui(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             server.wait(timeout=10)
 
 
-def test_the_registry_works_over_a_tracking_server(demo: Demo, ui: str, tmp_path: Path) -> None:
+def test_the_registry_works_over_a_tracking_server(demo: Demo, ui: str) -> None:
     """The same promote and `models:/` fetch through the UI's server (an `mlflow server`) instead of SQLite."""
     cfg = MlflowConfig(tracking_uri=ui)
     store = tracking.connect(cfg, demo.workdir)
@@ -201,36 +185,11 @@ def test_the_registry_works_over_a_tracking_server(demo: Demo, ui: str, tmp_path
     assert classes == ["blue_triangle", "green_square", "red_circle"]
 
 
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        message = "chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("TRANSFERLAB_CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
-def render(url: str, name: str, tmp_path: Path) -> str:
-    """The DOM of `url` after Chromium ran its JavaScript; with KEEP_SCREENSHOTS=1 also reports/<name>.png."""
-    browser = chromium()
-    profile = tmp_path / f"chromium-{name}"
-    flags = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-    done = subprocess.run(
-        [*flags, "--dump-dom", url], capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S, check=False
-    )
-    assert done.returncode == 0 and done.stdout, f"chromium could not render {url}:\n{done.stderr[-2000:]}"
-    if os.environ.get("KEEP_SCREENSHOTS") == "1":
-        reports = REPO_ROOT / "reports"
-        reports.mkdir(exist_ok=True)
-        shot = subprocess.run(
-            [*flags, f"--screenshot={reports / f'{name}.png'}", url],
-            capture_output=True,
-            timeout=CHROMIUM_TIMEOUT_S,
-            check=False,
-        )
-        assert shot.returncode == 0, shot.stderr[-2000:]
-    return done.stdout
+def render(page: str | Path, name: str) -> str:
+    """The DOM of `page` (a URL on 127.0.0.1 or a local file) after Chromium ran its JavaScript;
+    with KEEP_SCREENSHOTS=1 also a screenshot, reports/<name>.png."""
+    keep = os.environ.get("KEEP_SCREENSHOTS") == "1"
+    return offline_dom(page, VIRTUAL_TIME_MS, REPO_ROOT / "reports" / f"{name}.png" if keep else None)
 
 
 def visible_text(dom: str) -> str:
@@ -247,11 +206,9 @@ def js_number(value: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-def test_the_run_page_shows_name_metrics_datasets_description_and_registered_model(
-    demo: Demo, ui: str, tmp_path: Path
-) -> None:
+def test_the_run_page_shows_name_metrics_datasets_description_and_registered_model(demo: Demo, ui: str) -> None:
     run = demo.client.get_run(demo.run_id)
-    text = visible_text(render(f"{ui}/#/experiments/{demo.experiment_id}/runs/{demo.run_id}", "ui_run", tmp_path))
+    text = visible_text(render(f"{ui}/#/experiments/{demo.experiment_id}/runs/{demo.run_id}", "ui_run"))
     assert run.info.run_name in text
     assert js_number(run.data.metrics["test_accuracy"]) in text
     assert f"synthetic-train ({run.data.tags[tracking.TAG_MANIFEST_HASH]})" in text
@@ -260,22 +217,44 @@ def test_the_run_page_shows_name_metrics_datasets_description_and_registered_mod
     assert "Best epoch" in text and "small_cnn" in text, "the description"
 
 
-def test_the_experiment_page_lists_runs_with_their_datasets(demo: Demo, ui: str, tmp_path: Path) -> None:
+def test_the_experiment_page_lists_runs_with_their_datasets(demo: Demo, ui: str) -> None:
     url = f"{ui}/#/experiments/{demo.experiment_id}/runs?workflowType=machine_learning"
-    text = visible_text(render(url, "ui_experiment", tmp_path))
+    text = visible_text(render(url, "ui_experiment"))
     for name in ("synthetic-train", "synthetic-val", "synthetic-test", "small_cnn-synthetic", "sweep-ui"):
         assert name in text, name
 
 
-def test_the_compare_view_shows_the_childrens_params(demo: Demo, ui: str, tmp_path: Path) -> None:
+def test_the_compare_view_shows_the_childrens_params(demo: Demo, ui: str) -> None:
     runs = json.dumps(demo.children)
     url = f"{ui}/#/compare-runs?runs={runs}&experiments={json.dumps([demo.experiment_id])}"
-    text = visible_text(render(url.replace(" ", ""), "ui_compare", tmp_path))
+    text = visible_text(render(url.replace(" ", ""), "ui_compare"))
     assert "model.dropout" in text and "0.1" in text and "0.5" in text
     assert "test_accuracy" in text
 
 
-def test_the_model_page_shows_versions_and_aliases(demo: Demo, ui: str, tmp_path: Path) -> None:
-    text = visible_text(render(f"{ui}/#/models/{MODEL_NAME}", "ui_model", tmp_path))
+def test_the_model_page_shows_versions_and_aliases(demo: Demo, ui: str) -> None:
+    text = visible_text(render(f"{ui}/#/models/{MODEL_NAME}", "ui_model"))
     assert "Version 1" in text and "Version 2" in text
     assert "candidate" in text, "the alias the sweep set"
+
+
+# --- dvc plots show ----------------------------------------------------------------------------
+
+
+def plot_sections(dom: str) -> dict[str, str]:
+    """The rendered DOM of each plot `<div id=...>` of a `dvc plots show` page."""
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r'<div id="([^"]+)"', dom)]
+    ends = [start for start, _ in starts[1:]] + [len(dom)]
+    return {name: dom[start:end] for (start, name), end in zip(starts, ends, strict=True)}
+
+
+def test_dvc_plots_draw_the_confusion_matrix_and_accuracy_curves(demo: Demo, tmp_path: Path) -> None:
+    out = tmp_path / "plots"
+    run(["dvc", "plots", "show", "--out", str(out)], cwd=demo.workdir)
+    sections = plot_sections(render(out / "index.html", "dvc_plots"))
+    confusion, accuracy = sections["confusion"], sections["accuracy"]
+    classes = 3
+    assert "<svg" in confusion and confusion.count('aria-roledescription="rect mark"') >= classes
+    assert "Test confusion matrix" in confusion
+    assert "<svg" in accuracy and accuracy.count('aria-roledescription="line mark"') >= 2  # train and validation
+    assert "Training and validation accuracy" in accuracy

@@ -5,7 +5,7 @@ Train writes what was trained on what data and how it went; evaluate adds the te
     **small_cnn** (random weights, dropout 0.2) on **synthetic**: 3 classes; 72 train, 24 validation
     and 24 test images (splits `1f0c...`).
 
-    | phase | epochs | learning rate | trains |
+    | phase | epochs | learning rate | backbone |
     ...
 
     **Best epoch** 10 of 10: validation accuracy **0.917**, loss 0.308.
@@ -43,21 +43,24 @@ def _backbone(cfg: Config) -> str:
     return f"{name} ({weights}, dropout {model.dropout:g})"
 
 
-def _trains(phase: Phase) -> str:
-    if phase.unfreeze == 0:
-        return "the head on cached backbone features" if phase.cached else "the head, backbone frozen"
-    layers = "the whole backbone" if phase.unfreeze == "all" else f"the top {phase.unfreeze} backbone layers"
-    return f"the head and {layers} (BatchNorm frozen)"
+def backbone_state(phase: Phase, trainable: int | None = None) -> str:
+    """How much of the backbone a phase trains ("backbone frozen", "top 20 backbone layers unfrozen
+    (...)"); with `trainable`, the count of unfrozen layers with weights (the log shows it)."""
+    if (trainable == 0) if trainable is not None else (phase.unfreeze == 0):
+        return "backbone frozen, head trained on cached features" if phase.cached else "backbone frozen"
+    which = "all backbone layers" if phase.unfreeze == "all" else f"top {phase.unfreeze} backbone layers"
+    counted = f"{trainable} with weights; " if trainable is not None else ""
+    return f"{which} unfrozen ({counted}BatchNorm stays frozen)"
 
 
 def _phase_rows(phases: Sequence[Phase], history: pd.DataFrame) -> list[str]:
-    rows = ["| phase | epochs | learning rate | trains |", "| --- | --- | --- | --- |"]
+    rows = ["| phase | epochs | learning rate | backbone |", "| --- | --- | --- | --- |"]
     for phase in phases:
         epochs = history.loc[history["phase"] == phase.name, "epoch"]
         if epochs.empty:
             continue
         span = f"{epochs.min()}-{epochs.max()}" if len(epochs) > 1 else str(epochs.min())
-        rows.append(f"| {phase.name} | {span} | {phase.learning_rate:g} | {_trains(phase)} |")
+        rows.append(f"| {phase.name} | {span} | {phase.learning_rate:g} | {backbone_state(phase)} |")
     return rows
 
 

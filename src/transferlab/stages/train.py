@@ -22,7 +22,7 @@ from transferlab.backbones import resolve_image_size
 from transferlab.checkpoint import Checkpointer, CheckpointState, ModelKind
 from transferlab.config import Config, config_hash
 from transferlab.console import keras_progress
-from transferlab.descriptions import training_description
+from transferlab.descriptions import backbone_state, training_description
 from transferlab.errors import TransferlabError
 from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
 from transferlab.manifests import (
@@ -193,7 +193,7 @@ class _Trainer:
         log.info(
             "%s: %s; epochs %d..%d at learning rate %g",
             phase.name,
-            _backbone_state(phase, trainable),
+            backbone_state(phase, trainable),
             start + 1,
             phase.last_epoch,
             phase.learning_rate,
@@ -211,14 +211,6 @@ class _Trainer:
         if phase.cached:
             classifier.model = attach_head(classifier.features, classifier.head, classifier.model.name)
         return classifier
-
-
-def _backbone_state(phase: Phase, trainable: int) -> str:
-    """How much of the backbone a phase trains, for the log: "backbone frozen", "top 20 layers unfrozen"."""
-    if trainable == 0:
-        return "backbone frozen, head trained on cached features" if phase.cached else "backbone frozen"
-    which = "all backbone layers" if phase.unfreeze == "all" else f"top {phase.unfreeze} backbone layers"
-    return f"{which} unfrozen ({trainable} with weights; BatchNorm stays frozen)"
 
 
 def best_epoch(history: pd.DataFrame) -> pd.Series:
