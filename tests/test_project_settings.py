@@ -160,3 +160,13 @@ def test_cli_compose_saves_prints_and_writes_params(
     assert "none, conf/ defaults only" in capsys.readouterr().out
     assert main(["compose", "model.dropout=2"]) == 2
     assert "ConfigError: model.dropout must be in [0, 1), got 2" in capsys.readouterr().err
+
+
+def test_a_value_conf_derives_follows_its_source_unless_set(conf: Path) -> None:
+    """`mlflow.registered_model: ${data.name}-classifier` is not frozen into the settings by a data.name."""
+    settings, cfg = save(OWN_IMAGES, conf)
+    assert "mlflow" not in settings.values and cfg.mlflow.registered_model == "pets-classifier"
+    assert save(["data.name=cats"], conf)[1].mlflow.registered_model == "cats-classifier"
+    settings, cfg = save(["mlflow.registered_model=zoo"], conf)
+    assert settings.values["mlflow"] == {"registered_model": "zoo"}
+    assert save(["data.name=dogs"], conf)[1].mlflow.registered_model == "zoo", "a value set stays set"

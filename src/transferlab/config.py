@@ -337,12 +337,13 @@ def conf_dir() -> Path:
 
 
 def compose_with_choices(
-    overrides: Sequence[str] = (), config_dir: Path | None = None, missing_ok: bool = False
+    overrides: Sequence[str] = (), config_dir: Path | None = None, missing_ok: bool = False, resolve: bool = True
 ) -> tuple[dict[str, Any], dict[str, str | None]]:
     """Compose `conf/` with Hydra's compose API (the same composition DVC performs).
 
     Returns the composed mapping and the option Hydra chose for each config group (`data`, ...).
-    A mandatory value left unset (`???`) is an error, unless `missing_ok`.
+    A mandatory value left unset (`???`) is an error, unless `missing_ok`. Without `resolve`,
+    interpolations (`${data.name}-classifier`) stay as written.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -356,7 +357,7 @@ def compose_with_choices(
         choices = OmegaConf.to_container(composed.hydra.runtime.choices)
         with open_dict(composed):
             del composed["hydra"]
-        raw = OmegaConf.to_container(composed, resolve=True, throw_on_missing=not missing_ok)
+        raw = OmegaConf.to_container(composed, resolve=resolve, throw_on_missing=not missing_ok)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(first_line(exc)) from exc
     groups = {str(k): v for k, v in typing.cast(dict, choices).items() if not str(k).startswith("hydra/")}

@@ -93,12 +93,15 @@ def save(overrides: Sequence[str], conf: Path | None = None, reset: bool = False
         raw, choices = compose_with_choices(overrides, work)
         cfg = validate(raw)
         options = {group: _base_option(work, group, choices.get(group)) for group in GROUPS}
+        # Compared as written: a value conf/ derives (`${data.name}-classifier`) follows its source.
+        written = compose_with_choices(overrides, work, resolve=False)[0]
 
         _write(work, ProjectSettings(), {})  # conf/ alone: its default options, then those options' values
         default_options = compose_with_choices([], work, missing_ok=True)[1]
-        reference = compose_with_choices([f"{g}={o}" for g, o in options.items()], work, missing_ok=True)[0]
+        chosen = [f"{g}={o}" for g, o in options.items()]
+        reference = compose_with_choices(chosen, work, missing_ok=True, resolve=False)[0]
         changed = {g: o for g, o in options.items() if o != default_options.get(g)}
-        settings = ProjectSettings(changed, _differences(raw, reference))
+        settings = ProjectSettings(changed, _differences(written, reference))
 
         _write(work, settings, options)
         again = compose_with_choices([], work)[0]
