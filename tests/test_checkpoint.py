@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ def test_saved_epoch_restores_weights_optimizer_and_history(tmp_path: Path) -> N
 
 
 def test_untrustworthy_states_are_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="transferlab.checkpoint")  # said, not warned: nothing to act on
     checkpointer = Checkpointer(tmp_path)
     assert checkpointer.load("h") is None  # nothing there
     state = checkpointer.begin("run-1", "h")

@@ -55,13 +55,13 @@ class Checkpointer:
         try:
             state = CheckpointState(**json.loads(self.state_path.read_text()))
         except (ValueError, TypeError) as exc:
-            log.warning("ignoring unreadable checkpoint %s (%s)", self.state_path, exc)
+            log.info("ignoring unreadable checkpoint %s (%s)", self.state_path, exc)
             return None
         if state.config_hash != config_hash:
-            log.warning("checkpoint in %s is for another config: starting afresh", self.directory)
+            log.info("checkpoint in %s is for another config: starting afresh", self.directory)
             return None
         if state.model_file and not (self.directory / state.model_file).is_file():
-            log.warning("checkpoint model %s is missing: starting afresh", state.model_file)
+            log.info("checkpoint model %s is missing: starting afresh", state.model_file)
             return None
         return state
 

@@ -76,10 +76,10 @@ class FeatureCache:
                 stored_key = json.loads(str(data["key"]))
                 features, labels = data["features"], data["labels"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-            log.warning("feature cache %s is unreadable (%s): rebuilding", path.name, exc)
+            log.info("feature cache %s is unreadable (%s): rebuilding", path.name, exc)
             return None
         if stored_key != key.__dict__ or features.shape[0] != expected_rows or labels.shape != (expected_rows,):
-            log.warning("feature cache %s does not match its key: rebuilding", path.name)
+            log.info("feature cache %s does not match its key: rebuilding", path.name)
             return None
         return features, labels
 

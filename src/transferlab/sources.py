@@ -82,7 +82,7 @@ def fetch_url(url: str, cache_dir: Path, sha256: str | None = None) -> Path:
         if sha256 is None or file_sha256(cached) == sha256:
             log.info("using cached %s for %s", cached, url)
             return cached
-        log.warning("cached %s does not match data.sha256; fetching %s again", cached, url)
+        log.info("cached %s does not match data.sha256; fetching %s again", cached, url)
         cached.unlink()
     part = cached.with_name(cached.name + ".part")
     try:

@@ -224,7 +224,7 @@ def _resumable_state(store: tracking.Store, checkpointer: Checkpointer, cfg_hash
         return None
     status = store.run_status(state.run_id)
     if status in (None, "FINISHED"):
-        log.warning("checkpoint belongs to run %s (%s): starting a new run", state.run_id, status or "missing")
+        log.info("checkpoint belongs to run %s (%s): starting a new run", state.run_id, status or "missing")
         checkpointer.clear()
         return None
     return state
