@@ -41,6 +41,14 @@ def chatter(output: str) -> list[str]:
     return [line for line in output.splitlines() if CHATTER_LINE.search(line)]
 
 
+def user_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without the quiet-output settings `make` exports (a user runs the
+    commands outside make too: they must quiet themselves), plus `extra`."""
+    from transferlab.console import QUIET_ENVIRONMENT
+
+    return {**{k: v for k, v in os.environ.items() if k not in QUIET_ENVIRONMENT}, **extra}
+
+
 def tiny_cfg(*overrides: str) -> Config:
     """The synthetic data of `prepared_project`, the small random-init CNN, one epoch, plus `overrides`."""
     return compose([*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=1", *overrides], config_dir=REPO_ROOT / "conf")

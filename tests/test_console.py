@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import chatter
+from helpers import chatter, user_environment
 
 from transferlab.console import is_chatter
 
@@ -38,7 +38,7 @@ def test_chatter_is_info_and_warning_below_the_tf_log_level() -> None:
 
 def python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=user_environment(**(env or {}))
     )
 
 
@@ -91,7 +91,8 @@ def run_on_a_terminal(code: str, timeout: float = 300) -> str:
     """Run `python -c code` with stdout and stderr on a pseudo-terminal; return everything it wrote."""
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # rows, columns (tqdm fits them)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=terminal, stderr=terminal, close_fds=True)
+    command = [sys.executable, "-c", code]
+    proc = subprocess.Popen(command, stdout=terminal, stderr=terminal, close_fds=True, env=user_environment())
     os.close(terminal)
     output = b""
     deadline = time.monotonic() + timeout

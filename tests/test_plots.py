@@ -100,3 +100,10 @@ def test_sweep_plot_has_a_panel_per_swept_key(tmp_path: Path) -> None:
     with Image.open(two_panels) as wide, Image.open(one_panel) as narrow:
         assert wide.width > 1.5 * narrow.width
     assert_png(plots.plot_sweep(table.iloc[:0], ["augment"], tmp_path / "empty.png"))
+
+
+def test_sweep_axes_are_logarithmic_from_a_decade_up() -> None:
+    assert plots.spans_a_decade(np.array([0.01, 0.001]))  # `make sweep`'s learning rates
+    assert plots.spans_a_decade(np.array([8.0, 128.0]))
+    assert not plots.spans_a_decade(np.array([0.1, 0.5]))
+    assert not plots.spans_a_decade(np.array([0.0, 0.5])), "zero has no place on a log axis"

@@ -5,6 +5,7 @@ tracking server are checked in test_ui.py.)"""
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,10 +96,16 @@ def test_promote_refuses_what_it_cannot_resolve_in_one_line(project: Project) ->
 
 @pytest.mark.slow
 def test_cli_promotes_then_predicts_and_exports_by_alias(
-    project: Project, colour_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    project: Project,
+    colour_image,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import mlflow
 
+    caplog.set_level(logging.INFO, logger="transferlab.export")
     monkeypatch.chdir(project.root)  # its params.yaml names the registered model, its mlruns/ is the store
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # MLflow's global store points elsewhere,
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # (which also sets this variable): the commands must not follow it
@@ -114,6 +121,7 @@ def test_cli_promotes_then_predicts_and_exports_by_alias(
     assert result["predictions"][0]["label"] == "red", "classes come from the registered model"
     assert main(["export", f"models:/{NAME}@production", str(tmp_path / "exported")]) == 0
     assert (tmp_path / "exported" / "saved_model.pb").is_file()
+    assert f"exported models:/{NAME}@production as savedmodel" in caplog.text, "named as given, not its temp file"
     assert not list((tmp_path / "tmp").glob("transferlab-model-*")), "the fetched model is removed afterwards"
 
     assert main(["predict", f"models:/{NAME}@nobody", str(image)]) == 2

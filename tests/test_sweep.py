@@ -259,6 +259,11 @@ def test_failing_jobs_are_failed_children_and_the_sweep_goes_on(grid_sweep: Swee
     rows = grid_sweep.summary[grid_sweep.summary["status"] == "FAILED"]
     assert rows["job"].tolist() == FAILED_JOBS, "the jobs after the first failures still ran"
     assert rows["error"].tolist() == [dropout_error(v) for v in (1.5, 1.5, 2.0, 2.0, 2.5, 2.5)]
+    lines = grid_sweep.console.splitlines()
+    start = next(i for i, line in enumerate(lines) if " status " in line and " run_id " in line)
+    end = next(i for i in range(start, len(lines)) if "sweep summary:" in lines[i])
+    printed = "\n".join(lines[start:end])  # the summary table, as printed
+    assert dropout_error(2.5) in printed and "NaN" not in printed and "None" not in printed, "no value is a -"
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, VENV_BIN, chatter, offline_dom
+from helpers import REPO_ROOT, VENV_BIN, chatter, offline_dom, user_environment
 from mlflow.tracking import MlflowClient
 
 from transferlab import registry, tracking
@@ -47,7 +47,7 @@ VIRTUAL_TIME_MS = 15_000
 
 
 def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in user_environment().items() if k != "MLFLOW_TRACKING_URI"}
     env.update({"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"})
     return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", **extra}
 

@@ -87,7 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from transferlab.registry import local_model
 
     with local_model(args.model, _project_mlflow(Path("params.yaml")), project_root()) as model:
-        export_model(model, Path(args.out), args.format)
+        export_model(model, Path(args.out), args.format, source=args.model)
     return 0
 
 

@@ -181,8 +181,11 @@ def load_export(path: Path) -> ExportedClassifier:
         raise ModelError(f"cannot load the export {path}: {first_line(exc)}") from exc
 
 
-def export_model(model_path: Path, out: Path, fmt: ExportFormat) -> Path:
-    """Export `model_path` to `out` in format `fmt`, with its class names; refuses to overwrite an existing path."""
+def export_model(model_path: Path, out: Path, fmt: ExportFormat, source: str | None = None) -> Path:
+    """Export `model_path` to `out` in format `fmt`, with its class names; refuses to overwrite an existing path.
+
+    `source` names the model in the log as the user gave it (a `models:/` URI fetched into `model_path`).
+    """
     if fmt not in ("savedmodel", "tflite"):
         raise TransferlabError(f"unknown export format {fmt!r}: use savedmodel or tflite")
     if out.exists():
@@ -196,5 +199,5 @@ def export_model(model_path: Path, out: Path, fmt: ExportFormat) -> Path:
             "data/splits/: export from the project that trained it, or put its classes.json beside it"
         )
     exported = export_savedmodel(model, out, classes) if fmt == "savedmodel" else export_tflite(model, out, classes)
-    log.info("exported %s as %s to %s, with its %d class names", model_path, fmt, exported, len(classes))
+    log.info("exported %s as %s to %s, with its %d class names", source or model_path, fmt, exported, len(classes))
     return exported

@@ -172,6 +172,14 @@ def _sweep_positions(values: pd.Series) -> tuple[np.ndarray, list[str] | None]:
     return values.astype(str).map(labels.index).to_numpy(dtype=float), labels
 
 
+def spans_a_decade(numbers: np.ndarray) -> bool:
+    """True when positive values span a factor of 10 or more (a log axis shows them evenly): a
+    learning rate swept over 1e-2 and 1e-3 does, dropout 0.1 to 0.5 does not."""
+    if numbers.size == 0 or numbers.min() <= 0:
+        return False
+    return bool(numbers.max() >= 10 * numbers.min())
+
+
 def plot_sweep(table: pd.DataFrame, keys: Sequence[str], path: Path) -> Path:
     """Validation accuracy against each swept key (one panel per key), best job starred, failed jobs as x.
 
@@ -198,7 +206,7 @@ def plot_sweep(table: pd.DataFrame, keys: Sequence[str], path: Path) -> Path:
         if labels is not None:
             ax.set_xticks(range(len(labels)), labels=labels, rotation=30, ha="right")
             ax.set_xlim(-0.5, len(labels) - 0.5)
-        elif x.min() > 0 and x.max() / x.min() >= 50:
+        elif spans_a_decade(x):
             ax.set_xscale("log")
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel(key)

@@ -157,7 +157,7 @@ def finish_parent_run(
     else:
         run.delete_tag(tracking.TAG_ERROR)
     run.terminate(status)
-    return table.drop(columns=["overrides"]).to_string(index=False), status
+    return table.drop(columns=["overrides"]).to_string(index=False, na_rep="-"), status  # "-": no value
 
 
 def succeeded(table: pd.DataFrame) -> bool:
