@@ -245,3 +245,28 @@ def test_dvc_repro_end_to_end_on_synthetic_data(
     rows = list(csv.DictReader(io.StringIO(run("dvc", "exp", "show", "--csv", "--no-pager"))))
     committed = [row for row in rows if row["typ"] == "baseline" and row["rev"] != "workspace"]
     assert float(committed[0]["test_accuracy"]) == pytest.approx(values["test_accuracy"])  # read from the cache
+
+
+@pytest.mark.slow
+def test_scoring_from_cached_features_gives_the_full_models_metrics(prepared_project: StagePaths, caplog) -> None:
+    """A frozen backbone: only the head runs on cached test features, and the metrics do not change."""
+    import logging
+
+    from helpers import tiny_cfg
+
+    from transferlab.stages.train import train
+
+    cfg = tiny_cfg("train.epochs=2", "mlflow.log_model=false")
+    result = train(cfg, prepared_project)
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        from_memory = evaluate(cfg, prepared_project, model=result.classifier.model)
+        from_disk = evaluate(cfg, prepared_project)  # the DVC stage: loads models/model.keras
+    assert "test features from the cache (computed once)" in caplog.text
+    assert "test features from the cache (hit)" in caplog.text
+    shutil.rmtree(prepared_project.feature_cache)
+    full = evaluate(cfg, prepared_project)  # no cached features: the whole model on the images
+    assert not prepared_project.feature_cache.exists(), "the full path does not fill the cache"
+    for cached in (from_memory, from_disk):
+        assert cached.keys() == full.keys()
+        for name, value in full.items():
+            assert cached[name] == pytest.approx(value, abs=1e-5), name

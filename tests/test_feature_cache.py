@@ -53,9 +53,11 @@ def key_for(extractor: CountingExtractor, manifest: Manifest) -> FeatureKey:
 
 
 def features(cache: FeatureCache, extractor: CountingExtractor, manifest: Manifest) -> tuple[np.ndarray, bool]:
-    values, labels, hit = cache.features_for(key_for(extractor, manifest), extractor, manifest, IMAGE_SIZE, 8)
-    assert labels.tolist() == list(manifest.labels)
-    return values, hit
+    found = cache.activations_for(
+        key_for(extractor, manifest), extractor, manifest, image_size=IMAGE_SIZE, batch_size=8
+    )
+    assert found.labels.tolist() == list(manifest.labels) and found.views == 1
+    return found.arrays[0][0], found.hit
 
 
 def test_second_request_is_a_hit_and_equals_a_fresh_forward_pass(prepared_project: StagePaths) -> None:
@@ -147,22 +149,27 @@ def test_file_with_wrong_row_count_is_stale(prepared_project: StagePaths) -> Non
     cache = FeatureCache(prepared_project.feature_cache)
     values, _ = features(cache, extractor, manifest)
     key = key_for(extractor, manifest)
-    cache.store(key, values[:-1], np.asarray(manifest.labels[:-1], dtype="int32"))
+    cache.store(key, [values[None, :-1]], np.asarray(manifest.labels[:-1], dtype="int32"))
     assert cache.load(key, len(manifest)) is None
 
 
 @pytest.mark.parametrize(
-    ("overrides", "cached"),
+    ("overrides", "sources"),
     [
-        pytest.param((), [True], id="frozen-no-augmentation"),
-        pytest.param(("augment=light",), [False], id="augmentation"),
-        pytest.param(("finetune.unfreeze=20",), [False], id="unfrozen-from-the-start"),
-        pytest.param(("finetune=top20",), [True, False], id="head-then-finetune"),
-        pytest.param(("finetune=top20", "augment=light"), [False, False], id="finetune-with-augmentation"),
-        pytest.param(("train.feature_cache=false",), [False], id="switched-off"),
+        pytest.param((), [("pool", 1)], id="frozen-no-augmentation"),
+        pytest.param(("augment=light",), [("images", 1)], id="fresh-augmentation"),
+        pytest.param(("augment=light", "augment.cached_views=4"), [("pool", 4)], id="cached-augmented-views"),
+        pytest.param(("finetune.unfreeze=20",), [("cut", 1)], id="unfrozen-top-from-the-start"),
+        pytest.param(("finetune.unfreeze=all",), [("images", 1)], id="everything-unfrozen"),
+        pytest.param(("finetune=top20",), [("pool", 1), ("cut", 1)], id="head-then-finetune"),
+        pytest.param(("finetune=top20", "augment=light"), [("images", 1), ("images", 1)], id="finetune-fresh-aug"),
+        pytest.param(
+            ("finetune=top20", "augment=light", "augment.cached_views=3"), [("pool", 3), ("cut", 3)], id="views-at-cut"
+        ),
+        pytest.param(("train.feature_cache=false",), [("images", 1)], id="switched-off"),
     ],
 )
-def test_cache_is_bypassed_where_it_would_be_wrong(overrides: tuple[str, ...], cached: list[bool]) -> None:
-    from transferlab.stages.train import plan_phases
+def test_each_phase_is_fed_the_cheapest_exact_way(overrides: tuple[str, ...], sources: list[tuple[str, int]]) -> None:
+    from transferlab.trainer import plan_phases
 
-    assert [phase.cached for phase in plan_phases(tiny_cfg(*overrides))] == cached
+    assert [(phase.source, phase.views) for phase in plan_phases(tiny_cfg(*overrides))] == sources

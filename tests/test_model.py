@@ -34,7 +34,7 @@ def test_every_backbone_builds_a_softmax_classifier(backbone: str) -> None:
     assert classifier.model.input_shape == (None, 64, 64, 3)
     assert not any(w.trainable for w in classifier.backbone.weights), "the backbone starts frozen"
     head = [layer.name for layer in classifier.head.layers]
-    assert head == ["pooled_features", "head_batchnorm", "head_dropout", "probabilities"]
+    assert head == ["pooled_features", "head_batchnorm", "head_dropout", "logits", "temperature", "probabilities"]
     assert classifier.head.get_layer("head_dropout").rate == pytest.approx(0.3)
 
 

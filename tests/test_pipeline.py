@@ -29,14 +29,25 @@ def test_batches_are_whole_pixel_values_with_one_hot_labels(train_manifest) -> N
     np.testing.assert_array_equal(labels.argmax(axis=1), train_manifest.labels)  # unshuffled: manifest order
 
 
-def test_shuffle_is_seeded_and_reshuffles_each_epoch(train_manifest) -> None:
-    first = make_dataset(train_manifest, image_size=16, batch_size=4, shuffle=True, seed=3)
-    again = make_dataset(train_manifest, image_size=16, batch_size=4, shuffle=True, seed=3)
-    order = _epoch(first)[1].argmax(axis=1)
-    np.testing.assert_array_equal(order, _epoch(again)[1].argmax(axis=1))
-    pixels = [_epoch(first)[0] for _ in range(2)]  # two more epochs of the same dataset
-    assert not np.array_equal(pixels[0], pixels[1])
-    assert sorted(order.tolist()) == sorted(train_manifest.labels)
+def test_each_epoch_has_its_own_seeded_order_and_a_resumed_run_sees_the_same_batches(train_manifest) -> None:
+    """Epochs 0-2 in one go, then epochs 1-2 as a run resumed after epoch 1 would ask for them."""
+    import tensorflow as tf
+
+    from transferlab.pipeline import epoch_batches
+
+    def labels(first: int, last: int) -> list[int]:
+        dataset = make_dataset(train_manifest, image_size=16, batch_size=4, epochs=(first, last), seed=3)
+        return [label for _, y in dataset for label in y.numpy().argmax(axis=1).tolist()]
+
+    count = len(train_manifest)
+    full, resumed = labels(0, 3), labels(1, 3)
+    assert len(full) == 3 * count and resumed == full[count:]
+    epoch_orders = [full[i * count : (i + 1) * count] for i in range(3)]
+    assert epoch_orders[0] != epoch_orders[1] and all(sorted(o) == sorted(train_manifest.labels) for o in epoch_orders)
+    # Indices shuffle exactly like the images they stand for: cached features train in the same order.
+    indices = epoch_batches(tf.data.Dataset.range(count), count, (0, 3), seed=3, batch_size=4)
+    order = [train_manifest.labels[i] for _, batch in indices for i in batch.numpy()]
+    assert order == full
 
 
 def test_augmenter_runs_only_when_given(train_manifest) -> None:

@@ -37,7 +37,6 @@ TINY = (
     "model.weights=null",
     "train.batch_size=8",
     "train.epochs=1",
-    "mlflow.log_model=false",
     "mlflow.system_metrics=false",
 )
 # 5 x 2 = 10 jobs in this order: (1.5, 0.01), (1.5, 0.001), (0.0, 0.01), ... Dropouts 1.5, 2.0
@@ -243,6 +242,9 @@ def test_parent_holds_the_summary_table_and_names_the_best_child(grid_sweep: Swe
     assert best is not None and best["val_accuracy"] == finished["val_accuracy"].max()
     assert parent.data.tags[tracking.TAG_BEST_CHILD] == best["run_id"]
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best["val_accuracy"])
+    # sweep.log_models=best: only the best child logs its model, when the sweep ends.
+    logged = client.search_logged_models([experiment_id(client)])
+    assert [model.source_run_id for model in logged] == [best["run_id"]]
     assert parent.data.metrics["jobs_finished"] == len(TRAINED_JOBS)
     assert parent.data.metrics["jobs_failed"] == len(FAILED_JOBS)
 
@@ -268,11 +270,14 @@ def test_failing_jobs_are_failed_children_and_the_sweep_goes_on(grid_sweep: Swee
 
 @pytest.mark.slow
 def test_jobs_share_the_frozen_feature_cache(grid_sweep: Sweep) -> None:
-    """The first job computes the backbone features of train and val; the others reuse them."""
+    """The first job computes the backbone features of train, val and test; the others reuse them."""
     logs = {job: (grid_sweep.sweep_dir / str(job) / "app.log").read_text() for job in TRAINED_JOBS}
-    assert logs[TRAINED_JOBS[0]].count("feature cache miss") == 2
+    first = logs[TRAINED_JOBS[0]]
+    assert first.count("pooled backbone features: cache miss") == 2
+    assert "test features from the cache (computed once)" in first
     for job in TRAINED_JOBS[1:]:
-        assert logs[job].count("feature cache hit") == 2 and "computing backbone features" not in logs[job]
+        assert logs[job].count("pooled backbone features: cache hit") == 2
+        assert "test features from the cache (hit)" in logs[job] and "computing" not in logs[job]
 
 
 @pytest.mark.slow

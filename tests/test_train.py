@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from helpers import VENV_BIN, tiny_cfg
@@ -20,7 +21,8 @@ from transferlab import tracking
 from transferlab.config import write_params
 from transferlab.errors import DataError
 from transferlab.paths import StagePaths
-from transferlab.stages.train import plan_phases, train
+from transferlab.stages.train import train
+from transferlab.trainer import plan_phases
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +131,7 @@ def test_augmented_training_bypasses_the_feature_cache(
     prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = tiny_cfg("augment=light")
-    assert [p.cached for p in plan_phases(cfg)] == [False]
+    assert [p.source for p in plan_phases(cfg)] == ["images"]
     with caplog.at_level(logging.INFO, logger="transferlab"):
         train(cfg, prepared_project)
     assert not prepared_project.feature_cache.exists()
@@ -144,6 +146,132 @@ def test_cached_and_uncached_training_agree(prepared_project: StagePaths) -> Non
     # Same data, order and weights: only dropout masks differ between the two graphs.
     assert cached["val_accuracy"].iloc[-1] == pytest.approx(uncached["val_accuracy"].iloc[-1], abs=0.15)
     assert cached["val_loss"].iloc[-1] == pytest.approx(uncached["val_loss"].iloc[-1], rel=0.2)
+
+
+STOP_EARLY = "train.early_stopping={monitor:val_loss,patience:2}"
+
+
+def _validation_loss(model_file: Path, paths: StagePaths) -> tuple[float, np.ndarray]:
+    """Cross-entropy of a saved model on the validation images, and its probabilities."""
+    from transferlab.inference import load_model
+    from transferlab.manifests import load_classes, load_manifest
+    from transferlab.pipeline import make_dataset
+
+    model = load_model(model_file)
+    val = load_manifest(paths.manifest("val"), paths.raw_dataset("synthetic"), load_classes(paths.classes))
+    probabilities = model.predict(make_dataset(val, image_size=64, batch_size=8).map(lambda x, y: x), verbose=0)
+    picked = probabilities[np.arange(len(val)), list(val.labels)]
+    return float(-np.mean(np.log(np.clip(picked, 1e-7, 1)))), probabilities
+
+
+def test_early_stopping_keeps_the_best_epoch_in_the_model_mlflow_and_evaluate(prepared_project: StagePaths) -> None:
+    import mlflow
+
+    from transferlab.serving import encode_image_file
+    from transferlab.stages.evaluate import evaluate
+
+    paths = prepared_project
+    cfg = tiny_cfg("train.epochs=12", "train.learning_rate=0.05", STOP_EARLY)
+    result = train(cfg, paths)
+    history = result.history
+    best = history.loc[history["val_loss"].idxmin()]
+    assert result.best_epoch == best["epoch"] and result.val_accuracy == best["val_accuracy"]
+    stopped = len(history) < 12
+    assert not stopped or history["epoch"].iloc[-1] == result.best_epoch + 2, "stops `patience` epochs after the best"
+    loss, _ = _validation_loss(paths.model_file, paths)
+    assert loss == pytest.approx(best["val_loss"], abs=2e-3), "the saved model holds the best epoch's weights"
+
+    client = mlflow_client(paths)
+    logged = client.get_run(result.run_id).data.metrics
+    assert logged["best_epoch"] == result.best_epoch and logged["final_val_loss"] == pytest.approx(best["val_loss"])
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow, paths.root))
+    served = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    val_image = sorted(paths.raw_dataset("synthetic").rglob("*.jpg"))[0]
+    classes = json.loads(paths.classes.read_text())
+    out = served.predict(pd.DataFrame({"image": [encode_image_file(val_image)]}))
+    direct = _validation_loss(paths.model_file, paths)[1]
+    assert out[classes].to_numpy().shape == (1, 3) and direct.shape[1] == 3
+    metrics = evaluate(cfg, paths)  # scores models/model.keras: the best epoch
+    assert 0 <= metrics["test_accuracy"] <= 1
+
+
+def test_resume_restores_optimizer_schedule_and_stopping_state_exactly(prepared_project: StagePaths) -> None:
+    """An uninterrupted run and a run killed after an epoch, then resumed, train the same epochs alike."""
+    paths = prepared_project
+    cfg = tiny_cfg(
+        "train.epochs=8",
+        "train.learning_rate=0.05",
+        "train.schedule=cosine",
+        "train.warmup_epochs=2",
+        STOP_EARLY.replace("patience:2", "patience:3"),
+        "model.dropout=0.0",
+        "train.deterministic=true",
+        "mlflow.log_model=false",
+    )
+    write_params(cfg, paths.root / "params.yaml")
+    proc = run_cli(paths, "train")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    uninterrupted = pd.read_csv(paths.history)
+
+    proc = run_cli(paths, "train", start_new_session=True)
+    state_file = paths.checkpoints / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state_file.is_file() and json.loads(state_file.read_text())["epochs_done"] >= 2:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    proc = run_cli(paths, "train")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    assert "resuming after epoch" in out
+    pd.testing.assert_frame_equal(pd.read_csv(paths.history), uninterrupted)
+
+
+def test_cached_augmented_views_train_the_head_at_cache_speed(prepared_project: StagePaths, caplog) -> None:
+    from transferlab.feature_cache import FeatureCache
+
+    cfg = tiny_cfg("augment=light", "augment.cached_views=3", "train.epochs=4")
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        first = train(cfg, prepared_project)
+    assert "pooled backbone features: cache miss for 24 images" in caplog.text
+    files = list(prepared_project.feature_cache.glob("*.npz"))
+    shapes = sorted(np.load(f)["array_0"].shape[0] for f in files)
+    assert shapes == [1, 3], "validation: the images themselves; training: three augmented views"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        again = train(cfg, prepared_project)
+    assert "pooled backbone features: cache hit for 24 images" in caplog.text and "miss" not in caplog.text
+    assert len(first.history) == len(again.history) == 4
+    assert len(list(prepared_project.feature_cache.glob("*.npz"))) == 2
+    assert len(FeatureCache(prepared_project.feature_cache).directory.name) > 0
+
+
+def test_cut_point_cache_trains_the_unfrozen_top_like_the_full_network(prepared_project: StagePaths) -> None:
+    """Same seed, data order and weights: cached activations at the cut give the full network's epochs."""
+    common = ("finetune.unfreeze=2", "train.epochs=3", "model.dropout=0.0", "train.deterministic=true")
+    cut = train(tiny_cfg(*common), prepared_project).history
+    assert any("cut:" in json.loads(str(np.load(f)["key"]))["tensor"] for f in prepared_project.feature_cache.glob("*"))
+    full = train(tiny_cfg(*common, "train.feature_cache=false"), prepared_project).history
+    assert (cut["val_accuracy"] - full["val_accuracy"]).abs().max() <= 0.005
+    np.testing.assert_allclose(cut["val_loss"], full["val_loss"], rtol=0.02)
+
+
+def test_calibration_puts_a_fitted_temperature_inside_the_saved_model(prepared_project: StagePaths) -> None:
+    from transferlab.inference import load_model
+
+    paths = prepared_project
+    result = train(tiny_cfg("train.calibrate=true", "train.epochs=4", "train.learning_rate=0.05"), paths)
+    logged = mlflow_client(paths).get_run(result.run_id).data.metrics
+    temperature = logged["temperature"]
+    assert 0.05 <= temperature <= 20 and logged["val_loss_calibrated"] <= logged["final_val_loss"] + 1e-6
+    layer = load_model(paths.model_file).get_layer("head").get_layer("temperature")
+    assert layer.get_config()["scale"] == pytest.approx(1 / temperature)
+    loss, _ = _validation_loss(paths.model_file, paths)
+    assert loss == pytest.approx(logged["val_loss_calibrated"], abs=2e-3)
 
 
 def test_missing_splits_name_the_stage_to_run(tmp_path: Path) -> None:

@@ -85,6 +85,7 @@ class ModelConfig:
     alpha: float | None = None
     weights: str | None = "imagenet"
     dropout: float = 0.2
+    head_batchnorm: bool = True
 
     def check(self) -> None:
         known = ", ".join(sorted(BACKBONES))
@@ -112,12 +113,17 @@ class AugmentConfig:
     zoom: float = 0.0
     translation: float = 0.0
     contrast: float = 0.0
+    # > 0: backbone features of this many augmented views of every training image are computed
+    # once and cached (a fixed sample of augmentations); 0: fresh augmentation every epoch,
+    # through the backbone (slow).
+    cached_views: int = 0
 
     def check(self) -> None:
         _require(0 <= self.rotation <= 0.5, "augment.rotation", "in [0, 0.5] (fraction of a turn)", self.rotation)
         _require(0 <= self.zoom < 1, "augment.zoom", "in [0, 1)", self.zoom)
         _require(0 <= self.translation <= 0.5, "augment.translation", "in [0, 0.5]", self.translation)
         _require(0 <= self.contrast <= 1, "augment.contrast", "in [0, 1]", self.contrast)
+        _require(0 <= self.cached_views <= 64, "augment.cached_views", "in [0, 64]", self.cached_views)
 
     @property
     def enabled(self) -> bool:
@@ -132,11 +138,18 @@ class FinetuneConfig:
     unfreeze: int | Literal["all"] = 0
     epochs: int = 0
     learning_rate: float | None = None
+    warmup_epochs: int = 0
 
     def check(self) -> None:
         if self.unfreeze != "all":
             _require(self.unfreeze >= 0, "finetune.unfreeze", ">= 0 or 'all'", self.unfreeze)
         _require(self.epochs >= 0, "finetune.epochs", ">= 0", self.epochs)
+        _require(
+            0 <= self.warmup_epochs <= max(self.epochs - 1, 0),
+            "finetune.warmup_epochs",
+            "in [0, finetune.epochs - 1]",
+            self.warmup_epochs,
+        )
         if self.learning_rate is not None:
             _require(self.learning_rate > 0, "finetune.learning_rate", "> 0", self.learning_rate)
         if self.epochs > 0:
@@ -155,6 +168,35 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """Stop a phase when `monitor` has not improved for `patience` epochs; the best epoch is kept."""
+
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
+    patience: int = 5
+    min_delta: float = 0.0
+
+    def check(self) -> None:
+        _require(1 <= self.patience <= 1000, "train.early_stopping.patience", "in [1, 1000]", self.patience)
+        _require(0 <= self.min_delta < 1, "train.early_stopping.min_delta", "in [0, 1)", self.min_delta)
+
+
+@dataclass(frozen=True)
+class PlateauConfig:
+    """`schedule: plateau`: multiply the learning rate by `factor` after `patience` epochs without progress."""
+
+    factor: float = 0.3
+    patience: int = 2
+    min_learning_rate: float = 1e-6
+
+    def check(self) -> None:
+        _require(0 < self.factor < 1, "train.plateau.factor", "in (0, 1)", self.factor)
+        _require(1 <= self.patience <= 1000, "train.plateau.patience", "in [1, 1000]", self.patience)
+        _require(
+            0 <= self.min_learning_rate < 1, "train.plateau.min_learning_rate", "in [0, 1)", self.min_learning_rate
+        )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and execution settings."""
 
@@ -162,7 +204,13 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    schedule: Literal["constant", "cosine", "plateau"] = "constant"
+    warmup_epochs: int = 0
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
+    early_stopping: EarlyStoppingConfig | None = None
+    calibrate: bool = False
     seed: int = 123
     deterministic: bool = False
     strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"
@@ -173,7 +221,14 @@ class TrainConfig:
         _require(1 <= self.epochs <= 10_000, "train.epochs", "in [1, 10000]", self.epochs)
         _require(1 <= self.batch_size <= 65_536, "train.batch_size", "in [1, 65536]", self.batch_size)
         _require(0 < self.learning_rate <= 10, "train.learning_rate", "in (0, 10]", self.learning_rate)
+        _require(0 <= self.weight_decay < 1, "train.weight_decay", "in [0, 1)", self.weight_decay)
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing", "in [0, 1)", self.label_smoothing)
+        _require(
+            0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "in [0, train.epochs - 1]", self.warmup_epochs
+        )
+        self.plateau.check()
+        if self.early_stopping is not None:
+            self.early_stopping.check()
 
 
 @dataclass(frozen=True)
@@ -215,6 +270,8 @@ class SweepConfig:
     """Multirun behaviour."""
 
     skip_finished: bool = True
+    # Which children log their model to MLflow: only the best one, when the sweep ends (cheap), or every one.
+    log_models: Literal["best", "all"] = "best"
 
     def check(self) -> None:
         """Nothing to range-check; types are checked by `validate`."""

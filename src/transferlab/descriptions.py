@@ -27,12 +27,13 @@ TEST_HEADING = "**Test**"
 
 
 class Phase(Protocol):
-    """What a description needs of a training phase (`stages.train.Phase`)."""
+    """What a description needs of a training phase (`trainer.Phase`)."""
 
     name: str
     learning_rate: float
     unfreeze: int | Literal["all"]
-    cached: bool
+    source: Literal["pool", "cut", "images"]
+    views: int
 
 
 def _backbone(cfg: Config) -> str:
@@ -44,13 +45,16 @@ def _backbone(cfg: Config) -> str:
 
 
 def backbone_state(phase: Phase, trainable: int | None = None) -> str:
-    """How much of the backbone a phase trains ("backbone frozen", "top 20 backbone layers unfrozen
-    (...)"); with `trainable`, the count of unfrozen layers with weights (the log shows it)."""
+    """How much of the backbone a phase trains, and on what ("backbone frozen, head trained on cached
+    features", "top 20 backbone layers unfrozen (...), trained on cached activations at the cut");
+    with `trainable`, the count of unfrozen layers with weights (the log shows it)."""
+    views = f" of {phase.views} augmented views" if phase.views > 1 else ""
     if (trainable == 0) if trainable is not None else (phase.unfreeze == 0):
-        return "backbone frozen, head trained on cached features" if phase.cached else "backbone frozen"
+        return "backbone frozen" + (f", head trained on cached features{views}" if phase.source == "pool" else "")
     which = "all backbone layers" if phase.unfreeze == "all" else f"top {phase.unfreeze} backbone layers"
     counted = f"{trainable} with weights; " if trainable is not None else ""
-    return f"{which} unfrozen ({counted}BatchNorm stays frozen)"
+    text = f"{which} unfrozen ({counted}BatchNorm stays frozen)"
+    return text + (f", trained on cached activations at the cut{views}" if phase.source == "cut" else "")
 
 
 def _phase_rows(phases: Sequence[Phase], history: pd.DataFrame) -> list[str]:

@@ -1,9 +1,16 @@
-"""Frozen-feature cache: backbone features computed once, reused by every epoch and sweep job.
+"""Activation cache: backbone outputs computed once, reused by every epoch and sweep job.
 
-With the backbone frozen and no augmentation, the backbone's output for an image never
-changes, so training the head on cached pooled features is exact and skips the expensive
-forward pass. Files are keyed by everything the features depend on (backbone, alpha, weight
-values, image size, preprocessing, manifest contents), written atomically, and verified on
+With the backbone (or its bottom part) frozen and BatchNorm in inference mode, its output
+for an image is a fixed function of the image, so training only what comes after on cached
+activations is exact and skips the expensive forward pass. Two kinds of activations are
+cached: the pooled features the head trains on (`tensor="pool"`), and the tensors crossing
+the cut of a partially unfrozen backbone (`tensor="cut:<first trainable layer>"`, see cut.py).
+
+With augmentation, the activations of a fixed number of augmented views of every image are
+cached (`views`): a fixed sample of augmentations, not fresh ones each epoch.
+
+Files are keyed by everything the activations depend on (backbone, alpha, weight values,
+image size, tensor, augmentation, manifest contents), written atomically, and verified on
 read: a corrupt or stale file is rebuilt, never trusted.
 """
 
@@ -13,7 +20,8 @@ import hashlib
 import json
 import logging
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,23 +37,45 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+POOLED = "pool"
+NO_AUGMENTATION = "none"
 
 
 @dataclass(frozen=True)
 class FeatureKey:
-    """Everything that determines the features of one split."""
+    """Everything that determines the cached activations of one split."""
 
     backbone: str
     alpha: float | None
     weights_digest: str
     image_size: int
     manifest_digest: str
+    tensor: str = POOLED
+    augmentation: str = NO_AUGMENTATION  # or a digest of the augmentation config, seed and view count
 
     @property
     def digest(self) -> str:
-        payload = json.dumps({**self.__dict__, "format": FORMAT_VERSION}, sort_keys=True)
+        payload = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Cached activations of one split: one array per tensor, each shaped (views, images, ...)."""
+
+    arrays: list[np.ndarray]
+    labels: np.ndarray
+    hit: bool
+
+    @property
+    def views(self) -> int:
+        return int(self.arrays[0].shape[0])
+
+
+def describe_tensor(tensor: str) -> str:
+    """'pooled backbone features' or 'activations at the cut below block_15_expand'."""
+    return "pooled backbone features" if tensor == POOLED else f"activations at the cut below {tensor.split(':', 1)[1]}"
 
 
 def manifest_digest(manifest: Manifest) -> str:
@@ -57,8 +87,14 @@ def manifest_digest(manifest: Manifest) -> str:
     return digest.hexdigest()[:24]
 
 
+def augmentation_digest(settings: dict[str, object], seed: int, views: int) -> str:
+    """The `augmentation` part of a key: what the views were drawn with."""
+    payload = json.dumps({"settings": settings, "seed": seed, "views": views}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 class FeatureCache:
-    """A folder of `<key>.npz` files, each the pooled features and labels of one split."""
+    """A folder of `<key>.npz` files: the activations and labels of one split each."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -66,47 +102,66 @@ class FeatureCache:
     def path(self, key: FeatureKey) -> Path:
         return self.directory / f"{key.digest}.npz"
 
-    def load(self, key: FeatureKey, expected_rows: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Cached (features, labels), or None when absent, corrupt or not matching `key`."""
+    def load(self, key: FeatureKey, expected_rows: int) -> tuple[list[np.ndarray], np.ndarray] | None:
+        """Cached (arrays, labels), or None when absent, corrupt or not matching `key`."""
         path = self.path(key)
         if not path.is_file():
             return None
         try:
             with np.load(path, allow_pickle=False) as data:
                 stored_key = json.loads(str(data["key"]))
-                features, labels = data["features"], data["labels"]
+                labels = data["labels"]
+                arrays = [data[f"array_{i}"] for i in range(int(data["count"]))]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             log.info("feature cache %s is unreadable (%s): rebuilding", path.name, exc)
             return None
-        if stored_key != key.__dict__ or features.shape[0] != expected_rows or labels.shape != (expected_rows,):
+        rows_ok = labels.shape == (expected_rows,) and all(a.ndim >= 2 and a.shape[1] == expected_rows for a in arrays)
+        if stored_key != asdict(key) or not arrays or not rows_ok:
             log.info("feature cache %s does not match its key: rebuilding", path.name)
             return None
-        return features, labels
+        return arrays, labels
 
-    def store(self, key: FeatureKey, features: np.ndarray, labels: np.ndarray) -> None:
+    def store(self, key: FeatureKey, arrays: list[np.ndarray], labels: np.ndarray) -> None:
         """Write atomically: a temp file in the same folder, renamed when complete."""
-        atomic.write_file(
-            self.path(key),
-            lambda tmp: np.savez(tmp, features=features, labels=labels, key=json.dumps(key.__dict__)),
-        )
+        named = {f"array_{i}": array for i, array in enumerate(arrays)}
 
-    def features_for(
+        def write(tmp: Path) -> None:
+            np.savez(tmp, labels=labels, key=json.dumps(asdict(key)), count=len(arrays), **named)
+
+        atomic.write_file(self.path(key), write)
+
+    def activations_for(
         self,
         key: FeatureKey,
         extractor: keras.Model,
         manifest: Manifest,
+        *,
         image_size: int,
         batch_size: int,
-    ) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(features, labels, hit): from the cache, or computed in one streaming pass and stored."""
+        views: int = 1,
+        augmenter: Callable[[], keras.Layer] | None = None,
+    ) -> Activations:
+        """From the cache, or computed in one streaming pass per view (with a progress bar) and stored.
+
+        `augmenter` builds the augmentation layers; without it the single view is the image itself.
+        """
         cached = self.load(key, len(manifest))
         if cached is not None:
-            return (*cached, True)
-        log.info("computing backbone features for %d images (cached for later runs)", len(manifest))
-        dataset = make_dataset(manifest, image_size=image_size, batch_size=batch_size, cache=False)
-        with keras_progress("backbone features") as progress:
-            features = extractor.predict(dataset.map(lambda x, y: x), verbose=0, callbacks=[progress])
-        features = features.astype("float32")
+            return Activations(*cached, hit=True)
+        what = f"{views} augmented views of " if augmenter is not None else ""
+        described = describe_tensor(key.tensor)
+        log.info("computing %s of %s%d images (cached for later runs)", described, what, len(manifest))
+        layers = augmenter() if augmenter is not None else None
+        per_view: list[list[np.ndarray]] = []
+        for _ in range(views):
+            dataset = make_dataset(
+                manifest, image_size=image_size, batch_size=batch_size, cache=False, augmenter=layers
+            )
+            with keras_progress(described) as progress:
+                outputs = extractor.predict(dataset.map(lambda x, y: x), verbose=0, callbacks=[progress])
+            tensors = outputs if isinstance(outputs, list) else [outputs]
+            per_view.append([np.asarray(o, dtype="float32") for o in tensors])
+        arrays = [np.stack(tensors) for tensors in zip(*per_view, strict=True)]
         labels = np.asarray(manifest.labels, dtype="int32")
-        self.store(key, features, labels)
-        return features, labels, False
+        self.store(key, arrays, labels)
+        return Activations(arrays, labels, hit=False)

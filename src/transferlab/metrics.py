@@ -137,3 +137,37 @@ def calibration(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 10) -
         mean_acc = np.where(count > 0, correct_sum / count, np.nan)
     ece = float(np.abs(correct_sum - conf_sum).sum() / len(y))
     return Calibration(bin_edges=edges, confidence=mean_conf, accuracy=mean_acc, count=count, ece=ece)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of `logits / temperature`, computed stably."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(y_true: np.ndarray, logits: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature T that minimises the log loss of softmax(logits / T) (Guo et al., 2017).
+
+    The log loss is convex in 1/T, so a golden-section search over 1/T finds the optimum.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+
+    def loss(inverse: float) -> float:
+        return log_loss(y, softmax(logits, 1.0 / inverse))
+
+    low, high = 1.0 / bounds[1], 1.0 / bounds[0]
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    loss_a, loss_b = loss(a), loss(b)
+    for _ in range(80):  # the bracket shrinks by 0.618 per step: far below float precision
+        if loss_a < loss_b:
+            high, b, loss_b = b, a, loss_a
+            a = high - ratio * (high - low)
+            loss_a = loss(a)
+        else:
+            low, a, loss_a = a, b, loss_b
+            b = low + ratio * (high - low)
+            loss_b = loss(b)
+    return float(1.0 / ((low + high) / 2.0))

@@ -4,13 +4,17 @@ The model takes RGB pixels in [0, 255] and carries the backbone's own preprocess
 the input pipeline, `predict` and the served model never need to know which backbone it is:
 
     image -> preprocessing -> backbone (inference mode) -> GlobalAveragePooling -> head
-    head:  BatchNormalization -> Dropout -> Dense softmax
+    head:  [BatchNormalization] -> Dropout -> Dense logits -> / temperature -> softmax
+
+The temperature is 1 while training; calibration (`with_temperature`) sets it from the
+validation split, inside the saved model, so every consumer gets calibrated probabilities.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -28,6 +32,10 @@ IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
 # Names of the pooling layer and the head inside a classifier (checkpoints are matched by them).
 POOL_LAYER = "pool"
 HEAD_MODEL = "head"
+LOGITS_LAYER = "logits"
+TEMPERATURE_LAYER = "temperature"
+# A warm-up starts at this fraction of the phase's learning rate.
+WARMUP_START = 0.01
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Classifier:
     backbone: keras.Model
     features: keras.Model  # image -> pooled backbone features
     head: keras.Model  # pooled features -> class probabilities
+    preprocess: Callable[[keras.KerasTensor], keras.KerasTensor]  # pixels in [0, 255] -> backbone input
 
 
 def _preprocessing(kind: str, image_size: int) -> list[keras.layers.Layer]:
@@ -106,18 +115,42 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
         raise ModelError(f"cannot load model.weights {cfg.weights}: {first_line(exc)}") from exc
 
 
-def build_head(num_features: int, num_classes: int, dropout: float) -> keras.Model:
-    """GlobalAveragePooling's successor: BatchNormalization -> Dropout -> Dense softmax."""
+def build_head(num_features: int, num_classes: int, cfg: ModelConfig) -> keras.Model:
+    """GlobalAveragePooling's successor: [BatchNormalization] -> Dropout -> Dense logits -> softmax."""
     import keras
 
     inputs = keras.Input((num_features,), name="pooled_features")
-    # momentum 0.9 (Keras: 0.99): inference statistics settle within a few dozen steps, which
-    # matters on small datasets where an epoch is only a handful of batches.
-    x = keras.layers.BatchNormalization(momentum=0.9, name="head_batchnorm")(inputs)
-    x = keras.layers.Dropout(dropout, name="head_dropout")(x)
-    # float32 output keeps softmax stable under a mixed_float16 policy.
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=HEAD_MODEL)
+    x = inputs
+    if cfg.head_batchnorm:
+        # momentum 0.9 (Keras: 0.99): inference statistics settle within a few dozen steps, which
+        # matters on small datasets where an epoch is only a handful of batches.
+        x = keras.layers.BatchNormalization(momentum=0.9, name="head_batchnorm")(x)
+    x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
+    # float32 from here on keeps softmax stable under a mixed_float16 policy.
+    logits = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
+    return keras.Model(inputs, _probabilities(logits, 1.0), name=HEAD_MODEL)
+
+
+def _probabilities(logits: keras.KerasTensor, temperature: float) -> keras.KerasTensor:
+    import keras
+
+    scaled = keras.layers.Rescaling(1.0 / temperature, dtype="float32", name=TEMPERATURE_LAYER)(logits)
+    return keras.layers.Softmax(dtype="float32", name="probabilities")(scaled)
+
+
+def with_temperature(head: keras.Model, temperature: float) -> keras.Model:
+    """The same head (shared layers) with its logits divided by `temperature` before the softmax."""
+    import keras
+
+    logits = head.get_layer(LOGITS_LAYER).output
+    return keras.Model(head.input, _probabilities(logits, temperature), name=HEAD_MODEL)
+
+
+def head_logits(head: keras.Model) -> keras.Model:
+    """pooled features -> logits (before temperature and softmax), sharing the head's layers."""
+    import keras
+
+    return keras.Model(head.input, head.get_layer(LOGITS_LAYER).output, name="head_logits")
 
 
 def build_classifier(cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:
@@ -126,17 +159,21 @@ def build_classifier(cfg: ModelConfig, num_classes: int, image_size: int) -> Cla
 
     backbone = build_backbone(cfg, image_size)
     backbone.trainable = False
+    layers = _preprocessing(BACKBONES[cfg.backbone].preprocessing, image_size)
+
+    def preprocess(x: keras.KerasTensor) -> keras.KerasTensor:
+        for layer in layers:
+            x = layer(x)
+        return x
+
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = inputs
-    for layer in _preprocessing(BACKBONES[cfg.backbone].preprocessing, image_size):
-        x = layer(x)
     # training=False keeps every BatchNormalization in inference mode, even when unfrozen.
-    x = backbone(x, training=False)
+    x = backbone(preprocess(inputs), training=False)
     pooled = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
     features = keras.Model(inputs, pooled, name="features")
-    head = build_head(int(pooled.shape[-1]), num_classes, cfg.dropout)
+    head = build_head(int(pooled.shape[-1]), num_classes, cfg)
     model = keras.Model(inputs, head(pooled), name=f"{cfg.backbone}_classifier")
-    return Classifier(model=model, backbone=backbone, features=features, head=head)
+    return Classifier(model=model, backbone=backbone, features=features, head=head, preprocess=preprocess)
 
 
 def attach_head(features: keras.Model, head: keras.Model, name: str) -> keras.Model:
@@ -146,33 +183,63 @@ def attach_head(features: keras.Model, head: keras.Model, name: str) -> keras.Mo
     return keras.Model(features.input, head(features.output), name=name)
 
 
-def adopt_trained(classifier: Classifier, trained: keras.Model, *, head_only: bool) -> Classifier:
-    """Put a trained (checkpointed) head, or whole classifier, in place of a freshly built one."""
+def load_training_state(model: keras.Model, saved: keras.Model) -> None:
+    """Copy a checkpointed twin's weights and optimizer state (step, moments, learning rate) into `model`.
+
+    `model` is freshly built and compiled the same way; its optimizer is built here if needed.
+    """
+    model.set_weights(saved.get_weights())
+    if saved.optimizer is None or not saved.optimizer.variables:
+        return
+    model.optimizer.build(model.trainable_variables)
+    for ours, theirs in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
+        ours.assign(theirs)
+
+
+def learning_rate_schedule(
+    cfg: TrainConfig, learning_rate: float, epochs: int, warmup_epochs: int, steps_per_epoch: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The phase's learning rate: constant, or cosine decay over its epochs; linear warm-up first.
+
+    `plateau` starts constant; the training loop lowers it when validation stalls.
+    """
     import keras
 
-    if head_only:
-        model = attach_head(classifier.features, trained, classifier.model.name)
-        return Classifier(model, classifier.backbone, classifier.features, trained)
-    backbone = trained.get_layer(classifier.backbone.name)
-    features = keras.Model(trained.input, trained.get_layer(POOL_LAYER).output, name="features")
-    return Classifier(trained, backbone, features, trained.get_layer(HEAD_MODEL))
+    warmup_steps = warmup_epochs * steps_per_epoch
+    if cfg.schedule == "plateau" or (cfg.schedule == "constant" and not warmup_steps):
+        return learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=learning_rate * WARMUP_START if warmup_steps else learning_rate,
+        warmup_target=learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+        decay_steps=max(1, (epochs - warmup_epochs) * steps_per_epoch),
+        alpha=1.0 if cfg.schedule == "constant" else 0.0,  # alpha 1: no decay after the warm-up
+    )
 
 
-def compile_classifier(model: keras.Model, cfg: TrainConfig, learning_rate: float) -> None:
-    """Compile for training: the configured optimizer at `learning_rate`, cross-entropy, accuracy."""
+def compile_classifier(
+    model: keras.Model, cfg: TrainConfig, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
+) -> None:
+    """Compile for training: the configured optimizer and weight decay, cross-entropy, accuracy."""
     import keras
 
     optimizers = {
         "adam": keras.optimizers.Adam,
         "adamw": keras.optimizers.AdamW,
-        "sgd": lambda learning_rate: keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9),
+        "sgd": lambda **kwargs: keras.optimizers.SGD(momentum=0.9, **kwargs),
         "rmsprop": keras.optimizers.RMSprop,
     }
     model.compile(
-        optimizer=optimizers[cfg.optimizer](learning_rate=learning_rate),
+        optimizer=optimizers[cfg.optimizer](learning_rate=learning_rate, weight_decay=cfg.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
     )
+
+
+def first_trainable_layer(backbone: keras.Model, unfreeze: int | Literal["all"]) -> int:
+    """Index of the lowest backbone layer that trains when the top `unfreeze` layers do."""
+    layers = backbone.layers
+    return 0 if unfreeze == "all" else len(layers) - min(int(unfreeze), len(layers))
 
 
 def set_trainable_layers(backbone: keras.Model, unfreeze: int | Literal["all"]) -> int:
@@ -183,9 +250,8 @@ def set_trainable_layers(backbone: keras.Model, unfreeze: int | Literal["all"]) 
     import keras
 
     layers = backbone.layers
-    count = len(layers) if unfreeze == "all" else min(int(unfreeze), len(layers))
-    backbone.trainable = count > 0
-    first = len(layers) - count
+    first = first_trainable_layer(backbone, unfreeze)
+    backbone.trainable = first < len(layers)
     for index, layer in enumerate(layers):
         layer.trainable = index >= first and not isinstance(layer, keras.layers.BatchNormalization)
     return sum(1 for layer in layers if layer.trainable and layer.weights)

@@ -17,6 +17,31 @@ if TYPE_CHECKING:
 
 # Decoded, resized images are cached in memory (as uint8) when they fit in this budget.
 MEMORY_CACHE_BYTES = 3 * 1024**3
+# Epoch e of a run with seed s shuffles with seed s * SEED_STRIDE + e.
+SEED_STRIDE = 100_003
+
+
+def epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    """The shuffle seed of one epoch: a function of the run's seed and the epoch number alone."""
+    return seed * SEED_STRIDE + epoch
+
+
+def epoch_batches(
+    elements: tf.data.Dataset, count: int, epochs: tuple[int, int], seed: int, batch_size: int
+) -> tf.data.Dataset:
+    """`(epoch, batch)` pairs for epochs `[first, last)`: each epoch one pass over `elements`, shuffled by its own seed.
+
+    The order of an epoch depends only on (seed, epoch), so a run resumed at epoch e sees the
+    batches the uninterrupted run would, and a dataset of indices `range(count)` is shuffled
+    exactly like a dataset of `count` images (cached features and images train in the same order).
+    """
+    import tensorflow as tf
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        shuffled = elements.shuffle(count, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
+        return shuffled.batch(batch_size).map(lambda *batch: (epoch, batch if len(batch) > 1 else batch[0]))
+
+    return tf.data.Dataset.range(*epochs).flat_map(one_epoch)
 
 
 def make_dataset(
@@ -24,15 +49,17 @@ def make_dataset(
     *,
     image_size: int,
     batch_size: int,
-    shuffle: bool = False,
+    epochs: tuple[int, int] | None = None,
     seed: int = 0,
     augmenter: keras.Layer | None = None,
     cache: bool = True,
 ) -> tf.data.Dataset:
     """Batched (float32 pixels in [0, 255], one-hot labels), decoded in parallel and prefetched.
 
-    Decoded images are cached in memory as uint8 when they fit, so every epoch after the
-    first skips JPEG decoding; shuffling and `augmenter` (training only) run after the cache.
+    Without `epochs`: one pass in manifest order. With `epochs=(first, last)`: the training
+    batches of those epochs, in `epoch_batches` order. Decoded images are cached in memory as
+    uint8 when they fit, so every epoch after the first skips JPEG decoding; shuffling and
+    `augmenter` (training only) run after the cache.
     """
     import tensorflow as tf
 
@@ -46,9 +73,10 @@ def make_dataset(
     )
     if cache and len(manifest) * image_size * image_size * 3 <= MEMORY_CACHE_BYTES:
         ds = ds.cache()
-    if shuffle:
-        ds = ds.shuffle(min(len(manifest), 10_000), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    if epochs is None:
+        ds = ds.batch(batch_size)
+    else:
+        ds = epoch_batches(ds, len(manifest), epochs, seed, batch_size).map(lambda epoch, batch: batch)
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)), num_parallel_calls=autotune)
     if augmenter is not None:
         ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=autotune)

@@ -47,11 +47,12 @@ def _epoch_axis(history: pd.DataFrame) -> np.ndarray:
     return np.arange(1, len(history) + 1)
 
 
-def plot_training_curves(history: pd.DataFrame, path: Path) -> Path:
+def plot_training_curves(history: pd.DataFrame, path: Path, kept_epoch: int | None = None) -> Path:
     """Loss and accuracy per epoch, training and validation, with phase boundaries marked.
 
     `history` has the columns of `reports/history.csv`
     (`epoch,phase,loss,accuracy,val_loss,val_accuracy,learning_rate`); missing ones are skipped.
+    `kept_epoch`, the epoch whose weights the model keeps (early stopping), is marked too.
     """
     if history.empty:
         return _message_figure("no training history", path)
@@ -73,6 +74,8 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> Path:
                     linewidth=1,
                     label=None if n else f"{phases[boundary + 1]} starts",
                 )
+        if kept_epoch is not None and "epoch" in history and kept_epoch in set(history["epoch"]):
+            ax.axvline(float(kept_epoch), color="green", linewidth=1.5, alpha=0.6, label=f"kept: epoch {kept_epoch}")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -113,17 +116,27 @@ def plot_misclassified(
     confidence: Sequence[float],
     path: Path,
 ) -> Path:
-    """A grid of images titled `true -> predicted (confidence)`; images are RGB in [0, 255]."""
+    """A grid of images captioned `true -> predicted (confidence)`; images are RGB in [0, 255], one size.
+
+    The grid is one mosaic image under one set of axes, which draws in a fraction of the time
+    of a subplot per image.
+    """
     if not images:
         return _message_figure("no misclassified test images", path)
     columns = min(4, len(images))
     rows = int(np.ceil(len(images) / columns))
-    fig = Figure(figsize=(3 * columns, 3.2 * rows), layout="constrained")
-    for i, image in enumerate(images):
-        ax = fig.add_subplot(rows, columns, i + 1)
-        ax.imshow(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
-        ax.set_title(f"true: {actual[i]}\npred: {predicted[i]} ({confidence[i]:.2f})", fontsize=9)
-        ax.axis("off")
+    tiles = np.stack([np.clip(np.asarray(image), 0, 255).astype(np.uint8) for image in images])
+    size, gap = tiles.shape[1], tiles.shape[1] // 3  # room for a two-line caption above each tile
+    mosaic = np.full((rows * (size + gap), columns * size, 3), 255, dtype=np.uint8)
+    fig = Figure(figsize=(2.4 * columns, 2.4 * rows * (size + gap) / size))
+    ax = fig.add_axes((0, 0, 1, 0.94))
+    for i, tile in enumerate(tiles):
+        top, left = (i // columns) * (size + gap) + gap, (i % columns) * size
+        mosaic[top : top + size, left : left + size] = tile
+        caption = f"true: {actual[i]}\npred: {predicted[i]} ({confidence[i]:.2f})"
+        ax.text(left + size / 2, top - 2, caption, ha="center", va="bottom", fontsize=8)
+    ax.imshow(mosaic)
+    ax.axis("off")
     fig.suptitle("Most confidently misclassified test images")
     return _save(fig, path)
 

@@ -182,16 +182,33 @@ def unpack_classifier(model_dir: Path, uri: str) -> tuple[Path, list[str]]:
 
 
 def log_image_classifier(
-    model_file: Path, classes: Sequence[str], image_size: int, name: str = "model"
+    model_file: Path,
+    classes: Sequence[str],
+    image_size: int,
+    client: mlflow.MlflowClient,
+    run: mlflow.entities.Run,
+    name: str = "model",
 ) -> mlflow.models.model.ModelInfo:
-    """Log the `.keras` file as pyfunc model `name` of the active run: servable and self-contained."""
+    """Log the `.keras` file as pyfunc model `name` of `run`: servable and self-contained.
+
+    The run need not be active (a sweep logs its best child's model at the end). Nothing is
+    inferred at log time: the signature, one input example and the exact pip requirements are
+    given (MLflow still serves the example through the model once to check it).
+    """
     import transferlab
 
+    logged = client.create_logged_model(  # in the run's experiment (MLflow would pick the active one)
+        run.info.experiment_id, name=name, source_run_id=run.info.run_id, params=run.data.params
+    )
     with tempfile.TemporaryDirectory(prefix="transferlab-serving-") as tmp:
         script = Path(tmp) / "image_classifier.py"
         script.write_text(MODEL_SCRIPT)
-        info = mlflow.pyfunc.log_model(
+        info = mlflow.models.Model.log(
+            artifact_path=None,  # MLflow 3 names a logged model by `name`
             name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run.info.run_id,
+            model_id=logged.model_id,
             python_model=str(script),
             artifacts={KERAS_ARTIFACT: str(model_file)},
             model_config={"classes": list(classes), "image_size": int(image_size)},

@@ -13,6 +13,7 @@ as a FAILED child with its error and lets the sweep go on, and frees Keras state
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import json
 import logging
@@ -30,9 +31,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab import atomic, sweep_bookkeeping, tracking
+from transferlab.backbones import resolve_image_size
 from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf, validate_section
 from transferlab.errors import describe, run_reporting_errors, strip_ansi
 from transferlab.job_logs import quiet_job_logs
+from transferlab.manifests import load_classes
 from transferlab.paths import StagePaths, project_root
 
 log = logging.getLogger(__name__)
@@ -200,7 +203,7 @@ def _train_and_evaluate(
     from transferlab.stages.train import train
 
     result = train(cfg, paths, run_name=name, parent_run_id=parent, extra_tags=tags, register_model=parent is None)
-    evaluate(cfg, paths)
+    evaluate(cfg, paths, model=result.classifier.model if result.classifier else None)
     return result.run_id, result.val_accuracy
 
 
@@ -315,5 +318,16 @@ def _run_or_skip(node: DictConfig, paths: StagePaths, name: str, parent_id: str 
             log.info("skipping %s: this sweep already has its FINISHED run %s", name, done)
             accuracy = sweep_bookkeeping.final_val_accuracy(store, done)
             return {"status": "SKIPPED", "run_id": done, "val_accuracy": accuracy}
+    deferred = cfg.mlflow.log_model and cfg.sweep.log_models == "best"
+    if deferred:  # the sweep logs the best child's model when it ends (sweep_bookkeeping)
+        cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, log_model=False))
     run_id, val_accuracy = _train_and_evaluate(cfg, paths, name, parent_id, tags)
-    return {"status": "FINISHED", "run_id": run_id, "val_accuracy": val_accuracy}
+    record = {"status": "FINISHED", "run_id": run_id, "val_accuracy": val_accuracy}
+    if deferred:
+        image_size = resolve_image_size(cfg.model.backbone, cfg.data.image_size)
+        record["model_to_log"] = {
+            "model_file": str(paths.model_file),
+            "classes": load_classes(paths.classes),
+            "image_size": image_size,
+        }
+    return record

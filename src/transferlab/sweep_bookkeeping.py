@@ -108,6 +108,13 @@ def best_row(table: pd.DataFrame) -> pd.Series | None:
     return ranked.sort_values(["val_accuracy", "_loss"], ascending=[False, True], kind="stable").iloc[0]
 
 
+def log_deferred_model(store: tracking.Store, rows: list[dict[str, Any]], run_id: str) -> None:
+    """Log the model of the child `run_id` if its job left that to the end of the sweep (`sweep.log_models: best`)."""
+    pending = next((row.get("model_to_log") for row in rows if row.get("run_id") == run_id), None)
+    if pending and Path(pending["model_file"]).is_file():
+        store.run(run_id).log_model(Path(pending["model_file"]), pending["classes"], pending["image_size"])
+
+
 def finish_parent_run(
     parent: tracking.RunRecord,
     rows: list[dict[str, Any]],
@@ -141,6 +148,7 @@ def finish_parent_run(
     best = best_row(table)
     if best is not None:
         run.set_tag(tracking.TAG_BEST_CHILD, best["run_id"])
+        log_deferred_model(store, rows, best["run_id"])
         run.log_metrics({"best_val_accuracy": float(best["val_accuracy"])})
         if best["test_accuracy"] == best["test_accuracy"]:  # not NaN
             run.log_metrics({"best_test_accuracy": float(best["test_accuracy"])})

@@ -274,17 +274,12 @@ class Run:
     def log_model(self, model_file: Path, classes: list[str], image_size: int) -> str:
         """Log the Keras model as a servable pyfunc model named `model` (see transferlab.serving).
 
-        MLflow logs models into the active run only, so this run must be the active one.
-        Returns the logged model's URI, `models:/<model_id>`.
+        The run need not be active. Returns the logged model's URI, `models:/<model_id>`.
         """
-        import mlflow
-
         from transferlab.serving import log_image_classifier
 
-        active = mlflow.active_run()
-        if active is None or active.info.run_id != self.run_id:
-            raise TransferlabError(f"cannot log a model to run {self.run_id}: it is not the active run")
-        return log_image_classifier(model_file, classes, image_size, name="model").model_uri
+        run = self._client.get_run(self.run_id)
+        return log_image_classifier(model_file, classes, image_size, self._client, run).model_uri
 
     def log_datasets(self, datasets: Sequence[SplitDataset]) -> None:
         """The splits as dataset inputs ("Datasets used" in the UI); MLflow keeps each one once per run."""

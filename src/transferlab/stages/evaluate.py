@@ -61,6 +61,40 @@ def predict_manifest(model: keras.Model, manifest: Manifest, batch_size: int) ->
     return np.asarray(probabilities, dtype=np.float64)
 
 
+def predict_from_feature_cache(cfg: Config, paths: StagePaths, model: keras.Model, test: Manifest) -> np.ndarray | None:
+    """Test probabilities from cached backbone features, or None when the cache does not apply.
+
+    It applies when the model's backbone still has the weights its features were cached with
+    during training (the validation split's features are in the cache under that weights
+    digest): the backbone was frozen, so only the head needs to run. The test features are
+    computed once on a miss and cached for later evaluations of the same backbone.
+    """
+    from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
+    from transferlab.model import HEAD_MODEL, POOL_LAYER, weights_digest
+
+    backbones = [layer for layer in model.layers if hasattr(layer, "layers") and layer.name != HEAD_MODEL]
+    if len(backbones) != 1 or POOL_LAYER not in {layer.name for layer in model.layers}:
+        return None
+    cache = FeatureCache(paths.feature_cache)
+    image_size = model_image_size(model)
+    val = load_manifest(paths.manifest("val"), paths.raw_dataset(cfg.data.name), test.classes)
+
+    digest = weights_digest(backbones[0])
+
+    def key(manifest: Manifest) -> FeatureKey:
+        return FeatureKey(cfg.model.backbone, cfg.model.alpha, digest, image_size, manifest_digest(manifest))
+
+    if not cache.path(key(val)).is_file():
+        return None
+    import keras
+
+    features = keras.Model(model.input, model.get_layer(POOL_LAYER).output)
+    found = cache.activations_for(key(test), features, test, image_size=image_size, batch_size=cfg.train.batch_size)
+    log.info("test features from the cache (%s): only the head runs", "hit" if found.hit else "computed once")
+    probabilities = model.get_layer(HEAD_MODEL).predict(found.arrays[0][0], verbose=0)
+    return np.asarray(probabilities, dtype=np.float64)
+
+
 def metrics_dict(report: ClassificationReport, reliability: Calibration, images: int) -> dict[str, float]:
     """The flat `test_*` numbers written to metrics.json and logged to MLflow."""
     values = {
@@ -106,13 +140,15 @@ def most_confident_mistakes(y_true: np.ndarray, probabilities: np.ndarray, limit
     return wrong[np.argsort(-confidence, kind="stable")][:limit]
 
 
-def _load_inputs(cfg: Config, paths: StagePaths) -> tuple[list[str], Manifest, tracking.RunRecord, keras.Model]:
-    """Classes, test manifest, run record and model: each failure names the stage to run."""
+def _load_inputs(
+    cfg: Config, paths: StagePaths, model: keras.Model | None
+) -> tuple[list[str], Manifest, tracking.RunRecord, keras.Model]:
+    """Classes, test manifest, run record and model (loaded unless given): each failure names the stage to run."""
     classes = load_classes(paths.classes)
     test = load_manifest(paths.manifest("test"), paths.raw_dataset(cfg.data.name), classes)
     if len(test) == 0:
         raise DataError(f"{paths.manifest('test')} is empty: set data.test_fraction > 0 and run `dvc repro split`")
-    model = load_model(paths.model_file)
+    model = model if model is not None else load_model(paths.model_file)
     outputs = int(model.output_shape[-1])
     if outputs != len(classes):
         raise ModelError(
@@ -150,11 +186,16 @@ def _write_figures(
     return [confusion_png, misclassified_png, reliability_png]
 
 
-def evaluate(cfg: Config, paths: StagePaths) -> dict[str, float]:
-    """Score `models/model.keras` on the test split; write reports, log them to the training run."""
-    classes, test, record, model = _load_inputs(cfg, paths)
+def evaluate(cfg: Config, paths: StagePaths, *, model: keras.Model | None = None) -> dict[str, float]:
+    """Score `models/model.keras` on the test split; write reports, log them to the training run.
+
+    A sweep job passes the `model` it has just trained and saved, so it is not loaded again.
+    """
+    classes, test, record, model = _load_inputs(cfg, paths, model)
     log.info("evaluating %s on %d test images", paths.model_file, len(test))
-    probabilities = predict_manifest(model, test, cfg.train.batch_size)
+    probabilities = predict_from_feature_cache(cfg, paths, model, test)
+    if probabilities is None:
+        probabilities = predict_manifest(model, test, cfg.train.batch_size)
     y_true = np.asarray(test.labels)
     report = classification_report(y_true, probabilities, top_k=cfg.evaluate.top_k)
     reliability = calibration(y_true, probabilities, bins=cfg.evaluate.calibration_bins)

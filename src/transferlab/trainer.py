@@ -1,0 +1,454 @@
+"""The phases of one training run: what each trains, how it is fed, and how its epochs are judged.
+
+Training runs in up to two phases. Phase `head` trains the new head with the backbone frozen;
+phase `finetune` unfreezes the top backbone layers (BatchNorm stays frozen and in inference
+mode) and continues at its own learning rate. Each phase is fed the cheapest exact way:
+
+- `pool`: cached pooled backbone features; the head alone trains (frozen backbone);
+- `cut`: cached activations at the cut of a partially unfrozen backbone (cut.py); the unfrozen
+  top and the head train, and an epoch costs only those layers;
+- `images`: the whole network on decoded images (fresh augmentation every epoch, everything
+  unfrozen, or the cache switched off).
+
+With augmentation and `augment.cached_views: K > 0`, the cached phases train on the
+activations of K augmented views of every training image, cycling through one view per epoch.
+Every epoch is judged (progress.py) and checkpointed; at the end the best epoch's weights are
+restored (with early stopping) and, with `train.calibrate`, a temperature fitted on the
+validation split goes into the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from transferlab import tracking
+from transferlab.backbones import resolve_image_size
+from transferlab.checkpoint import Checkpointer, CheckpointState, ModelKind
+from transferlab.config import Config
+from transferlab.console import keras_progress
+from transferlab.descriptions import backbone_state
+from transferlab.feature_cache import (
+    NO_AUGMENTATION,
+    POOLED,
+    Activations,
+    FeatureCache,
+    FeatureKey,
+    augmentation_digest,
+    describe_tensor,
+    manifest_digest,
+)
+from transferlab.manifests import Manifest, load_classes, load_manifest
+from transferlab.paths import StagePaths
+from transferlab.pipeline import epoch_batches, make_dataset
+from transferlab.progress import judge_epoch, monitored_metric, phase_is_over, start_phase
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+    from transferlab.cut import CutModels
+    from transferlab.model import Classifier
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+Source = Literal["pool", "cut", "images"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs with one trainable set, one learning rate and one way to feed it."""
+
+    name: Literal["head", "finetune"]
+    epochs: int  # at most: early stopping may end the phase sooner
+    learning_rate: float
+    warmup_epochs: int
+    unfreeze: int | Literal["all"]
+    source: Source
+    views: int  # cached augmented views per training image (1: the images themselves)
+
+    @property
+    def kind(self) -> ModelKind:
+        """Which model the phase fits and checkpoints."""
+        return {"pool": "head", "cut": "top", "images": "full"}[self.source]
+
+
+def _source(cfg: Config, unfreeze: int | Literal["all"]) -> tuple[Source, int]:
+    augmented = cfg.augment.enabled
+    if not cfg.train.feature_cache or unfreeze == "all" or (augmented and cfg.augment.cached_views == 0):
+        return "images", 1
+    views = cfg.augment.cached_views if augmented else 1
+    return ("pool" if unfreeze == 0 else "cut"), views
+
+
+def plan_phases(cfg: Config) -> list[Phase]:
+    """The phases a config asks for, each with the cheapest exact feed."""
+    ft = cfg.finetune
+    head_unfreeze = 0 if ft.two_phase else ft.unfreeze
+    tc = cfg.train
+    phases = [Phase("head", tc.epochs, tc.learning_rate, tc.warmup_epochs, head_unfreeze, *_source(cfg, head_unfreeze))]
+    if ft.two_phase:
+        assert ft.learning_rate is not None
+        phases.append(
+            Phase("finetune", ft.epochs, ft.learning_rate, ft.warmup_epochs, ft.unfreeze, *_source(cfg, ft.unfreeze))
+        )
+    return phases
+
+
+@dataclass
+class Fit:
+    """What a phase fits, on what: images (a dataset), or cached activations."""
+
+    model: keras.Model
+    validation: tf.data.Dataset
+    steps_per_epoch: int
+    images: Callable[[int, int], tf.data.Dataset] | None = None  # training batches of epochs [first, last)
+    train_activations: Activations | None = None
+    val_inputs: Any = None  # cached validation activations (calibration reuses them)
+    cut: CutModels | None = None
+    trainable_layers: int = 0  # backbone layers with weights that train
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling fitted on the validation split."""
+
+    temperature: float
+    val_ece_before: float
+    val_ece_after: float
+    val_loss_before: float
+    val_loss_after: float
+
+
+class Trainer:
+    """Holds one run's data, model and checkpoint state while the phases execute."""
+
+    def __init__(self, cfg: Config, paths: StagePaths, run: tracking.Run, state: CheckpointState) -> None:
+        self.cfg, self.paths, self.run, self.state = cfg, paths, run, state
+        self.checkpointer = Checkpointer(paths.checkpoints)
+        self.cache = FeatureCache(paths.feature_cache)
+        self.image_size = resolve_image_size(cfg.model.backbone, cfg.data.image_size)
+        self.classes = load_classes(paths.classes)
+        raw = paths.raw_dataset(cfg.data.name)
+        self.train_set = load_manifest(paths.manifest("train"), raw, self.classes)
+        self.val_set = load_manifest(paths.manifest("val"), raw, self.classes)
+        self.keep_best = cfg.train.early_stopping is not None
+        self.last_fit: Fit | None = None
+        self.phases: list[Phase] = []
+        self.weights_digest = ""  # of the pristine backbone: part of every cache key
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def train(self, resumed: bool) -> Classifier:
+        """Run every phase not yet over; return the classifier with the epoch to keep restored."""
+        from transferlab.model import build_classifier, weights_digest
+
+        classifier = build_classifier(self.cfg.model, len(self.classes), self.image_size)
+        self.weights_digest = weights_digest(classifier.backbone)
+        self.phases = [_feasible(phase, classifier) for phase in plan_phases(self.cfg)]
+        carried = not resumed  # the in-memory weights are the state's (nothing trained yet, or trained here)
+        for phase in self.phases:
+            if phase_is_over(self.state, phase.name, phase.epochs, self.cfg.train):
+                continue
+            state = self.state
+            resuming_phase = resumed and state.phase == phase.name and state.epochs_done > state.phase_start
+            self._run_phase(classifier, phase, resuming_phase, carried)
+            carried = True
+        if not carried:  # every phase was over before the kill: restore what the state holds
+            self._restore_carry_over(classifier, self._final_fit(classifier))
+        elif self.keep_best and self.state.best_epoch != self.state.epochs_done:
+            self._restore_best(self._final_fit(classifier).model)
+            log.info("restored epoch %d, the best by %s", self.state.best_epoch, monitored_metric(self.cfg.train))
+        return classifier
+
+    @property
+    def kept_epoch(self) -> int:
+        """The epoch whose weights the saved model holds."""
+        return (self.state.best_epoch or self.state.epochs_done) if self.keep_best else self.state.epochs_done
+
+    def _run_phase(self, classifier: Classifier, phase: Phase, resuming: bool, carried: bool) -> None:
+        from transferlab.model import compile_classifier, learning_rate_schedule, load_training_state
+
+        fit = self._prepare(classifier, phase)
+        self.last_fit = fit
+        schedule = learning_rate_schedule(
+            self.cfg.train, phase.learning_rate, phase.epochs, phase.warmup_epochs, fit.steps_per_epoch
+        )
+        compile_classifier(fit.model, self.cfg.train, schedule)
+        if resuming:
+            restored = self.checkpointer.restore_model(self.state)
+            assert restored is not None, "a phase in progress always has a checkpoint"
+            load_training_state(fit.model, restored)
+            log.info("resuming after epoch %d (phase %s)", self.state.epochs_done, phase.name)
+        else:
+            if not carried:
+                self._restore_carry_over(classifier, fit)
+            elif self.keep_best and self.state.best_epoch not in (None, self.state.epochs_done):
+                self._restore_best(self._model_of_kind(classifier, self.state.best_kind, fit))
+            start_phase(self.state, phase.name)
+            if self.keep_best and self.state.best_epoch is not None:  # carry the best over as this phase's kind
+                self.checkpointer.save_best(self.state, fit.model, phase.kind, phase.name)
+            else:
+                self.checkpointer.write_state(self.state)
+        first = self.state.epochs_done
+        last = self.state.phase_start + phase.epochs
+        what = backbone_state(phase, fit.trainable_layers)
+        log.info("%s: %s; epochs %d..%d at learning rate %g", phase.name, what, first + 1, last, phase.learning_rate)
+        with keras_progress(f"phase {phase.name}", epochs=last - first) as progress:
+            fit.model.fit(
+                self._training_batches(fit, last - first),
+                validation_data=fit.validation,
+                epochs=last,
+                initial_epoch=first,
+                steps_per_epoch=fit.steps_per_epoch,
+                callbacks=[self._epoch_monitor(phase, last), progress],
+                shuffle=False,  # the datasets shuffle themselves, seeded
+                verbose=0,
+            )
+        self.state.finished_phases.append(phase.name)
+        self.checkpointer.write_state(self.state)
+
+    # --- feeding a phase ------------------------------------------------------------------------
+
+    def _prepare(self, classifier: Classifier, phase: Phase) -> Fit:
+        from transferlab.model import first_trainable_layer, set_trainable_layers
+
+        trainable = set_trainable_layers(classifier.backbone, phase.unfreeze)
+        if phase.source == "pool":
+            train, val = (self._activations(classifier.features, m, POOLED, v, phase) for m, v in self._splits(phase))
+            fit = self._cached_fit(classifier.head, train, val, phase)
+        elif phase.source == "cut":
+            from transferlab.cut import split_at_cut
+
+            cut = split_at_cut(classifier, first_trainable_layer(classifier.backbone, phase.unfreeze))
+            train, val = (self._activations(cut.bottom, m, cut.name, v, phase) for m, v in self._splits(phase))
+            fit = dataclasses.replace(self._cached_fit(cut.top, train, val, phase), cut=cut)
+        else:
+            fit = self._image_fit(classifier.model)
+        return dataclasses.replace(fit, trainable_layers=trainable)
+
+    def _splits(self, phase: Phase) -> list[tuple[Manifest, int]]:
+        return [(self.train_set, phase.views), (self.val_set, 1)]
+
+    def _activations(
+        self, extractor: keras.Model, manifest: Manifest, tensor: str, views: int, phase: Phase
+    ) -> Activations:
+        from transferlab.augment import build_augmenter
+
+        augmented = views > 1 or (manifest is self.train_set and self.cfg.augment.enabled)
+        settings = dataclasses.asdict(self.cfg.augment)
+        key = FeatureKey(
+            self.cfg.model.backbone,
+            self.cfg.model.alpha,
+            self.weights_digest,
+            self.image_size,
+            manifest_digest(manifest),
+            tensor=tensor,
+            augmentation=augmentation_digest(settings, self.cfg.train.seed, views) if augmented else NO_AUGMENTATION,
+        )
+        activations = self.cache.activations_for(
+            key,
+            extractor,
+            manifest,
+            image_size=self.image_size,
+            batch_size=self.cfg.train.batch_size,
+            views=views,
+            augmenter=(lambda: build_augmenter(self.cfg.augment, self.cfg.train.seed)) if augmented else None,
+        )
+        log.info(
+            "%s: cache %s for %d images", describe_tensor(tensor), "hit" if activations.hit else "miss", len(manifest)
+        )
+        return activations
+
+    def _cached_fit(self, model: keras.Model, train: Activations, val: Activations, phase: Phase) -> Fit:
+        import tensorflow as tf
+
+        batch = self.cfg.train.batch_size
+        val_inputs = _inputs(val.arrays, view=0)
+        validation = tf.data.Dataset.from_tensor_slices((val_inputs, self._one_hot(val.labels))).batch(batch)
+        steps = math.ceil(len(train.labels) / batch)
+        return Fit(model, validation.prefetch(tf.data.AUTOTUNE), steps, train_activations=train, val_inputs=val_inputs)
+
+    def _training_batches(self, fit: Fit, epochs: int) -> tf.data.Dataset:
+        """Training batches for the next `epochs` epochs, in `pipeline.epoch_batches` order.
+
+        Cached activations: epoch e draws view (e - phase start) mod K of every image.
+        """
+        import tensorflow as tf
+
+        first = self.state.epochs_done
+        if fit.images is not None:
+            return fit.images(first, first + epochs)
+        train = fit.train_activations
+        assert train is not None
+        arrays = [tf.constant(np.asarray(a, dtype="float32")) for a in train.arrays]  # (views, images, ...)
+        labels = tf.constant(self._one_hot(train.labels))
+        views, phase_start = train.views, self.state.phase_start
+
+        def gather(epoch: tf.Tensor, index: tf.Tensor) -> tuple[Any, tf.Tensor]:
+            view = (epoch - phase_start) % views
+            inputs = [tf.gather(a[view], index) for a in arrays]
+            return (inputs[0] if len(inputs) == 1 else tuple(inputs)), tf.gather(labels, index)
+
+        count = len(train.labels)
+        indices = tf.data.Dataset.range(count)
+        batches = epoch_batches(indices, count, (first, first + epochs), self.cfg.train.seed, self.cfg.train.batch_size)
+        return batches.map(gather).prefetch(tf.data.AUTOTUNE)
+
+    def _image_fit(self, model: keras.Model) -> Fit:
+        from transferlab.augment import build_augmenter
+
+        batch, seed = self.cfg.train.batch_size, self.cfg.train.seed
+        common = {"image_size": self.image_size, "batch_size": batch}
+        augmenter = build_augmenter(self.cfg.augment, seed)
+        if self.cfg.augment.enabled and self.cfg.train.feature_cache:
+            log.info("augment.cached_views is 0: fresh augmentation every epoch, through the whole backbone (slow)")
+
+        def train(first: int, last: int) -> tf.data.Dataset:
+            return make_dataset(self.train_set, epochs=(first, last), seed=seed, augmenter=augmenter, **common)
+
+        steps = math.ceil(len(self.train_set) / batch)
+        return Fit(model, make_dataset(self.val_set, **common), steps, images=train)
+
+    def _one_hot(self, labels: np.ndarray) -> np.ndarray:
+        return np.eye(len(self.classes), dtype="float32")[labels]
+
+    # --- epochs ---------------------------------------------------------------------------------
+
+    def _epoch_monitor(self, phase: Phase, last: int) -> keras.callbacks.Callback:
+        """Keras callback: judge and checkpoint the epoch, then log it, so a kill never duplicates a metric."""
+        import keras
+
+        trainer = self
+
+        class EpochMonitor(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+                trainer.finish_epoch(self.model, phase, epoch + 1, dict(logs or {}))
+                row = trainer.state.history[-1]
+                shown = ", ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS[:4])
+                log.info("epoch %d/%d (%s): %s", epoch + 1, last, phase.name, shown)
+
+        return EpochMonitor()
+
+    def finish_epoch(self, model: keras.Model, phase: Phase, epoch: int, logs: dict[str, float]) -> None:
+        """Record an epoch: history, best model, plateau, early stopping, checkpoint, MLflow."""
+        import keras
+
+        cfg, state = self.cfg.train, self.state
+        rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        row = {"epoch": epoch, "phase": phase.name, **{k: float(logs[k]) for k in EPOCH_METRICS[:4]}}
+        row["learning_rate"] = rate
+        state.history.append(row)
+        state.epochs_done = epoch
+        verdict = judge_epoch(state, epoch, row, cfg)
+        if verdict.lower_learning_rate:
+            lowered = max(rate * cfg.plateau.factor, cfg.plateau.min_learning_rate)
+            model.optimizer.learning_rate.assign(lowered)
+            log.info(
+                "%s has not improved for %d epochs: learning rate %g -> %g",
+                monitored_metric(cfg),
+                cfg.plateau.patience,
+                rate,
+                lowered,
+            )
+        if verdict.stop:
+            model.stop_training = True
+            log.info("early stopping after epoch %d: best epoch %d", epoch, state.best_epoch)
+        self.checkpointer.save(state, model, phase.kind, best=verdict.improved and self.keep_best)
+        self.run.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+
+    # --- restoring --------------------------------------------------------------------------------
+
+    def _model_of_kind(self, classifier: Classifier, kind: ModelKind | None, fit: Fit) -> keras.Model:
+        if kind == "head":
+            return classifier.head
+        if kind == "full":
+            return classifier.model
+        assert kind == "top" and fit.cut is not None, "a cut checkpoint belongs to the phase that wrote it"
+        return fit.cut.top
+
+    def _restore_best(self, model: keras.Model) -> None:
+        model.set_weights(self.checkpointer.restore_best(self.state).get_weights())
+
+    def _restore_carry_over(self, classifier: Classifier, fit: Fit) -> None:
+        """A resumed process: put the weights the next phase starts from (or the run ends with) in place."""
+        if self.keep_best and self.state.best_kind is not None:
+            self._restore_best(self._model_of_kind(classifier, self.state.best_kind, fit))
+        elif self.state.model_file is not None:
+            saved = self.checkpointer.restore_model(self.state)
+            assert saved is not None
+            self._model_of_kind(classifier, self.state.model_kind, fit).set_weights(saved.get_weights())
+
+    def _final_fit(self, classifier: Classifier) -> Fit:
+        """The last phase's fit (prepared again when this process ran none of it)."""
+        if self.last_fit is None:
+            self.last_fit = self._prepare(classifier, self.phases[-1])
+        return self.last_fit
+
+    # --- calibration --------------------------------------------------------------------------------
+
+    def calibrate(self, classifier: Classifier) -> Calibration:
+        """Fit a temperature on the validation split and put it inside the classifier."""
+        from transferlab.metrics import calibration, fit_temperature, log_loss, softmax
+        from transferlab.model import attach_head, head_logits, with_temperature
+
+        pooled = self._validation_pooled(classifier)
+        logits = np.asarray(head_logits(classifier.head).predict(pooled, verbose=0), dtype=np.float64)
+        labels = np.asarray(self.val_set.labels)
+        temperature = fit_temperature(labels, logits)
+        bins = self.cfg.evaluate.calibration_bins
+        before, after = softmax(logits), softmax(logits, temperature)
+        classifier.head = with_temperature(classifier.head, temperature)
+        classifier.model = attach_head(classifier.features, classifier.head, classifier.model.name)
+        result = Calibration(
+            temperature,
+            calibration(labels, before, bins).ece,
+            calibration(labels, after, bins).ece,
+            log_loss(labels, before),
+            log_loss(labels, after),
+        )
+        log.info(
+            "calibrated: temperature %.3f, validation ECE %.4f -> %.4f",
+            temperature,
+            result.val_ece_before,
+            result.val_ece_after,
+        )
+        return result
+
+    def _validation_pooled(self, classifier: Classifier) -> np.ndarray:
+        """Pooled backbone features of the validation images under the final weights."""
+        fit = self._final_fit(classifier)
+        if fit.cut is None and fit.val_inputs is not None:  # pooled features, cached
+            return np.asarray(fit.val_inputs)
+        if fit.cut is not None:
+            return np.asarray(fit.cut.to_pooled.predict(fit.val_inputs, verbose=0))
+        dataset = make_dataset(self.val_set, image_size=self.image_size, batch_size=self.cfg.train.batch_size)
+        return np.asarray(classifier.features.predict(dataset.map(lambda x, y: x), verbose=0))
+
+
+def _feasible(phase: Phase, classifier: Classifier) -> Phase:
+    """The phase as it can run on this backbone: a cut with nothing frozen below it trains on images."""
+    from transferlab.model import first_trainable_layer
+
+    if phase.source == "cut" and first_trainable_layer(classifier.backbone, phase.unfreeze) <= 1:
+        log.info(
+            "unfreezing %s layers leaves no frozen layer below the cut: phase %s trains on images",
+            phase.unfreeze,
+            phase.name,
+        )
+        return dataclasses.replace(phase, source="images", views=1)
+    return phase
+
+
+def _inputs(arrays: list[np.ndarray], view: int) -> Any:
+    """One view of the cached arrays as model input: an array, or a tuple for several cut tensors."""
+    chosen = [np.asarray(a[view], dtype="float32") for a in arrays]
+    return chosen[0] if len(chosen) == 1 else tuple(chosen)
