@@ -6,7 +6,8 @@ import pandas as pd
 from helpers import tiny_cfg
 
 from transferlab.descriptions import training_description, with_test_results
-from transferlab.stages.train import best_epoch, plan_phases
+from transferlab.stages.train import kept_row
+from transferlab.trainer import plan_phases
 
 TEST_METRICS = {"test_accuracy": 0.8333, "test_top2_accuracy": 1.0, "test_macro_f1": 0.8166, "test_images": 24}
 
@@ -22,7 +23,7 @@ def two_phase_description() -> str:
         }
     )
     images = {"train": 20, "val": 8, "test": 8}
-    return training_description(cfg, plan_phases(cfg), history, best_epoch(history), images, 3, "0123456789abcdef")
+    return training_description(cfg, plan_phases(cfg), history, kept_row(history, 3), images, 3, "0123456789abcdef")
 
 
 def test_training_description_names_backbone_data_phases_and_best_epoch() -> None:
@@ -31,7 +32,8 @@ def test_training_description_names_backbone_data_phases_and_best_epoch() -> Non
     assert "20 train, 8 validation, 8 test images (splits `0123456789abcdef`)" in text
     lr = tiny_cfg().train.learning_rate
     assert f"| head | 1-2 | {lr:g} | backbone frozen, head trained on cached features |" in text
-    assert "| finetune | 3 | 0.0001 | top 20 backbone layers unfrozen (BatchNorm stays frozen) |" in text
+    finetune = "top 20 backbone layers unfrozen (BatchNorm stays frozen), trained on cached activations at the cut"
+    assert f"| finetune | 3 | 0.0001 | {finetune} |" in text
     assert "**Best epoch** 3 of 3: validation accuracy **0.875**, loss 0.400." in text
 
 
