@@ -14,7 +14,7 @@ export DVC_NO_ANALYTICS := 1
 # Nor does MLflow (its UI server and clients) call home; `transferlab` commands set the same default.
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: help setup test test-fast run demo sweep exps ui bench params lint format lock clean
+.PHONY: help setup test test-fast run demo sweep exps ui bench study params lint format lock clean
 
 help:                  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 24
@@ -56,6 +56,9 @@ ui: setup              ## the MLflow UI on this project's store
 
 bench: setup           ## benchmark figures; writes reports/bench.json
 	$(BIN)/python bench/run.py
+
+study: setup           ## rerun the study that chose the defaults (../shared data, about an hour); reports/study.md
+	$(BIN)/python bench/study.py
 
 params: setup          ## save OVERRIDES="a=b c=d" as project settings, rewrite params.yaml from conf/
 	$(BIN)/transferlab compose $(OVERRIDES)

@@ -1,9 +1,11 @@
 """Real accuracy: ImageNet MobileNetV2-0.35 on 600 real flower photos from ../shared.
 
-The default head recipe (Adam 5e-3, no label smoothing, 10 epochs on cached features) must
-reach 85 % validation accuracy and beat the published recipe (Adam 1e-2, 2 epochs) on the same
-split. The validation split holds 90 images, so one image is 1.1 points: both are compared as
-means over three seeds rather than on one lucky or unlucky seed.
+The default frozen config (no BatchNorm in the head, Adam 1e-3, early stopping on val_loss
+with the best epoch kept, temperature scaling) must keep a floor on the sample and beat the
+published recipe (BN head, Adam 1e-2, 2 epochs) on the same split and seeds. Validation and
+test hold 90 images each, so one image is 1.1 points: both are compared as means over three
+seeds rather than on one lucky or unlucky seed. The study on 1,500 photos (README, "How the
+defaults were chosen") is `make study`; this is its guard rail.
 """
 
 from __future__ import annotations
@@ -17,15 +19,20 @@ from helpers import REPO_ROOT
 from transferlab.config import compose
 from transferlab.paths import StagePaths
 from transferlab.stages.download import download
+from transferlab.stages.evaluate import evaluate
 from transferlab.stages.split import split
 from transferlab.stages.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
-SEEDS = (123, 1, 2)
+SEEDS = (0, 1, 2)
+# Measured on the sample, seeds 0-2: see the floor's comment in the test.
+MIN_VAL_ACCURACY = 0.85
+MIN_TEST_ACCURACY = 0.85
+MAX_TEST_ECE = 0.08
 
 
-def test_defaults_reach_85_percent_and_beat_the_published_recipe(shared_dir: Path, tmp_path: Path) -> None:
+def test_defaults_keep_their_floor_and_beat_the_published_recipe(shared_dir: Path, tmp_path: Path) -> None:
     weights = shared_dir / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
     base = [
         "data=folder",
@@ -42,14 +49,21 @@ def test_defaults_reach_85_percent_and_beat_the_published_recipe(shared_dir: Pat
     download(cfg, paths)
     split(cfg, paths)
 
-    def mean_val_accuracy(*overrides: str) -> float:
-        scores = []
+    def mean_scores(*overrides: str) -> dict[str, float]:
+        scores: dict[str, list[float]] = {"val": [], "test": [], "ece": []}
         for seed in SEEDS:
             run_cfg = compose([*base, *overrides, f"train.seed={seed}"], config_dir=REPO_ROOT / "conf")
-            scores.append(train(run_cfg, paths).val_accuracy)
-        return statistics.mean(scores)
+            result = train(run_cfg, paths)
+            metrics = evaluate(run_cfg, paths, model=result.classifier.model if result.classifier else None)
+            scores["val"].append(result.val_accuracy)
+            scores["test"].append(metrics["test_accuracy"])
+            scores["ece"].append(metrics["test_ece"])
+        return {name: statistics.mean(values) for name, values in scores.items()}
 
-    ours = mean_val_accuracy()
-    published = mean_val_accuracy("+experiment=reference", "model=mobilenet_v2", "model.alpha=0.35")
-    assert ours >= 0.85, f"defaults: mean val accuracy {ours:.3f} over seeds {SEEDS}"
-    assert ours > published, f"defaults {ours:.3f} vs published recipe {published:.3f}"
+    ours = mean_scores()
+    published = mean_scores("+experiment=reference")
+    summary = f"defaults {ours} vs published recipe {published} over seeds {SEEDS}"
+    assert ours["val"] >= MIN_VAL_ACCURACY and ours["test"] >= MIN_TEST_ACCURACY, summary
+    assert ours["ece"] <= MAX_TEST_ECE, summary
+    assert ours["val"] > published["val"] and ours["test"] > published["test"], summary
+    assert ours["ece"] < published["ece"], summary

@@ -157,12 +157,16 @@ def test_file_with_wrong_row_count_is_stale(prepared_project: StagePaths) -> Non
     ("overrides", "sources"),
     [
         pytest.param((), [("pool", 1)], id="frozen-no-augmentation"),
-        pytest.param(("augment=light",), [("images", 1)], id="fresh-augmentation"),
-        pytest.param(("augment=light", "augment.cached_views=4"), [("pool", 4)], id="cached-augmented-views"),
+        pytest.param(("augment=light", "augment.cached_views=0"), [("images", 1)], id="fresh-augmentation"),
+        pytest.param(("augment=light",), [("pool", 10)], id="cached-augmented-views"),
         pytest.param(("finetune.unfreeze=20",), [("cut", 1)], id="unfrozen-top-from-the-start"),
         pytest.param(("finetune.unfreeze=all",), [("images", 1)], id="everything-unfrozen"),
         pytest.param(("finetune=top20",), [("pool", 1), ("cut", 1)], id="head-then-finetune"),
-        pytest.param(("finetune=top20", "augment=light"), [("images", 1), ("images", 1)], id="finetune-fresh-aug"),
+        pytest.param(
+            ("finetune=top20", "augment=light", "augment.cached_views=0"),
+            [("images", 1), ("images", 1)],
+            id="finetune-fresh-aug",
+        ),
         pytest.param(
             ("finetune=top20", "augment=light", "augment.cached_views=3"), [("pool", 3), ("cut", 3)], id="views-at-cut"
         ),

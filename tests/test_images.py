@@ -58,3 +58,22 @@ def test_decode_falls_back_to_pillow_for_formats_tensorflow_lacks(tmp_path: Path
 def test_unreadable_bytes_raise_value_error() -> None:
     with pytest.raises(ValueError, match="not a readable image"):
         decode_image_bytes(b"\x00\x01 not an image", 8)
+
+
+@pytest.mark.parametrize("landscape", [True, False])
+def test_decode_keeps_the_central_square(tmp_path: Path, landscape: bool) -> None:
+    """A 3:1 photo keeps its middle third whole, not the whole photo squashed to a square."""
+    thirds = np.zeros((30, 90, 3), dtype=np.uint8)
+    thirds[:, :30], thirds[:, 30:60], thirds[:, 60:] = RED, (20, 20, 230), (20, 230, 20)
+    Image.fromarray(thirds if landscape else thirds.transpose(1, 0, 2)).save(tmp_path / "thirds.png")
+    pixels = decode_image_bytes((tmp_path / "thirds.png").read_bytes(), 16)
+    assert np.all(pixels == (20, 20, 230)), "only the blue middle third is left"
+
+
+def test_downscaling_is_antialiased(tmp_path: Path) -> None:
+    """A checkerboard of 3-pixel squares shrunk to 8 px averages to grey; without antialiasing
+    bilinear sampling hits whole squares and returns pure black and white."""
+    checkerboard = ((np.indices((60, 60)) // 3).sum(axis=0) % 2 * 255).astype(np.uint8)
+    Image.fromarray(np.stack([checkerboard] * 3, axis=-1)).save(tmp_path / "checks.png")
+    pixels = decode_image_bytes((tmp_path / "checks.png").read_bytes(), 8)
+    assert np.all(np.abs(pixels - 127.5) <= 3)

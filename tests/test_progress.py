@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+from helpers import tiny_cfg
+
 from transferlab.checkpoint import CheckpointState
 from transferlab.config import EarlyStoppingConfig, TrainConfig
 from transferlab.progress import judge_epoch, phase_is_over, start_phase
 
+EVERY_EPOCH = TrainConfig(early_stopping=None)
 STOPPING = TrainConfig(early_stopping=EarlyStoppingConfig(monitor="val_loss", patience=2, min_delta=0.01))
 
 
@@ -16,7 +20,7 @@ def _run(cfg: TrainConfig, losses: list[float], state: CheckpointState | None = 
     verdicts = []
     for loss in losses:
         state.epochs_done += 1
-        verdict = judge_epoch(state, state.epochs_done, {"val_loss": loss, "val_accuracy": 1 - loss}, cfg)
+        verdict = judge_epoch(state, state.epochs_done, {"val_loss": loss, "val_accuracy": 1 - loss}, cfg, cfg.schedule)
         verdicts.append((verdict.improved, verdict.stop, verdict.lower_learning_rate))
     return verdicts
 
@@ -38,7 +42,8 @@ def test_accuracy_is_maximised() -> None:
 
 def test_plateau_lowers_the_rate_after_patience_epochs_and_waits_again() -> None:
     cfg = dataclasses.replace(
-        TrainConfig(schedule="plateau"), plateau=dataclasses.replace(TrainConfig().plateau, patience=2)
+        TrainConfig(schedule="plateau", early_stopping=None),
+        plateau=dataclasses.replace(TrainConfig().plateau, patience=2),
     )
     lowers = [lower for _, _, lower in _run(cfg, [0.5, 0.6, 0.6, 0.6, 0.6, 0.4, 0.7])]
     assert lowers == [False, False, True, False, True, False, False]
@@ -63,3 +68,20 @@ def test_phase_over_by_epoch_budget_or_finished_list() -> None:
     assert not phase_is_over(state, "finetune", epochs=1, cfg=TrainConfig())
     state.finished_phases.append("finetune")
     assert phase_is_over(state, "finetune", epochs=1, cfg=TrainConfig())
+
+
+def test_the_finetune_phase_has_its_own_schedule() -> None:
+    """finetune=top60: a constant-rate head phase, then a warm-up epoch and cosine decay."""
+    from transferlab.model import learning_rate_schedule
+    from transferlab.trainer import plan_phases
+
+    phases = plan_phases(tiny_cfg("finetune=top60"))
+    assert [(phase.name, phase.schedule) for phase in phases] == [("head", "constant"), ("finetune", "cosine")]
+    assert plan_phases(tiny_cfg("finetune=top60", "finetune.schedule=null"))[1].schedule == "constant"
+    finetune = phases[1]
+    rate = learning_rate_schedule(
+        finetune.schedule, finetune.learning_rate, finetune.epochs, finetune.warmup_epochs, 10
+    )
+    assert float(rate(0)) < finetune.learning_rate / 50, "the warm-up starts low"
+    assert float(rate(10)) == pytest.approx(finetune.learning_rate), "and reaches the rate after one epoch"
+    assert float(rate(finetune.epochs * 10)) == pytest.approx(0.0, abs=1e-9), "cosine decays to zero"

@@ -85,7 +85,7 @@ class ModelConfig:
     alpha: float | None = None
     weights: str | None = "imagenet"
     dropout: float = 0.2
-    head_batchnorm: bool = True
+    head_batchnorm: bool = False
 
     def check(self) -> None:
         known = ", ".join(sorted(BACKBONES))
@@ -139,6 +139,7 @@ class FinetuneConfig:
     epochs: int = 0
     learning_rate: float | None = None
     warmup_epochs: int = 0
+    schedule: Literal["constant", "cosine", "plateau"] | None = None  # None: train.schedule
 
     def check(self) -> None:
         if self.unfreeze != "all":
@@ -172,7 +173,7 @@ class EarlyStoppingConfig:
     """Stop a phase when `monitor` has not improved for `patience` epochs; the best epoch is kept."""
 
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    patience: int = 5
+    patience: int = 8
     min_delta: float = 0.0
 
     def check(self) -> None:
@@ -200,7 +201,7 @@ class PlateauConfig:
 class TrainConfig:
     """Optimisation and execution settings."""
 
-    epochs: int = 10
+    epochs: int = 100
     batch_size: int = 32
     learning_rate: float = 1e-3
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
@@ -209,8 +210,8 @@ class TrainConfig:
     schedule: Literal["constant", "cosine", "plateau"] = "constant"
     warmup_epochs: int = 0
     plateau: PlateauConfig = field(default_factory=PlateauConfig)
-    early_stopping: EarlyStoppingConfig | None = None
-    calibrate: bool = False
+    early_stopping: EarlyStoppingConfig | None = field(default_factory=EarlyStoppingConfig)
+    calibrate: bool = True
     seed: int = 123
     deterministic: bool = False
     strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"

@@ -29,6 +29,7 @@ import numpy as np
 
 from transferlab import atomic
 from transferlab.console import keras_progress
+from transferlab.images import DECODE
 from transferlab.manifests import Manifest
 from transferlab.pipeline import make_dataset
 
@@ -56,7 +57,7 @@ class FeatureKey:
 
     @property
     def digest(self) -> str:
-        payload = json.dumps({**asdict(self), "format": FORMAT_VERSION}, sort_keys=True)
+        payload = json.dumps({**asdict(self), "format": FORMAT_VERSION, "decode": DECODE}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -197,7 +197,7 @@ def load_training_state(model: keras.Model, saved: keras.Model) -> None:
 
 
 def learning_rate_schedule(
-    cfg: TrainConfig, learning_rate: float, epochs: int, warmup_epochs: int, steps_per_epoch: int
+    schedule: str, learning_rate: float, epochs: int, warmup_epochs: int, steps_per_epoch: int
 ) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The phase's learning rate: constant, or cosine decay over its epochs; linear warm-up first.
 
@@ -206,14 +206,14 @@ def learning_rate_schedule(
     import keras
 
     warmup_steps = warmup_epochs * steps_per_epoch
-    if cfg.schedule == "plateau" or (cfg.schedule == "constant" and not warmup_steps):
+    if schedule == "plateau" or (schedule == "constant" and not warmup_steps):
         return learning_rate
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=learning_rate * WARMUP_START if warmup_steps else learning_rate,
         warmup_target=learning_rate if warmup_steps else None,
         warmup_steps=warmup_steps,
         decay_steps=max(1, (epochs - warmup_epochs) * steps_per_epoch),
-        alpha=1.0 if cfg.schedule == "constant" else 0.0,  # alpha 1: no decay after the warm-up
+        alpha=1.0 if schedule == "constant" else 0.0,  # alpha 1: no decay after the warm-up
     )
 
 

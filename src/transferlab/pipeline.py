@@ -21,7 +21,7 @@ MEMORY_CACHE_BYTES = 3 * 1024**3
 SEED_STRIDE = 100_003
 
 
-def epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+def epoch_seed(seed: int, epoch: int) -> int:
     """The shuffle seed of one epoch: a function of the run's seed and the epoch number alone."""
     return seed * SEED_STRIDE + epoch
 
@@ -37,11 +37,17 @@ def epoch_batches(
     """
     import tensorflow as tf
 
-    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+    def one_epoch(epoch: int) -> tf.data.Dataset:
+        # A Python int seed: a tensor one (from flat_map) breaks tf's seed check when train.seed is 0.
         shuffled = elements.shuffle(count, seed=epoch_seed(seed, epoch), reshuffle_each_iteration=False)
-        return shuffled.batch(batch_size).map(lambda *batch: (epoch, batch if len(batch) > 1 else batch[0]))
+        number = tf.constant(epoch, tf.int64)
+        return shuffled.batch(batch_size).map(lambda *batch: (number, batch if len(batch) > 1 else batch[0]))
 
-    return tf.data.Dataset.range(*epochs).flat_map(one_epoch)
+    parts = [one_epoch(epoch) for epoch in range(*epochs)]
+    while len(parts) > 1:  # a balanced tree of concatenations: depth log2(epochs)
+        pairs = [parts[i].concatenate(parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        parts = pairs + parts[len(parts) - len(parts) % 2 :]
+    return parts[0]
 
 
 def make_dataset(

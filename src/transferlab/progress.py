@@ -41,8 +41,10 @@ def start_phase(state: CheckpointState, name: str) -> None:
     state.epochs_without_improvement = state.epochs_since_lr_change = 0
 
 
-def judge_epoch(state: CheckpointState, epoch: int, logs: Mapping[str, float], cfg: TrainConfig) -> Verdict:
-    """Update the state with a finished epoch's metrics and say what follows."""
+def judge_epoch(
+    state: CheckpointState, epoch: int, logs: Mapping[str, float], cfg: TrainConfig, schedule: str
+) -> Verdict:
+    """Update the state with a finished epoch's metrics and say what follows (`schedule`: the phase's)."""
     metric = monitored_metric(cfg)
     min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
     value = float(logs[metric])
@@ -53,7 +55,7 @@ def judge_epoch(state: CheckpointState, epoch: int, logs: Mapping[str, float], c
     else:
         state.epochs_without_improvement += 1
         state.epochs_since_lr_change += 1
-    lower = cfg.schedule == "plateau" and state.epochs_since_lr_change >= cfg.plateau.patience
+    lower = schedule == "plateau" and state.epochs_since_lr_change >= cfg.plateau.patience
     if lower:
         state.epochs_since_lr_change = 0
     stop = cfg.early_stopping is not None and state.epochs_without_improvement >= cfg.early_stopping.patience

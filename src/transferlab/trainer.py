@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
 EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
 Source = Literal["pool", "cut", "images"]
+Schedule = Literal["constant", "cosine", "plateau"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Phase:
     epochs: int  # at most: early stopping may end the phase sooner
     learning_rate: float
     warmup_epochs: int
+    schedule: Schedule
     unfreeze: int | Literal["all"]
     source: Source
     views: int  # cached augmented views per training image (1: the images themselves)
@@ -94,12 +96,13 @@ def plan_phases(cfg: Config) -> list[Phase]:
     ft = cfg.finetune
     head_unfreeze = 0 if ft.two_phase else ft.unfreeze
     tc = cfg.train
-    phases = [Phase("head", tc.epochs, tc.learning_rate, tc.warmup_epochs, head_unfreeze, *_source(cfg, head_unfreeze))]
+    feed = _source(cfg, head_unfreeze)
+    phases = [Phase("head", tc.epochs, tc.learning_rate, tc.warmup_epochs, tc.schedule, head_unfreeze, *feed)]
     if ft.two_phase:
         assert ft.learning_rate is not None
-        phases.append(
-            Phase("finetune", ft.epochs, ft.learning_rate, ft.warmup_epochs, ft.unfreeze, *_source(cfg, ft.unfreeze))
-        )
+        schedule = ft.schedule or tc.schedule
+        feed = _source(cfg, ft.unfreeze)
+        phases.append(Phase("finetune", ft.epochs, ft.learning_rate, ft.warmup_epochs, schedule, ft.unfreeze, *feed))
     return phases
 
 
@@ -180,7 +183,7 @@ class Trainer:
         fit = self._prepare(classifier, phase)
         self.last_fit = fit
         schedule = learning_rate_schedule(
-            self.cfg.train, phase.learning_rate, phase.epochs, phase.warmup_epochs, fit.steps_per_epoch
+            phase.schedule, phase.learning_rate, phase.epochs, phase.warmup_epochs, fit.steps_per_epoch
         )
         compile_classifier(fit.model, self.cfg.train, schedule)
         if resuming:
@@ -348,7 +351,7 @@ class Trainer:
         row["learning_rate"] = rate
         state.history.append(row)
         state.epochs_done = epoch
-        verdict = judge_epoch(state, epoch, row, cfg)
+        verdict = judge_epoch(state, epoch, row, cfg, phase.schedule)
         if verdict.lower_learning_rate:
             lowered = max(rate * cfg.plateau.factor, cfg.plateau.min_learning_rate)
             model.optimizer.learning_rate.assign(lowered)

@@ -1,0 +1,179 @@
+"""The study that chose the defaults: `make study` (README, "How the defaults were chosen").
+
+Each point of the study is one `transferlab-train -m` sweep over the training seeds (the
+project's own multirun: an MLflow parent run with a child per seed, train and evaluate per
+job) in a scratch project holding the data's 70/15/15 split. Points are chosen on validation
+accuracy; the table reports test accuracy and test ECE beside it, as mean ± standard deviation
+over the seeds, with the mean wall time of a run (train + evaluate).
+
+A sweep skips the seeds it already finished (`sweep.skip_finished`), so an interrupted study
+resumes where it stopped. Writes reports/study.md and reports/study.json.
+
+    STUDY_DATA      class folders (default ../shared/data/flower_photos_dev)
+    STUDY_WEIGHTS   no-top weights (default ../shared/weights/mobilenet_v2_..._0.35_224_no_top.h5)
+    STUDY_SEEDS     training seeds (default "0 1 2")
+    STUDY_POINTS    which points to run, by name (default: all, cheapest first)
+    STUDY_WORKDIR   the scratch project (default build/study; kept between runs)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+BIN = Path(sys.executable).parent
+log = logging.getLogger("study")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One configuration of the study: a name, what it tests, its overrides of the defaults."""
+
+    name: str
+    question: str
+    overrides: tuple[str, ...] = ()
+
+
+# Cheapest first: the frozen-head points share one feature pass; augmented views and
+# fine-tuning cost minutes per seed.
+POINTS = (
+    Point("recipe", "the published recipe (BN head, Adam 1e-2, 2 epochs)", ("+experiment=reference",)),
+    Point(
+        "old-defaults",
+        "the previous defaults (BN head, Adam 5e-3, 10 epochs, last epoch kept)",
+        (
+            "model.head_batchnorm=true",
+            "train.learning_rate=0.005",
+            "train.epochs=10",
+            "train.early_stopping=null",
+            "train.calibrate=false",
+        ),
+    ),
+    Point("defaults", "the defaults: frozen, no BN, Adam 1e-3, early stopping, calibrated"),
+    Point("uncalibrated", "what temperature scaling buys", ("train.calibrate=false",)),
+    Point("smoothing", "label smoothing 0.1 on the defaults", ("train.label_smoothing=0.1",)),
+    Point("head-bn", "the recipe's BatchNorm in the head, all else default", ("model.head_batchnorm=true",)),
+    Point("views", "augment=light: 10 cached augmented views per image", ("augment=light",)),
+    Point("top60", "fine-tune the top 60 layers at the cut, 10 cached views", ("finetune=top60", "augment=light")),
+    Point(
+        "fresh",
+        "augment=light with fresh augmentations each epoch (uncached)",
+        ("augment=light", "augment.cached_views=0"),
+    ),
+    Point("top20", "fine-tune the top 20 layers at the cut, 10 cached views", ("finetune=top20", "augment=light")),
+)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    data = Path(os.environ.get("STUDY_DATA", SHARED / "data" / "flower_photos_dev")).resolve()
+    weights = Path(os.environ.get("STUDY_WEIGHTS", SHARED / "weights" / WEIGHTS_FILE)).resolve()
+    seeds = os.environ.get("STUDY_SEEDS", "0 1 2").split()
+    wanted = os.environ.get("STUDY_POINTS", "").split()
+    workdir = Path(os.environ.get("STUDY_WORKDIR", REPO_ROOT / "build" / "study")).resolve()
+    for path in (data, weights):
+        if not path.exists():
+            sys.exit(f"study: {path} not found (set STUDY_DATA / STUDY_WEIGHTS)")
+    unknown = set(wanted) - {point.name for point in POINTS}
+    if unknown:
+        sys.exit(f"study: unknown points {sorted(unknown)}; known: {[point.name for point in POINTS]}")
+    base = (
+        "data=folder",
+        f"data.source='{data}'",
+        "data.name=flower_photos_dev",
+        "model=mobilenet_v2",
+        "model.alpha=0.35",
+        f"model.weights='{weights}'",
+        "mlflow.experiment=study",
+        "mlflow.system_metrics=false",
+    )
+    _prepare(workdir, base)
+    rows = []
+    for point in POINTS:
+        if wanted and point.name not in wanted:
+            continue
+        rows.append(_run_point(workdir, point, base, seeds))
+        _report(rows, seeds, data)
+
+
+def _prepare(workdir: Path, base: tuple[str, ...]) -> None:
+    """The scratch project: its params.yaml, data copied in and split (once)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / "data" / "splits" / "test.csv").is_file():
+        return
+    from transferlab.config import compose, write_params
+
+    write_params(compose(list(base), REPO_ROOT / "conf"), workdir / "params.yaml")
+    for stage in ("download", "split"):
+        subprocess.run([BIN / "transferlab", stage], cwd=workdir, check=True)
+
+
+def _run_point(workdir: Path, point: Point, base: tuple[str, ...], seeds: list[str]) -> dict:
+    sweep_dir = workdir / "sweeps" / point.name
+    overrides = [*base, *point.overrides, f"train.seed={','.join(seeds)}"]
+    log.info("point %s: %s", point.name, point.question)
+    subprocess.run(
+        [BIN / "transferlab-train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"], cwd=workdir, check=False
+    )
+    return _summarise(workdir, point, sweep_dir / "sweep_summary.csv")
+
+
+def _summarise(workdir: Path, point: Point, summary_csv: Path) -> dict:
+    from transferlab import tracking
+    from transferlab.config import MlflowConfig
+
+    table = pd.read_csv(summary_csv)
+    done = table[table["status"].isin(["FINISHED", "SKIPPED"])]
+    store = tracking.open_store(MlflowConfig(experiment="study"), workdir)
+    metrics = [store.run(run_id).metrics() for run_id in done["run_id"]]
+
+    def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+        values = [v * scale for v in values if v == v]
+        if not values:
+            return "n/a"
+        deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {deviation:.{digits}f}"
+
+    return {
+        "point": point.name,
+        "question": point.question,
+        "overrides": " ".join(point.overrides) or "(none)",
+        "runs": len(done),
+        "val_accuracy": spread([m.get("final_val_accuracy", float("nan")) for m in metrics], 100),
+        "test_accuracy": spread([m.get("test_accuracy", float("nan")) for m in metrics], 100),
+        "test_ece": spread([m.get("test_ece", float("nan")) for m in metrics], digits=3),
+        "best_epoch": spread([m.get("best_epoch", float("nan")) for m in metrics]),
+        "wall_time_s": spread(done["duration_s"].tolist(), digits=0),
+    }
+
+
+def _report(rows: list[dict], seeds: list[str], data: Path) -> None:
+    reports = REPO_ROOT / "reports"
+    reports.mkdir(exist_ok=True)
+    (reports / "study.json").write_text(json.dumps({"data": str(data), "seeds": seeds, "points": rows}, indent=2))
+    columns = ["point", "configuration (overrides of the defaults)", "val acc %", "test acc %", "test ECE"]
+    header = "| " + " | ".join([*columns, "best epoch", "s per run"]) + " |"
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['point']} | {row['question']} (`{row['overrides']}`) | {row['val_accuracy']} | "
+            f"{row['test_accuracy']} | {row['test_ece']} | {row['best_epoch']} | {row['wall_time_s']} |"
+        )
+    table = "\n".join(lines)
+    (reports / "study.md").write_text(f"Seeds {', '.join(seeds)} on {data.name}; mean ± std.\n\n{table}\n")
+    log.info("study table (reports/study.md):\n%s", table)
+
+
+if __name__ == "__main__":
+    main()
