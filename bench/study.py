@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from transferlab import tracking
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
@@ -64,14 +66,19 @@ POINTS = (
     Point("uncalibrated", "what temperature scaling buys", ("train.calibrate=false",)),
     Point("smoothing", "label smoothing 0.1 on the defaults", ("train.label_smoothing=0.1",)),
     Point("head-bn", "the recipe's BatchNorm in the head, all else default", ("model.head_batchnorm=true",)),
+    Point(
+        "grid",
+        "dropout x learning rate around the defaults",
+        ("model.dropout=0.2,0.5", "train.learning_rate=0.0003,0.001,0.003"),
+    ),
     Point("views", "augment=light: 10 cached augmented views per image", ("augment=light",)),
     Point("top60", "fine-tune the top 60 layers at the cut, 10 cached views", ("finetune=top60", "augment=light")),
+    Point("top20", "fine-tune the top 20 layers at the cut, 10 cached views", ("finetune=top20", "augment=light")),
     Point(
         "fresh",
         "augment=light with fresh augmentations each epoch (uncached)",
         ("augment=light", "augment.cached_views=0"),
     ),
-    Point("top20", "fine-tune the top 20 layers at the cut, 10 cached views", ("finetune=top20", "augment=light")),
 )
 
 
@@ -99,12 +106,10 @@ def main() -> None:
         "mlflow.system_metrics=false",
     )
     _prepare(workdir, base)
-    rows = []
     for point in POINTS:
-        if wanted and point.name not in wanted:
-            continue
-        rows.append(_run_point(workdir, point, base, seeds))
-        _report(rows, seeds, data)
+        if not wanted or point.name in wanted:
+            _run_point(workdir, point, base, seeds)
+            _report(workdir, seeds, data)
 
 
 def _prepare(workdir: Path, base: tuple[str, ...]) -> None:
@@ -119,24 +124,36 @@ def _prepare(workdir: Path, base: tuple[str, ...]) -> None:
         subprocess.run([BIN / "transferlab", stage], cwd=workdir, check=True)
 
 
-def _run_point(workdir: Path, point: Point, base: tuple[str, ...], seeds: list[str]) -> dict:
-    sweep_dir = workdir / "sweeps" / point.name
+def _run_point(workdir: Path, point: Point, base: tuple[str, ...], seeds: list[str]) -> None:
     overrides = [*base, *point.overrides, f"train.seed={','.join(seeds)}"]
     log.info("point %s: %s", point.name, point.question)
-    subprocess.run(
-        [BIN / "transferlab-train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"], cwd=workdir, check=False
-    )
-    return _summarise(workdir, point, sweep_dir / "sweep_summary.csv")
+    sweep_dir = f"hydra.sweep.dir={workdir / 'sweeps' / point.name}"
+    subprocess.run([BIN / "transferlab-train", "-m", *overrides, sweep_dir], cwd=workdir, check=False)
 
 
-def _summarise(workdir: Path, point: Point, summary_csv: Path) -> dict:
-    from transferlab import tracking
+def _summarise(workdir: Path, point: Point, summary_csv: Path) -> list[dict]:
+    """One row per combination of the point's swept values (one row for most points), over the seeds."""
     from transferlab.config import MlflowConfig
+    from transferlab.sweep_bookkeeping import SUMMARY_COLUMNS
 
     table = pd.read_csv(summary_csv)
+    swept = [key for key in table.columns[1 : table.columns.get_loc(SUMMARY_COLUMNS[1])] if key != "train.seed"]
     done = table[table["status"].isin(["FINISHED", "SKIPPED"])]
     store = tracking.open_store(MlflowConfig(experiment="study"), workdir)
-    metrics = [store.run(run_id).metrics() for run_id in done["run_id"]]
+    if not swept:
+        return [_row(store, point, " ".join(point.overrides) or "(none)", done)]
+    return [
+        _row(store, point, " ".join(f"{k}={v}" for k, v in zip(swept, values, strict=True)), group)
+        for values, group in done.groupby(swept, sort=True)
+    ]
+
+
+def _row(store: tracking.Store, point: Point, overrides: str, runs: pd.DataFrame) -> dict:
+    metrics = [store.run(run_id).metrics() for run_id in runs["run_id"]]
+    # A resumed sweep's table times the seeds it skipped at about zero: theirs come from their runs.
+    seconds = [
+        row.duration_s if row.status == "FINISHED" else _run_seconds(store, row.run_id) for row in runs.itertuples()
+    ]
 
     def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
         values = [v * scale for v in values if v == v]
@@ -148,17 +165,25 @@ def _summarise(workdir: Path, point: Point, summary_csv: Path) -> dict:
     return {
         "point": point.name,
         "question": point.question,
-        "overrides": " ".join(point.overrides) or "(none)",
-        "runs": len(done),
+        "overrides": overrides,
+        "runs": len(runs),
         "val_accuracy": spread([m.get("final_val_accuracy", float("nan")) for m in metrics], 100),
         "test_accuracy": spread([m.get("test_accuracy", float("nan")) for m in metrics], 100),
         "test_ece": spread([m.get("test_ece", float("nan")) for m in metrics], digits=3),
         "best_epoch": spread([m.get("best_epoch", float("nan")) for m in metrics]),
-        "wall_time_s": spread(done["duration_s"].tolist(), digits=0),
+        "wall_time_s": spread(seconds, digits=0),
     }
 
 
-def _report(rows: list[dict], seeds: list[str], data: Path) -> None:
+def _run_seconds(store: tracking.Store, run_id: str) -> float:
+    info = store.client.get_run(run_id).info
+    return (info.end_time - info.start_time) / 1000 if info.end_time else float("nan")
+
+
+def _report(workdir: Path, seeds: list[str], data: Path) -> None:
+    """The table of every point with a finished sweep, this run's or an earlier one's."""
+    summaries = [(point, workdir / "sweeps" / point.name / "sweep_summary.csv") for point in POINTS]
+    rows = [row for point, summary in summaries if summary.is_file() for row in _summarise(workdir, point, summary)]
     reports = REPO_ROOT / "reports"
     reports.mkdir(exist_ok=True)
     (reports / "study.json").write_text(json.dumps({"data": str(data), "seeds": seeds, "points": rows}, indent=2))

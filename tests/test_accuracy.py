@@ -26,10 +26,12 @@ from transferlab.stages.train import train
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
 SEEDS = (0, 1, 2)
-# Measured on the sample, seeds 0-2: see the floor's comment in the test.
-MIN_VAL_ACCURACY = 0.85
-MIN_TEST_ACCURACY = 0.85
-MAX_TEST_ECE = 0.08
+# Measured on the sample, seeds 0-2 (2026-11-28): defaults val 88.1 %, test 86.3 %, test ECE
+# 0.069; the published recipe val 81.5 %, test 83.3 %, ECE 0.128. The floors leave about two
+# points (two images) for other CPUs and library versions.
+MIN_VAL_ACCURACY = 0.86
+MIN_TEST_ACCURACY = 0.84
+MAX_TEST_ECE = 0.09
 
 
 def test_defaults_keep_their_floor_and_beat_the_published_recipe(shared_dir: Path, tmp_path: Path) -> None:

@@ -13,7 +13,13 @@ TEST_METRICS = {"test_accuracy": 0.8333, "test_top2_accuracy": 1.0, "test_macro_
 
 
 def two_phase_description() -> str:
-    cfg = tiny_cfg("train.epochs=2", "finetune=top20", "finetune.epochs=1", "finetune.learning_rate=0.0001")
+    cfg = tiny_cfg(
+        "train.epochs=2",
+        "finetune=top20",
+        "finetune.epochs=1",
+        "finetune.warmup_epochs=0",
+        "finetune.learning_rate=0.0001",
+    )
     history = pd.DataFrame(
         {
             "epoch": [1, 2, 3],

@@ -34,8 +34,14 @@ def test_every_backbone_builds_a_softmax_classifier(backbone: str) -> None:
     assert classifier.model.input_shape == (None, 64, 64, 3)
     assert not any(w.trainable for w in classifier.backbone.weights), "the backbone starts frozen"
     head = [layer.name for layer in classifier.head.layers]
-    assert head == ["pooled_features", "head_batchnorm", "head_dropout", "logits", "temperature", "probabilities"]
+    assert head == ["pooled_features", "head_dropout", "logits", "temperature", "probabilities"]
     assert classifier.head.get_layer("head_dropout").rate == pytest.approx(0.3)
+
+
+def test_the_published_recipe_head_has_batchnorm_before_dropout() -> None:
+    cfg = ModelConfig(backbone="small_cnn", weights=None, dropout=0.2, head_batchnorm=True)
+    head = [layer.name for layer in build_classifier(cfg, num_classes=3, image_size=32).head.layers]
+    assert head[:3] == ["pooled_features", "head_batchnorm", "head_dropout"]
 
 
 def test_mobilenet_preprocessing_maps_pixels_to_unit_range() -> None:

@@ -114,7 +114,13 @@ def _phase_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = tiny_cfg("finetune=top20", "finetune.epochs=1", "finetune.learning_rate=0.0001")
+    cfg = tiny_cfg(
+        "finetune=top20",
+        "finetune.epochs=1",
+        "finetune.warmup_epochs=0",
+        "finetune.schedule=null",
+        "finetune.learning_rate=0.0001",
+    )
     with caplog.at_level(logging.INFO, logger="transferlab"):
         result = train(cfg, prepared_project)
     history = result.history
@@ -130,7 +136,7 @@ def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths, ca
 def test_augmented_training_bypasses_the_feature_cache(
     prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny_cfg("augment=light")
+    cfg = tiny_cfg("augment=light", "augment.cached_views=0")
     assert [p.source for p in plan_phases(cfg)] == ["images"]
     with caplog.at_level(logging.INFO, logger="transferlab"):
         train(cfg, prepared_project)
@@ -171,7 +177,8 @@ def test_early_stopping_keeps_the_best_epoch_in_the_model_mlflow_and_evaluate(pr
     from transferlab.stages.evaluate import evaluate
 
     paths = prepared_project
-    cfg = tiny_cfg("train.epochs=12", "train.learning_rate=0.05", STOP_EARLY)
+    # Uncalibrated: the saved model's validation loss is then the best epoch's (calibration has its own test).
+    cfg = tiny_cfg("train.epochs=12", "train.learning_rate=0.05", STOP_EARLY, "train.calibrate=false")
     result = train(cfg, paths)
     history = result.history
     best = history.loc[history["val_loss"].idxmin()]

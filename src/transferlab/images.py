@@ -4,8 +4,9 @@
   pipeline can read? The split stage keeps unreadable files out of the manifests with them.
 - `decode_and_resize` (TensorFlow, graph-safe): encoded bytes -> the central square, resized,
   as uint8 RGB. The training pipeline, evaluate, predict and the served model all call it, so
-  what a model sees at serving time is bit-for-bit what it saw in training. `decode_image_bytes` is its eager form,
-  with a Pillow fallback for formats TensorFlow cannot read (WebP, TIFF...).
+  what a model sees at serving time is bit-for-bit what it saw in training.
+  `decode_image_bytes` is its eager form, with a Pillow fallback for formats TensorFlow
+  cannot read (WebP, TIFF...).
 TensorFlow is imported only inside the decode functions.
 """
 
