@@ -3,10 +3,15 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 TF ?= cpu
+# Optional extras, comma- or space-separated: ray (Ray + hydra-ray-launcher), postgres (the
+# PostgreSQL driver of the tracking server). `make test` installs both.
+EXTRAS ?=
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-$(TF)
 # `dvc plots show` renders offline with this template (Vega inlined from an installed package; git-ignored).
 PLOTS_TEMPLATE := .dvc/offline_plots.html
+comma := ,
+EXTRA_STAMPS := $(foreach extra,$(subst $(comma), ,$(EXTRAS)),$(VENV)/.extra-$(extra))
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Quiet DVC's anonymous usage report (it cannot reach its server from offline machines anyway).
@@ -14,12 +19,12 @@ export DVC_NO_ANALYTICS := 1
 # Nor does MLflow (its UI server and clients) call home; `transferlab` commands set the same default.
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: help setup test test-fast run demo sweep exps ui bench study params lint format lock clean
+.PHONY: help setup test test-fast run demo sweep exps ui bench study params lint format lock clean tracking-server tracking-server-stop
 
 help:                  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 24
 
-setup: $(STAMP) $(PLOTS_TEMPLATE)  ## the virtualenv with the pinned dependencies (make test and make run do this)
+setup: $(STAMP) $(PLOTS_TEMPLATE) $(EXTRA_STAMPS) ## the virtualenv with the pinned dependencies (EXTRAS=ray,postgres for the extras)
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +37,13 @@ $(STAMP): pyproject.toml requirements.lock
 $(PLOTS_TEMPLATE): $(STAMP)
 	$(BIN)/python -m transferlab.offline_plots $@
 
-test: setup            ## the whole test suite (about 10 minutes on 2 cores)
+# Extras come from their own exact lock files, installed --no-deps on top of requirements.lock
+# (see the comment in requirements-ray.lock and README "Scaling out").
+$(VENV)/.extra-%: requirements-%.lock $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps -r $<
+	@touch $@
+
+test: setup $(VENV)/.extra-ray $(VENV)/.extra-postgres ## the whole test suite (about 10 minutes on 2 cores)
 	$(BIN)/pytest
 
 test-fast: setup       ## skip the tests that train models or start servers
@@ -54,6 +65,12 @@ ui: setup              ## the MLflow UI on this project's store
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlruns/artifacts --host 127.0.0.1 --port 5000
 
+tracking-server: setup $(VENV)/.extra-postgres ## a local MLflow server on PostgreSQL, 127.0.0.1:5050 (data in build/tracking-server)
+	$(BIN)/python -m transferlab.tracking_server start
+
+tracking-server-stop: setup ## stop it (its data stays)
+	$(BIN)/python -m transferlab.tracking_server stop
+
 bench: setup           ## benchmark figures; writes reports/bench.json
 	$(BIN)/python bench/run.py
 
@@ -71,8 +88,9 @@ format: setup          ## fix what ruff can fix, format the code
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-lock: setup            ## refresh requirements.lock from the current venv
+lock: setup            ## refresh requirements.lock from the current venv (extras stay in their own locks)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^tensorflow' \
+		| grep -v -x -F -f <(grep -h -v '^#' requirements-*.lock) \
 		| sed '1i # Exact versions installed by `make setup` (Python 3.11), except TensorFlow: see pyproject extras. `make lock` regenerates.' \
 		> requirements.lock
 

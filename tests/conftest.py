@@ -8,15 +8,19 @@
   with one commit, so `dvc repro` and `dvc exp run` can run there without touching the checkout.
 - `shared_dir`: `../shared` beside the checkout (real flower photos, ImageNet weights); tests
   that use it are skipped when it is absent.
+- `loopback_namespace`, `tracking_server`: one loopback-only network namespace per session, and in
+  it PostgreSQL + `mlflow server` (tests/services.py), shared by the scale-out tests.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN
+from services import LoopbackNamespace, TrackingService
 
 from transferlab.config import Config, compose, write_params
 from transferlab.paths import StagePaths
@@ -73,6 +77,25 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent (real flower photos and ImageNet weights live there)")
     return path
+
+
+@pytest.fixture(scope="session")
+def loopback_namespace() -> Iterator[LoopbackNamespace]:
+    """A network namespace with only 127.0.0.1, for services that would pick an external address."""
+    namespace = LoopbackNamespace.create()
+    yield namespace
+    namespace.close()
+
+
+@pytest.fixture(scope="session")
+def tracking_server(loopback_namespace: LoopbackNamespace) -> Iterator[TrackingService]:
+    """`mlflow server --serve-artifacts` on PostgreSQL inside `loopback_namespace` (reach it from there)."""
+    service = TrackingService(loopback_namespace)
+    try:
+        service.start()
+        yield service
+    finally:
+        service.close()
 
 
 # --- evaluate, predict, export, serving: a tiny colour classifier and images for it ---------

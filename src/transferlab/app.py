@@ -11,6 +11,7 @@ Hydra output folder, so sweep jobs never overwrite each other or the DVC outputs
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import TYPE_CHECKING
 
 from transferlab import console
@@ -31,6 +32,9 @@ def main() -> None:
     import hydra
 
     console.configure()
+    # conf/hydra/launcher/ray.yaml has the plugin's schema name on purpose (it sets the plugin's
+    # options); Hydra's deprecation notice about such name matches is noise there.
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/ray' is validated against ConfigStore schema")
     hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_task)()
     from transferlab.sweep import sweep_exit_status  # imported already, by Hydra's callback
 

@@ -279,6 +279,16 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class MultiWorkerConfig:
+    """`train.strategy=multi_worker`: one training over the processes TF_CONFIG lists."""
+
+    join_timeout: float = 600.0  # seconds every worker waits for all the others to start
+
+    def check(self) -> None:
+        _require(self.join_timeout > 0, "multi_worker.join_timeout", "> 0 (seconds)", self.join_timeout)
+
+
+@dataclass(frozen=True)
 class Config:
     """The validated, composed configuration of one run."""
 
@@ -290,6 +300,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    multi_worker: MultiWorkerConfig = field(default_factory=MultiWorkerConfig)
 
     def check(self) -> None:
         for section in dataclasses.fields(self):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -70,3 +73,16 @@ def run_reporting_errors(task: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def stop_sweep_on_error(task: Callable[[], T]) -> T:
+    """Run part of a Hydra callback: a `TransferlabError` prints one line and ends the process (status 2).
+
+    Hydra turns an exception in a callback into a warning and carries on with the sweep; a sweep
+    that cannot start (no tracking server, no Ray node for a job) must stop before any job runs.
+    """
+    try:
+        return task()
+    except TransferlabError as exc:
+        print(describe(exc), file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from exc

@@ -183,6 +183,17 @@ def attach_head(features: keras.Model, head: keras.Model, name: str) -> keras.Mo
     return keras.Model(features.input, head(features.output), name=name)
 
 
+def local_copy(classifier: Classifier, cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:
+    """`classifier` rebuilt outside any distribution strategy, with its weights.
+
+    A `multi_worker` chief calibrates and saves the model alone; the trained variables take part
+    in the workers' collectives, which the others have left by then.
+    """
+    copy = build_classifier(cfg, num_classes, image_size)
+    copy.model.set_weights(classifier.model.get_weights())
+    return copy
+
+
 def load_training_state(model: keras.Model, saved: keras.Model) -> None:
     """Copy a checkpointed twin's weights and optimizer state (step, moments, learning rate) into `model`.
 

@@ -33,10 +33,11 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab import atomic, sweep_bookkeeping, tracking
 from transferlab.backbones import resolve_image_size
 from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf, validate_section
-from transferlab.errors import describe, run_reporting_errors, strip_ansi
+from transferlab.errors import describe, run_reporting_errors, stop_sweep_on_error, strip_ansi
 from transferlab.job_logs import quiet_job_logs
 from transferlab.manifests import load_classes
 from transferlab.paths import StagePaths, project_root
+from transferlab.ray_launcher import placement_tags
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class SweepTracker(Callback):
         tags[tracking.TAG_SWEEP_ID] = _sweep_id(config, task)
         root = project_root()
         mlflow_cfg = _mlflow_section(config)
-        store = tracking.open_store(mlflow_cfg, root)
+        store = stop_sweep_on_error(lambda: tracking.open_store(mlflow_cfg, root))
         earlier = sweep_bookkeeping.find_sweep_parent(store, tags[tracking.TAG_SWEEP_ID])
         if earlier and config.sweep.get("skip_finished", True):
             parent = store.reopen_parent_run(earlier, tags)
@@ -199,11 +200,13 @@ def _close_unfinished(sweep_dir: Path) -> None:
 def _train_and_evaluate(
     cfg: Config, paths: StagePaths, name: str, parent: str | None, tags: dict[str, str]
 ) -> tuple[str, float]:
+    from transferlab.runtime import worker_role
     from transferlab.stages.evaluate import evaluate
     from transferlab.stages.train import train
 
     result = train(cfg, paths, run_name=name, parent_run_id=parent, extra_tags=tags, register_model=parent is None)
-    evaluate(cfg, paths, model=result.classifier.model if result.classifier else None)
+    if worker_role(cfg.train).is_chief:  # multi_worker: the other workers only train along
+        evaluate(cfg, paths, model=result.classifier.model if result.classifier else None)
     return result.run_id, result.val_accuracy
 
 
@@ -258,6 +261,7 @@ def run_job(node: DictConfig) -> float:
     info = SweepInfo.read(Path(hydra_cfg.sweep.dir)) if multirun else None
     name, tags = job_name_and_tags(overrides, info.keys if info else ())
     tags.update({tracking.TAG_OVERRIDES: " ".join(overrides), tracking.TAG_JOB: uuid.uuid4().hex})
+    tags.update(placement_tags())
 
     if not multirun:
         return _single_run(node, paths, name, tags)

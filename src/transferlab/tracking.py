@@ -7,6 +7,11 @@ Stages and the sweep code call these and never `mlflow.*` directly. The default 
 `open_store` opens a store once per process (tracking URI plus experiment). A `Run` is bound
 to its run id: its log methods write to that run whatever run MLflow holds active, so a sweep
 job's child and its parent can never be mixed up.
+
+A tracking server is checked before any work starts (`/health`, a few seconds): unreachable, it
+stops the command with one line naming the URI. MLflow's own HTTP retries (about 4 minutes per
+call by default) are bounded (`HTTP_LIMITS`, unless set in the environment), so losing the
+server in mid-run fails within seconds instead of hanging; the checkpoint and model on disk stay.
 """
 
 from __future__ import annotations
@@ -63,6 +68,14 @@ TAG_DVC_EXP_BASELINE = "transferlab.dvc_exp_baseline"  # the commit the experime
 TAG_DESCRIPTION = "mlflow.note.content"  # the run's description (markdown) in the UI
 INPUT_TAG_DATA_SOURCE = "transferlab.data_source"  # on each dataset input: where the images came from
 
+# Defaults for MLflow's HTTP client (a dead server: about 7 s per call; a hung one: 4 x 30 s).
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+HEALTH_TIMEOUT_S = 5
+
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
     """MLFLOW_TRACKING_URI, else the config's URI, else the project's SQLite store.
@@ -84,6 +97,55 @@ def _default_artifact_root(uri: str) -> str | None:
         db = Path(uri.removeprefix("sqlite:///"))
         return (db.parent / "artifacts").resolve().as_uri()
     return None
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def connect(uri: str) -> None:
+    """Bound MLflow's HTTP retries and, for a tracking server, check that it answers."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+    if not is_server(uri):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S) as response:
+            response.read()
+    except (OSError, urllib.error.URLError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise TransferlabError(
+            f"MLflow tracking server {uri} is unreachable ({first_line(reason)}): start it, or unset "
+            "MLFLOW_TRACKING_URI / mlflow.tracking_uri to use the project's own store"
+        ) from exc
+
+
+def _answers(uri: str) -> bool:
+    try:
+        connect(uri)
+    except TransferlabError:
+        return False
+    return True
+
+
+@contextmanager
+def _losing_the_server(uri: str) -> Iterator[None]:
+    """A run whose tracking server went away ends with one line naming it, not MLflow's traceback."""
+    try:
+        yield
+    except TransferlabError:
+        raise
+    except Exception as exc:
+        if is_server(uri) and not _answers(uri):
+            raise TransferlabError(
+                f"lost the MLflow tracking server {uri} during the run: what it finished is on disk "
+                "(checkpoints/, models/, reports/); when the server is back, run the same command again "
+                "to resume and log the rest"
+            ) from exc
+        raise
 
 
 @contextmanager
@@ -321,7 +383,8 @@ class Store:
 
     @classmethod
     def of_record(cls, record: RunRecord) -> Store:
-        """The store a recorded run lives in."""
+        """The store a recorded run lives in (checked like `open_store` checks its store)."""
+        connect(record.tracking_uri)
         return cls(record.tracking_uri, record.experiment_id)
 
     @property
@@ -364,19 +427,23 @@ class Store:
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(
-            run_id=run_id,
-            experiment_id=None if run_id else self.experiment_id,
-            run_name=None if run_id else run_name,
-            parent_run_id=parent_run_id,
-            tags=dict(tags or {}),
-            log_system_metrics=system_metrics and _psutil_available(),
-        ) as active:
+        with (
+            _losing_the_server(self.uri),
+            mlflow.start_run(
+                run_id=run_id,
+                experiment_id=None if run_id else self.experiment_id,
+                run_name=None if run_id else run_name,
+                parent_run_id=parent_run_id,
+                tags=dict(tags or {}),
+                log_system_metrics=system_metrics and _psutil_available(),
+            ) as active,
+        ):
             run = Run(self, active.info.run_id)
             try:
                 yield run
             except BaseException as exc:
-                run.set_tag(TAG_ERROR, describe(exc))  # the UI says why the run ended FAILED
+                if not is_server(self.uri) or _answers(self.uri):  # a lost server: one call fewer to wait for
+                    run.set_tag(TAG_ERROR, describe(exc))  # the UI says why the run ended FAILED
                 raise
 
     @contextmanager
@@ -390,7 +457,7 @@ class Store:
         if self.run_status(run_id) is None:
             raise TransferlabError(f"MLflow run {run_id} not found in {self.uri}: run `dvc repro train` again")
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id):
+        with _losing_the_server(self.uri), mlflow.start_run(run_id=run_id):
             yield Run(self, run_id)
 
     def logged_model_uri(self, run_id: str) -> str | None:
@@ -522,6 +589,7 @@ def open_store(cfg: MlflowConfig, root: Path) -> Store:
     uri = tracking_uri(cfg, root)
     key = (uri, cfg.experiment)
     if key not in _open_stores:
+        connect(uri)
         _open_stores[key] = Store(uri, _experiment_id(uri, cfg.experiment))
     mlflow.set_tracking_uri(uri)  # the fluent API (active runs, model logging) follows this store
     return _open_stores[key]

@@ -48,6 +48,7 @@ from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
 from transferlab.pipeline import epoch_batches, make_dataset
 from transferlab.progress import judge_epoch, monitored_metric, phase_is_over, start_phase
+from transferlab.runtime import batches_per_pass, whole_batches
 
 if TYPE_CHECKING:
     import keras
@@ -86,6 +87,8 @@ class Phase:
 def _source(cfg: Config, unfreeze: int | Literal["all"]) -> tuple[Source, int]:
     augmented = cfg.augment.enabled
     if not cfg.train.feature_cache or unfreeze == "all" or (augmented and cfg.augment.cached_views == 0):
+        return "images", 1
+    if cfg.train.strategy == "multi_worker":  # the workers split each batch: one process's cache is no use
         return "images", 1
     views = cfg.augment.cached_views if augmented else 1
     return ("pool" if unfreeze == 0 else "cut"), views
@@ -134,7 +137,7 @@ class Calibration:
 class Trainer:
     """Holds one run's data, model and checkpoint state while the phases execute."""
 
-    def __init__(self, cfg: Config, paths: StagePaths, run: tracking.Run, state: CheckpointState) -> None:
+    def __init__(self, cfg: Config, paths: StagePaths, run: tracking.Run | None, state: CheckpointState) -> None:
         self.cfg, self.paths, self.run, self.state = cfg, paths, run, state
         self.checkpointer = Checkpointer(paths.checkpoints)
         self.cache = FeatureCache(paths.feature_cache)
@@ -316,10 +319,11 @@ class Trainer:
             log.info("augment.cached_views is 0: fresh augmentation every epoch, through the whole backbone (slow)")
 
         def train(first: int, last: int) -> tf.data.Dataset:
-            return make_dataset(self.train_set, epochs=(first, last), seed=seed, augmenter=augmenter, **common)
+            batches = make_dataset(self.train_set, epochs=(first, last), seed=seed, augmenter=augmenter, **common)
+            return whole_batches(batches, len(self.train_set), batch)
 
-        steps = math.ceil(len(self.train_set) / batch)
-        return Fit(model, make_dataset(self.val_set, **common), steps, images=train)
+        validation = whole_batches(make_dataset(self.val_set, **common), len(self.val_set), batch)
+        return Fit(model, validation, batches_per_pass(len(self.train_set), batch), images=train)
 
     def _one_hot(self, labels: np.ndarray) -> np.ndarray:
         return np.eye(len(self.classes), dtype="float32")[labels]
@@ -366,7 +370,8 @@ class Trainer:
             model.stop_training = True
             log.info("early stopping after epoch %d: best epoch %d", epoch, state.best_epoch)
         self.checkpointer.save(state, model, phase.kind, best=verdict.improved and self.keep_best)
-        self.run.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+        if self.run is not None:  # None: a multi_worker peer, which logs nothing
+            self.run.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
 
     # --- restoring --------------------------------------------------------------------------------
 

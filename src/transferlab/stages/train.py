@@ -3,14 +3,18 @@
 The phases, their feeds (cached features, cached cut activations or images), early stopping
 and calibration live in trainer.py; this module runs them inside one MLflow run: it resumes a
 killed run from its checkpoint in the same MLflow run, writes the model, the history and the
-curves at the end, describes the run and registers its model.
+curves at the end, describes the run and registers its model. Under `train.strategy=multi_worker`
+only the chief does all that; the other workers train along and keep nothing (`_train_as_peer`).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -84,16 +88,25 @@ def train(
     """Train, checkpoint every epoch, save `models/model.keras`, log everything to MLflow.
 
     With `register_model` (not for sweep jobs) the model becomes a new version of
-    `mlflow.registered_model`."""
-    from transferlab.runtime import device_description, make_strategy, precision_policy
+    `mlflow.registered_model`. Under `train.strategy=multi_worker` only the chief does all that;
+    the other workers train along (`_train_as_peer`).
+    """
+    from transferlab.model import local_copy
+    from transferlab.runtime import device_description, from_chief, make_strategy, precision_policy, worker_role
     from transferlab.seeding import seed_everything
 
     check_splits_fresh(cfg, paths)
     load_classes(paths.classes)  # fail fast, before MLflow or TensorFlow start
     cfg_hash = config_hash(cfg)
+    role = worker_role(cfg.train)
+    if not role.is_chief:
+        return _train_as_peer(cfg, paths, cfg_hash)
     store = tracking.open_store(cfg.mlflow, paths.root)
     checkpointer = Checkpointer(paths.checkpoints)
     resume = _resumable_state(store, checkpointer, cfg_hash)
+    strategy = make_strategy(cfg.train, cfg.multi_worker)  # multi_worker: before any other TensorFlow work
+    if role.workers > 1:
+        from_chief(strategy, resume.epochs_done if resume else 0, is_chief=True)  # where the peers resume
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     import tensorflow as tf
@@ -124,23 +137,73 @@ def train(
         run.log_dict(cfg.to_dict(), "config.yaml")
         datasets = split_datasets(cfg, paths)
         run.log_datasets(datasets)
-        with make_strategy(cfg.train).scope():
+        with strategy.scope():
             trainer = Trainer(cfg, paths, run, state)
             classifier = trainer.train(resumed=resume is not None)
-            if cfg.train.calibrate:
-                calibration = trainer.calibrate(classifier)
-                run.log_metrics(
-                    {
-                        "temperature": calibration.temperature,
-                        "val_ece_uncalibrated": calibration.val_ece_before,
-                        "val_ece": calibration.val_ece_after,
-                        "val_loss_calibrated": calibration.val_loss_after,
-                    }
-                )
+        if role.workers > 1:  # its variables are the workers' collectives: the chief goes on alone, with a copy
+            classifier = local_copy(classifier, cfg.model, len(trainer.classes), trainer.image_size)
+            strategy = tf.distribute.get_strategy()
+        if cfg.train.calibrate:
+            with strategy.scope():
+                _calibrate(run, trainer, classifier)
         _finish(cfg, paths, run, trainer, classifier, state, datasets, register_model)
     checkpointer.clear()
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
     return TrainResult(run.run_id, history, resume is not None, trainer.kept_epoch, classifier)
+
+
+def _calibrate(run: tracking.Run, trainer: Trainer, classifier: Classifier) -> None:
+    """Fit a temperature on the validation split into `classifier`; log it."""
+    calibration = trainer.calibrate(classifier)
+    run.log_metrics(
+        {
+            "temperature": calibration.temperature,
+            "val_ece_uncalibrated": calibration.val_ece_before,
+            "val_ece": calibration.val_ece_after,
+            "val_loss_calibrated": calibration.val_loss_after,
+        }
+    )
+
+
+def _train_as_peer(cfg: Config, paths: StagePaths, cfg_hash: str) -> TrainResult:
+    """A `multi_worker` worker other than the chief: the same training steps (the collectives
+    need every worker), nothing logged, no MLflow run, no model, no calibration.
+
+    Its checkpoints go to a temporary folder, deleted at the end. It resumes where the chief
+    resumes, from a copy of the chief's checkpoint (`paths.checkpoints`, a folder every worker
+    must see).
+    """
+    from transferlab.runtime import from_chief, make_strategy, precision_policy
+    from transferlab.seeding import seed_everything
+
+    with tempfile.TemporaryDirectory(prefix="transferlab-peer-") as scratch:
+        own = StagePaths(paths.root, output_root=Path(scratch))
+        strategy = make_strategy(cfg.train, cfg.multi_worker)
+        epochs_done = from_chief(strategy, 0, is_chief=False)
+        state = _peer_state(paths.checkpoints, own.checkpoints, cfg_hash, epochs_done)
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+        with precision_policy(cfg.train), strategy.scope():
+            trainer = Trainer(cfg, own, None, state)
+            trainer.train(resumed=epochs_done > 0)
+        log.info("multi_worker peer finished; the chief saves and logs the model")
+        history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
+        return TrainResult("", history, epochs_done > 0, trainer.kept_epoch)
+
+
+def _peer_state(chief: Path, own: Path, cfg_hash: str, epochs_done: int) -> CheckpointState:
+    """A fresh state, or a copy of the chief's checkpoint after `epochs_done` epochs."""
+    checkpointer = Checkpointer(own)
+    if epochs_done == 0:
+        return checkpointer.begin("", cfg_hash)
+    shutil.copytree(chief, own, dirs_exist_ok=True)
+    state = checkpointer.load(cfg_hash)
+    if state is None or state.epochs_done != epochs_done:
+        raise TransferlabError(
+            f"multi_worker: the chief resumes after epoch {epochs_done} but this worker finds no such checkpoint "
+            f"in {chief}: every worker must see the chief's project folder"
+        )
+    log.info("multi_worker peer resuming after epoch %d from the chief's checkpoint", epochs_done)
+    return state
 
 
 def _finish(
