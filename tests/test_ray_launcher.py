@@ -28,7 +28,7 @@ from transferlab.config import Config
 from transferlab.paths import StagePaths
 
 EXPERIMENT = "ray-sweep"
-SWEEP = (
+TINY = (
     *SYNTHETIC_OVERRIDES,
     "model=small_cnn",
     "train.batch_size=8",
@@ -36,9 +36,8 @@ SWEEP = (
     "mlflow.log_model=false",
     "mlflow.system_metrics=false",
     f"mlflow.experiment={EXPERIMENT}",
-    "model.dropout=0.1,0.2",
-    "train.learning_rate=0.01,0.001",
 )
+GRID = ("model.dropout=0.1,0.2", "train.learning_rate=0.01,0.001")
 SWEEP_TIMEOUT_S = 900
 
 
@@ -137,7 +136,7 @@ def ray_cluster(loopback_namespace: LoopbackNamespace) -> RayCluster:
 def run_sweep(namespace: LoopbackNamespace, project: Path, server: TrackingService, name: str, *args: str) -> Sweep:
     sweep_dir = project / "outputs" / "sweeps" / name
     done = namespace.run(
-        ["transferlab-train", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}", *args],
+        ["transferlab-train", "-m", *TINY, f"hydra.sweep.dir={sweep_dir}", *args],
         timeout=SWEEP_TIMEOUT_S,
         cwd=project,
         env={"MLFLOW_TRACKING_URI": server.url, "TF_CPP_MIN_LOG_LEVEL": "2"},
@@ -155,7 +154,7 @@ def on_ray(cluster: RayCluster) -> tuple[str, ...]:
 def ray_sweep(
     loopback_namespace: LoopbackNamespace, ray_project: Path, tracking_server: TrackingService, ray_cluster: RayCluster
 ) -> Sweep:
-    sweep = run_sweep(loopback_namespace, ray_project, tracking_server, "on-ray", *on_ray(ray_cluster))
+    sweep = run_sweep(loopback_namespace, ray_project, tracking_server, "on-ray", *on_ray(ray_cluster), *GRID)
     assert sweep.returncode == 0, sweep.output[-5000:]
     return sweep
 
@@ -239,12 +238,33 @@ def test_rerun_on_ray_and_locally_skips_all_four(
 ) -> None:
     finished = {run.info.run_id for run in logged_runs(loopback_namespace, tracking_server).children}
     for name, launcher in (("again-on-ray", on_ray(ray_cluster)), ("again-locally", ())):
-        sweep = run_sweep(loopback_namespace, ray_project, tracking_server, name, *launcher)
+        sweep = run_sweep(loopback_namespace, ray_project, tracking_server, name, *launcher, *GRID)
         assert sweep.returncode == 0, sweep.output[-5000:]
         assert list(sweep.summary["status"]) == ["SKIPPED"] * 4, name
         assert set(sweep.summary["run_id"]) == finished, name
     children = logged_runs(loopback_namespace, tracking_server).children
     assert {run.info.run_id for run in children if run.info.status == "FINISHED"} == finished
+
+
+@pytest.mark.slow
+def test_failing_jobs_on_ray_are_failed_children_and_every_job_runs(
+    ray_sweep: Sweep,
+    loopback_namespace: LoopbackNamespace,
+    ray_project: Path,
+    tracking_server: TrackingService,
+    ray_cluster: RayCluster,
+) -> None:
+    dropouts = ("model.dropout=1.5,2.0", "train.learning_rate=0.01")  # invalid: fail before training
+    sweep = run_sweep(loopback_namespace, ray_project, tracking_server, "failing", *on_ray(ray_cluster), *dropouts)
+    assert sweep.returncode == 1, sweep.output[-5000:]  # no job finished
+    assert list(sweep.summary["status"]) == ["FAILED", "FAILED"]
+    with loopback_namespace.entered():
+        client = MlflowClient(tracking_server.url)
+        failed = [client.get_run(run_id) for run_id in sweep.summary["run_id"]]
+    assert {run.info.status for run in failed} == {"FAILED"}
+    errors = {run.data.tags[tracking.TAG_ERROR] for run in failed}
+    assert errors == {f"ConfigError: model.dropout must be in [0, 1), got {value}" for value in (1.5, 2.0)}
+    assert len({run.data.tags[tracking.TAG_PARENT_RUN] for run in failed}) == 1
 
 
 @pytest.mark.slow
@@ -258,6 +278,7 @@ def test_a_job_no_node_can_hold_fails_before_any_job_starts(
         tracking_server,
         "too-big",
         *on_ray(ray_cluster),
+        *GRID,
         "hydra.launcher.ray.remote.num_gpus=1",
     )
     assert sweep.returncode != 0
