@@ -33,7 +33,7 @@ def test_http_retries_are_bounded_unless_set(monkeypatch: pytest.MonkeyPatch) ->
     for key in tracking.HTTP_LIMITS:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
-    tracking.connect("sqlite:///unused.db")
+    tracking.check_reachable("sqlite:///unused.db")
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"  # the user's own setting wins
 

@@ -103,7 +103,7 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def connect(uri: str) -> None:
+def check_reachable(uri: str) -> None:
     """Bound MLflow's HTTP retries and, for a tracking server, check that it answers."""
     for key, value in HTTP_LIMITS.items():
         os.environ.setdefault(key, value)
@@ -125,7 +125,7 @@ def connect(uri: str) -> None:
 
 def _answers(uri: str) -> bool:
     try:
-        connect(uri)
+        check_reachable(uri)
     except TransferlabError:
         return False
     return True
@@ -384,7 +384,7 @@ class Store:
     @classmethod
     def of_record(cls, record: RunRecord) -> Store:
         """The store a recorded run lives in (checked like `open_store` checks its store)."""
-        connect(record.tracking_uri)
+        check_reachable(record.tracking_uri)
         return cls(record.tracking_uri, record.experiment_id)
 
     @property
@@ -576,6 +576,7 @@ def connect(cfg: MlflowConfig, root: Path) -> Store:
             f"no MLflow store at {uri.removeprefix('sqlite:///')}: run this in the project that trained the "
             "model, or set MLFLOW_TRACKING_URI"
         )
+    check_reachable(uri)
     return Store(uri, None)
 
 
@@ -589,7 +590,7 @@ def open_store(cfg: MlflowConfig, root: Path) -> Store:
     uri = tracking_uri(cfg, root)
     key = (uri, cfg.experiment)
     if key not in _open_stores:
-        connect(uri)
+        check_reachable(uri)
         _open_stores[key] = Store(uri, _experiment_id(uri, cfg.experiment))
     mlflow.set_tracking_uri(uri)  # the fluent API (active runs, model logging) follows this store
     return _open_stores[key]
