@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -95,6 +96,14 @@ CHROMIUM_FLAGS = (
 )
 
 
+def unavailable(reason: str) -> NoReturn:
+    """A test's system requirement is missing: skip it, saying what is missing, or fail it in CI
+    (`.ci/run` installs the system packages the tests use and sets TRANSFERLAB_CI)."""
+    if os.environ.get("TRANSFERLAB_CI"):
+        pytest.fail(f"{reason} (in CI: .ci/run should have installed it)")
+    pytest.skip(reason)
+
+
 def offline_dom(page: Path | str, budget_ms: int = 10_000, screenshot: Path | None = None) -> str:
     """The DOM of a page after headless Chromium ran its scripts, with no way to the internet.
 
@@ -104,13 +113,12 @@ def offline_dom(page: Path | str, budget_ms: int = 10_000, screenshot: Path | No
     saying why, when Chromium or network namespaces are not available, and fails it in CI
     (`.ci/run` installs Debian's `chromium` and sets TRANSFERLAB_CI).
     """
-    missing = pytest.fail if os.environ.get("TRANSFERLAB_CI") else pytest.skip
     chromium = shutil.which("chromium")
     if chromium is None:
-        missing("chromium is not installed (`apt-get install chromium`; .ci/run installs it)")
+        unavailable("chromium is not installed (`apt-get install chromium`; .ci/run installs it)")
     if isinstance(page, Path):
         if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
-            missing("cannot create a network namespace (`unshare --net` needs root)")
+            unavailable("cannot create a network namespace (`unshare --net` needs root)")
         url, isolation = (
             page.resolve().as_uri(),
             ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"],

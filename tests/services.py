@@ -11,7 +11,8 @@ Every process in the namespace was started by these tests, so closing it ends th
   (transferlab.tracking_server), inside the namespace.
 - `RayCluster`: `ray start --head` plus one worker node, each with 1 CPU, inside the namespace.
 
-Each `start` skips the test, with the reason, when a system program is missing.
+Each `start` skips the test, with the reason, when a system program is missing (in CI, where
+`.ci/run` installs them, it fails it: `helpers.unavailable`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-from helpers import VENV_BIN
+from helpers import VENV_BIN, unavailable
 
 from transferlab.errors import TransferlabError
 from transferlab.tracking_server import postgres_bin, stop_process_group
@@ -45,7 +45,7 @@ QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
 def require_programs(*names: str) -> None:
     missing = [name for name in names if shutil.which(name) is None]
     if missing:
-        pytest.skip(f"system programs missing: {', '.join(missing)}")
+        unavailable(f"system programs missing: {', '.join(missing)}")
 
 
 def _inode(path: str) -> int | None:
@@ -66,7 +66,7 @@ class LoopbackNamespace:
     @classmethod
     def create(cls, timeout: float = 30) -> LoopbackNamespace:
         if os.geteuid() != 0:
-            pytest.skip("a loopback-only network namespace needs root (unshare --net)")
+            unavailable("a loopback-only network namespace needs root (unshare --net)")
         require_programs("unshare", "nsenter", "ip")
         script = f"ip link set lo up && echo ready && exec sleep {NAMESPACE_LIFETIME_S}"
         holder = subprocess.Popen(
@@ -191,7 +191,7 @@ class TrackingService:
         try:
             postgres_bin()
         except TransferlabError as exc:
-            pytest.skip(str(exc))
+            unavailable(str(exc))
         if os.geteuid() == 0:
             require_programs("runuser")
         self._command("start", timeout=300)
@@ -221,7 +221,7 @@ class RayCluster:
     def start(self, cwd: Path, timeout: float = 180) -> None:
         """`ray start --block` for each node (Ray then ends a node's processes when its command ends)."""
         if not (VENV_BIN / "ray").is_file():
-            pytest.skip("Ray is not installed: `make setup EXTRAS=ray`")
+            unavailable("Ray is not installed: `make setup EXTRAS=ray`")
         common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats", "--block"]
         common += ["--object-store-memory=100000000"]
         head = ["ray", "start", "--head", f"--port={self.port}", "--include-dashboard=false"]

@@ -66,7 +66,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_the_outputs(
         (logged,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert logged.info.status == "FINISHED"
     assert {"final_val_accuracy", "test_accuracy"} <= set(logged.data.metrics)  # train and evaluate stages
-    assert not (repo / "mlruns").exists()
+    assert not (repo / "mlruns" / "mlflow.db").exists()  # no local store
 
     remote = tmp_path / "remote"
     run([dvc, "remote", "add", "--default", "storage", str(remote)], repo)

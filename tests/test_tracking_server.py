@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import SYNTHETIC_OVERRIDES, tiny_cfg
+from helpers import SYNTHETIC_OVERRIDES, TINY_MODEL, tiny_cfg
 from mlflow.tracking import MlflowClient
 from services import LoopbackNamespace, TrackingService
 
@@ -104,6 +104,42 @@ def test_unreachable_server_stops_a_sweep_before_any_job(
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"TransferlabError: MLflow tracking server {CLOSED_PORT_URI} is unreachable (")
     assert not any(path.is_dir() for path in sweep_dir.glob("*"))  # no job started
+
+
+@pytest.mark.slow
+def test_a_local_sweep_logs_its_parent_and_children_in_the_server(
+    prepared_project: StagePaths, loopback_namespace: LoopbackNamespace, tracking_server: TrackingService
+) -> None:
+    """The local launcher, like the Ray one (test_ray_launcher.py), logs only to the server."""
+    experiment = "local-sweep"
+    sweep_dir = prepared_project.root / "outputs" / "sweeps" / "local"
+    overrides = [*TINY_MODEL, "train.epochs=1", "mlflow.log_model=false", f"mlflow.experiment={experiment}"]
+    done = loopback_namespace.run(
+        [
+            "transferlab-train",
+            "-m",
+            *SYNTHETIC_OVERRIDES,
+            *overrides,
+            "model.dropout=0.1,0.2",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        timeout=600,
+        cwd=prepared_project.root,
+        env={"MLFLOW_TRACKING_URI": tracking_server.url},
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    with loopback_namespace.entered():
+        client = MlflowClient(tracking_server.url)
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        (parent,) = [run for run in runs if run.data.tags.get(tracking.TAG_SWEEP) == "parent"]
+        parent_files = {item.path for item in client.list_artifacts(parent.info.run_id)}
+    children = [run for run in runs if run.data.tags.get(tracking.TAG_SWEEP) == "child"]
+    assert parent.info.status == "FINISHED" and parent.data.tags[tracking.TAG_LAUNCHER] == "BasicLauncher"
+    assert [run.info.status for run in children] == ["FINISHED"] * 2
+    assert {run.data.tags[tracking.TAG_PARENT_RUN] for run in children} == {parent.info.run_id}
+    assert parent.data.tags[tracking.TAG_BEST_CHILD] in {run.info.run_id for run in children}
+    assert "sweep_summary.csv" in parent_files
+    assert not (prepared_project.root / "mlruns").exists()  # nothing in a local store
 
 
 @pytest.mark.slow

@@ -42,9 +42,9 @@ def worker_role(cfg: TrainConfig) -> WorkerRole:
         spec = json.loads(raw)
         cluster, task = spec["cluster"], spec["task"]
         task_type, index = str(task["type"]), int(task["index"])
-        addresses = cluster[task_type]
-        assert 0 <= index < len(addresses)
-    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        if not 0 <= index < len(cluster[task_type]):
+            raise IndexError(f"task index {index} is not in the cluster's {task_type} list")
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise ConfigError(
             "train.strategy=multi_worker needs TF_CONFIG naming the cluster and this task, e.g. "
             '{"cluster": {"worker": ["host1:23456", "host2:23456"]}, "task": {"type": "worker", "index": 0}}'
