@@ -29,6 +29,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from transferlab import console
 from transferlab.errors import ConfigError, TransferlabError, stop_sweep_on_error
 from transferlab.paths import project_root
 
@@ -121,7 +122,9 @@ class RaySweepSetup(Callback):
 
 def enter_project() -> None:
     """Ray worker set-up hook: work in the project folder (a relative `hydra.sweep.dir`, the data,
-    `conf/`), which every node must have at the path the sweep was started from."""
+    `conf/`), which every node must have at the path the sweep was started from, and import
+    TensorFlow as quietly as the entry points do (`console.quiet_imports`)."""
+    console.quiet_imports()
     project = os.environ[PROJECT_ENV]
     if not Path(project).is_dir():
         raise TransferlabError(
