@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN
+from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN, prepare_project
 from services import LoopbackNamespace, TrackingService
 
-from transferlab.config import Config, compose, write_params
+from transferlab.config import Config, compose
 from transferlab.paths import StagePaths
 from transferlab.workspace import copy_project
 
@@ -47,15 +47,7 @@ def synthetic_raw(synthetic_cfg: Config, tmp_path: Path) -> Path:
 @pytest.fixture
 def prepared_project(synthetic_cfg: Config, tmp_path: Path) -> StagePaths:
     """A project folder with params.yaml, data/raw and data/splits made by the download and split stages."""
-    from transferlab.stages.download import download
-    from transferlab.stages.split import split
-
-    paths = StagePaths(tmp_path / "project")
-    paths.root.mkdir()
-    write_params(synthetic_cfg, paths.root / "params.yaml")
-    download(synthetic_cfg, paths)
-    split(synthetic_cfg, paths)
-    return paths
+    return prepare_project(synthetic_cfg, tmp_path / "project")
 
 
 @pytest.fixture

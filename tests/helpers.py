@@ -13,7 +13,8 @@ from typing import NoReturn
 
 import pytest
 
-from transferlab.config import Config, compose
+from transferlab.config import Config, compose, write_params
+from transferlab.paths import StagePaths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -53,6 +54,35 @@ def user_environment(**extra: str) -> dict[str, str]:
 def tiny_cfg(*overrides: str) -> Config:
     """The synthetic data of `prepared_project`, the small random-init CNN, one epoch, plus `overrides`."""
     return compose([*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=1", *overrides], config_dir=REPO_ROOT / "conf")
+
+
+def quick_job_overrides(experiment: str) -> tuple[str, ...]:
+    """A job that takes seconds on the synthetic data: `small_cnn`, one epoch, no model or system
+    metrics logged, in the MLflow experiment `experiment` (for tests whose point is where runs go)."""
+    return (
+        *SYNTHETIC_OVERRIDES,
+        *TINY_MODEL,
+        "train.epochs=1",
+        "mlflow.log_model=false",
+        "mlflow.system_metrics=false",
+        f"mlflow.experiment={experiment}",
+    )
+
+
+def prepare_project(cfg: Config, root: Path, *, conf: bool = False) -> StagePaths:
+    """A project at `root` as `dvc repro split` leaves it: params.yaml of `cfg`, data/raw and
+    data/splits; with `conf`, a copy of conf/ too (what `transferlab-train` composes)."""
+    from transferlab.stages.download import download
+    from transferlab.stages.split import split
+
+    paths = StagePaths(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_params(cfg, root / "params.yaml")
+    download(cfg, paths)
+    split(cfg, paths)
+    if conf:
+        shutil.copytree(REPO_ROOT / "conf", root / "conf")
+    return paths
 
 
 def declared_outputs(root: Path) -> dict[str, list[Path]]:

@@ -13,22 +13,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import SYNTHETIC_OVERRIDES, VENV_BIN
+from helpers import VENV_BIN, quick_job_overrides
 from mlflow.tracking import MlflowClient
 from services import LoopbackNamespace, TrackingService
 
 from transferlab.paths import StagePaths
 
 EXPERIMENT = "dvc-remote"
-TINY = (
-    *SYNTHETIC_OVERRIDES,
-    "model=small_cnn",
-    "train.batch_size=8",
-    "train.epochs=1",
-    "mlflow.log_model=false",
-    "mlflow.system_metrics=false",
-    f"mlflow.experiment={EXPERIMENT}",
-)
+TINY = quick_job_overrides(EXPERIMENT)
 GIT = ("git", "-c", "user.name=transferlab", "-c", "user.email=transferlab@localhost.invalid")
 
 

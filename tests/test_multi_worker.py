@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES
+from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, prepare_project
 from mlflow.tracking import MlflowClient
 from services import LoopbackNamespace, TrackingService
 
@@ -85,11 +85,8 @@ def test_the_keras_work_around_refuses_an_untested_keras(monkeypatch: pytest.Mon
 
 
 @pytest.fixture
-def mw_project(synthetic_cfg, tmp_path: Path) -> StagePaths:
+def mw_project(tmp_path: Path) -> StagePaths:
     """Synthetic splits (36 train, 12 validation images) and params.yaml for a multi_worker run."""
-    from transferlab.stages.download import download
-    from transferlab.stages.split import split
-
     cfg = compose(
         [
             *SYNTHETIC_OVERRIDES,
@@ -104,12 +101,7 @@ def mw_project(synthetic_cfg, tmp_path: Path) -> StagePaths:
         ],
         config_dir=REPO_ROOT / "conf",
     )
-    paths = StagePaths(tmp_path / "project")
-    paths.root.mkdir()
-    write_params(cfg, paths.root / "params.yaml")
-    download(cfg, paths)
-    split(cfg, paths)
-    return paths
+    return prepare_project(cfg, tmp_path / "project")
 
 
 def start_pair(namespace: LoopbackNamespace, paths: StagePaths, server: TrackingService, tag: str) -> list:

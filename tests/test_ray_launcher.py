@@ -10,14 +10,13 @@ every job. Only the driver is given MLFLOW_TRACKING_URI: the jobs get it through
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, chatter
+from helpers import REPO_ROOT, chatter, prepare_project, quick_job_overrides
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -25,18 +24,9 @@ from services import LoopbackNamespace, RayCluster, TrackingService
 
 from transferlab import ray_launcher, tracking
 from transferlab.config import Config
-from transferlab.paths import StagePaths
 
 EXPERIMENT = "ray-sweep"
-TINY = (
-    *SYNTHETIC_OVERRIDES,
-    "model=small_cnn",
-    "train.batch_size=8",
-    "train.epochs=1",
-    "mlflow.log_model=false",
-    "mlflow.system_metrics=false",
-    f"mlflow.experiment={EXPERIMENT}",
-)
+TINY = quick_job_overrides(EXPERIMENT)
 GRID = ("model.dropout=0.1,0.2", "train.learning_rate=0.01,0.001")
 SWEEP_TIMEOUT_S = 900
 
@@ -113,14 +103,7 @@ class Sweep:
 @pytest.fixture(scope="module")
 def ray_project(synthetic_cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A project with the synthetic splits and conf/, as `dvc repro split` leaves it."""
-    from transferlab.stages.download import download
-    from transferlab.stages.split import split
-
-    paths = StagePaths(tmp_path_factory.mktemp("ray_project"))
-    download(synthetic_cfg, paths)
-    split(synthetic_cfg, paths)
-    shutil.copytree(REPO_ROOT / "conf", paths.root / "conf")
-    return paths.root
+    return prepare_project(synthetic_cfg, tmp_path_factory.mktemp("ray_project"), conf=True).root
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import SYNTHETIC_OVERRIDES, TINY_MODEL, tiny_cfg
+from helpers import SYNTHETIC_OVERRIDES, quick_job_overrides, tiny_cfg
 from mlflow.tracking import MlflowClient
 from services import LoopbackNamespace, TrackingService
 
@@ -113,13 +113,11 @@ def test_a_local_sweep_logs_its_parent_and_children_in_the_server(
     """The local launcher, like the Ray one (test_ray_launcher.py), logs only to the server."""
     experiment = "local-sweep"
     sweep_dir = prepared_project.root / "outputs" / "sweeps" / "local"
-    overrides = [*TINY_MODEL, "train.epochs=1", "mlflow.log_model=false", f"mlflow.experiment={experiment}"]
     done = loopback_namespace.run(
         [
             "transferlab-train",
             "-m",
-            *SYNTHETIC_OVERRIDES,
-            *overrides,
+            *quick_job_overrides(experiment),
             "model.dropout=0.1,0.2",
             f"hydra.sweep.dir={sweep_dir}",
         ],
