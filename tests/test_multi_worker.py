@@ -1,10 +1,11 @@
 """Multi-worker training: `train.strategy=multi_worker` with TF_CONFIG (transferlab.runtime,
-transferlab.keras_multi_worker, and the chief/peer parts of stages/train.py).
+transferlab.keras_multi_worker, the chief/peer parts of stages/train.py and trainer.py).
 
 Two `transferlab train` processes on 127.0.0.1 ports, inside the session's loopback-only network
 namespace and logging to its tracking server (PostgreSQL + `mlflow server`), train one model:
 killed after a few epochs and started again, they resume from the chief's checkpoint and finish
-as exactly one MLflow run, logged by the chief alone. Batches of 11 leave a last validation
+as exactly one MLflow run, logged by the chief alone (which also calibrates the model; the
+evaluate stage then logs into the same run). Batches of 11 leave a last validation
 batch of one image, which two workers cannot share (`runtime.whole_batches`).
 """
 
@@ -165,6 +166,11 @@ def test_killed_worker_pair_resumes_and_finishes_as_one_run_logged_by_the_chief(
     assert f"resuming after epoch {killed['epochs_done']}" in chief_log
     assert f"peer resuming after epoch {killed['epochs_done']} from the chief's checkpoint" in peer_log
     assert "the last 1 example(s) of each pass are left out" in chief_log  # the 12th validation image
+    # The saved model is whole: the evaluate stage (as `dvc repro` runs it next) logs into the run.
+    evaluated = loopback_namespace.run(
+        ["transferlab", "evaluate"], timeout=300, cwd=paths.root, env={"MLFLOW_TRACKING_URI": tracking_server.url}
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
 
     with loopback_namespace.entered():
         client = MlflowClient(tracking_server.url)
@@ -176,9 +182,10 @@ def test_killed_worker_pair_resumes_and_finishes_as_one_run_logged_by_the_chief(
     assert run.info.run_id == killed["run_id"] == tracking.RunRecord.read(paths.run_file).run_id
     assert run.data.params["train.strategy"] == "multi_worker"
     assert steps == list(range(1, EPOCHS + 1))
+    assert {"temperature", "val_ece", "best_epoch", "test_accuracy"} <= set(run.data.metrics)  # calibrated alone
     assert [model.source_run_id for model in models] == [run.info.run_id]
     assert paths.model_file.is_file() and not paths.checkpoints.exists()
-    assert peer_scratch_dirs() == scratch_before  # the peer's checkpoints were temporary
+    assert peer_scratch_dirs() == scratch_before  # temporary: what the killed peer left went at its restart
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ only the chief does all that; the other workers train along and keep nothing (`_
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -100,7 +101,7 @@ def train(
     cfg_hash = config_hash(cfg)
     role = worker_role(cfg.train)
     if not role.is_chief:
-        return _train_as_peer(cfg, paths, cfg_hash)
+        return _train_as_peer(cfg, paths, cfg_hash, role.task)
     store = tracking.open_store(cfg.mlflow, paths.root)
     checkpointer = Checkpointer(paths.checkpoints)
     resume = _resumable_state(store, checkpointer, cfg_hash)
@@ -165,19 +166,22 @@ def _calibrate(run: tracking.Run, trainer: Trainer, classifier: Classifier) -> N
     )
 
 
-def _train_as_peer(cfg: Config, paths: StagePaths, cfg_hash: str) -> TrainResult:
+def _train_as_peer(cfg: Config, paths: StagePaths, cfg_hash: str, task: str) -> TrainResult:
     """A `multi_worker` worker other than the chief: the same training steps (the collectives
     need every worker), nothing logged, no MLflow run, no model, no calibration.
 
-    Its checkpoints go to a temporary folder, deleted at the end. It resumes where the chief
-    resumes, from a copy of the chief's checkpoint (`paths.checkpoints`, a folder every worker
-    must see).
+    Its checkpoints go to a temporary folder of this project and task, deleted at the end (and
+    at the start: what a killed worker left). It resumes where the chief resumes, from a copy of
+    the chief's checkpoint (`paths.checkpoints`, a folder every worker must see).
     """
     from transferlab.runtime import from_chief, make_strategy, precision_policy
     from transferlab.seeding import seed_everything
 
-    with tempfile.TemporaryDirectory(prefix="transferlab-peer-") as scratch:
-        own = StagePaths(paths.root, output_root=Path(scratch))
+    project = hashlib.sha256(str(paths.root.resolve()).encode()).hexdigest()[:12]
+    scratch = Path(tempfile.gettempdir()) / f"transferlab-peer-{project}-{task.replace(':', '')}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        own = StagePaths(paths.root, output_root=scratch)
         strategy = make_strategy(cfg.train, cfg.multi_worker)
         epochs_done = from_chief(strategy, 0, is_chief=False)
         state = _peer_state(paths.checkpoints, own.checkpoints, cfg_hash, epochs_done)
@@ -188,6 +192,8 @@ def _train_as_peer(cfg: Config, paths: StagePaths, cfg_hash: str) -> TrainResult
         log.info("multi_worker peer finished; the chief saves and logs the model")
         history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
         return TrainResult("", history, epochs_done > 0, trainer.kept_epoch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _peer_state(chief: Path, own: Path, cfg_hash: str, epochs_done: int) -> CheckpointState:
