@@ -4,12 +4,16 @@
 - `synthetic_raw`: that dataset generated (real JPEGs) into `data/raw/` of a temporary project.
 - `prepared_project`: a temporary project with params.yaml, data/raw/<name>/ and data/splits/
   made by the real download and split stages; returns its `StagePaths`.
+- `hydra_project`: `prepared_project`'s data plus conf/, once per module, for `transferlab-train`.
 - `project_copy`: the repo's files (tracked plus untracked-not-ignored) in a fresh git repo,
   with one commit, so `dvc repro` and `dvc exp run` can run there without touching the checkout.
 - `shared_dir`: `../shared` beside the checkout (real flower photos, ImageNet weights); tests
   that use it are skipped when it is absent.
 - `loopback_namespace`, `tracking_server`: one loopback-only network namespace per session, and in
   it PostgreSQL + `mlflow server` (tests/services.py), shared by the scale-out tests.
+- `colour_model`, `logged_colour_run`, `model_server`: a tiny classifier whose predictions are
+  known, that model logged to MLflow (and registered as `colours-classifier@champion`), and one
+  `mlflow models serve` of it, by registered name, for the session.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN, prepare_project
+from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN, ModelServer, prepare_project, serve_model
 from services import LoopbackNamespace, TrackingService
 
-from transferlab.config import Config, compose
+from transferlab.config import Config, MlflowConfig, compose
 from transferlab.paths import StagePaths
 from transferlab.workspace import copy_project
 
@@ -48,6 +52,12 @@ def synthetic_raw(synthetic_cfg: Config, tmp_path: Path) -> Path:
 def prepared_project(synthetic_cfg: Config, tmp_path: Path) -> StagePaths:
     """A project folder with params.yaml, data/raw and data/splits made by the download and split stages."""
     return prepare_project(synthetic_cfg, tmp_path / "project")
+
+
+@pytest.fixture(scope="module")
+def hydra_project(synthetic_cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What `prepared_project` makes, plus conf/ for `transferlab-train`; made once per test module."""
+    return prepare_project(synthetic_cfg, tmp_path_factory.mktemp("hydra_project"), conf=True).root
 
 
 @pytest.fixture
@@ -94,6 +104,7 @@ def tracking_server(loopback_namespace: LoopbackNamespace) -> Iterator[TrackingS
 
 COLOUR_CLASSES = ("red", "green", "blue")
 COLOUR_IMAGE_SIZE = 64
+COLOUR_REGISTERED = "colours-classifier"  # the served model is addressed by registered name and alias
 
 
 def _build_colour_model():  # returns keras.Model (keras is imported lazily)
@@ -140,7 +151,48 @@ def colour_image(tmp_path: Path):  # returns the factory below
     return write
 
 
+@pytest.fixture(scope="session")
+def logged_colour_run(
+    colour_model: Path, synthetic_cfg: Config, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """A training-like MLflow run (sqlite store in a temp project) holding the colour model, registered
+    as COLOUR_REGISTERED@champion: (run id, URI)."""
+    import dataclasses
+
+    from transferlab.registry import register_run_model
+    from transferlab.tracking import open_store
+
+    root = tmp_path_factory.mktemp("serving_project")
+    cfg = dataclasses.replace(synthetic_cfg, mlflow=MlflowConfig(system_metrics=False))
+    _forget_tracking_uri()  # this project's own store
+    with open_store(cfg.mlflow, root).start_run(run_name="serving-test") as run:
+        run.log_metrics({"val_accuracy": 1.0})
+        run.log_model(colour_model, list(COLOUR_CLASSES), COLOUR_IMAGE_SIZE)
+    run.record.write(root / "models" / "run.json")
+    register_run_model(run.store, COLOUR_REGISTERED, run.run_id, alias="champion")
+    _forget_tracking_uri()
+    yield run.run_id, run.store.uri
+
+
+@pytest.fixture(scope="session")
+def model_server(logged_colour_run: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    """`mlflow models serve` of the registered colour model on 127.0.0.1 (at most 40 rows per request)."""
+    _, uri = logged_colour_run
+    server = serve_model(f"models:/{COLOUR_REGISTERED}@champion", uri, tmp_path_factory.mktemp("server") / "serve.log")
+    yield server
+    server.stop()
+
+
+def _forget_tracking_uri() -> None:
+    """Unset MLFLOW_TRACKING_URI: `mlflow.set_tracking_uri` (called by every run start) sets it for
+    subprocesses, and monkeypatch's `delenv` of an unset variable would not undo that."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(autouse=True)
-def _isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Runs go to each test project's own SQLite store, never to a server set in the environment."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def _isolated_mlflow() -> Iterator[None]:
+    """Runs go to each test project's own SQLite store, never to a server set in the environment,
+    nor, after the test, to the store the test used (later fixtures and commands inherit the variable)."""
+    _forget_tracking_uri()
+    yield
+    _forget_tracking_uri()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
-from transferlab.config import Config, compose, write_params
+from transferlab.config import Config, EvaluateConfig, MlflowConfig, compose, write_params
 from transferlab.paths import StagePaths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -166,3 +170,187 @@ def offline_dom(page: Path | str, budget_ms: int = 10_000, screenshot: Path | No
             shot = subprocess.run([*command, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
             assert shot.returncode == 0, shot.stderr[-3000:]
     return done.stdout
+
+
+def declared_png(width: int, height: int) -> bytes:
+    """A valid black PNG of `width` x `height` pixels that stays small on disk (1-bit grey,
+    compressed row by row): 16000 x 16000 is 32 KB, and 768 MB once decoded to RGB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+# --- a project for evaluate: the colour model (conftest's `colour_model`) and 12 test images ---
+
+CLASSES = ["red", "green", "blue"]
+# (folder = true class, file name, colour). The colour model predicts the dominant channel, so
+# `red/3.png` (mostly green) is predicted green and `blue/3.png` (mostly red) is predicted red;
+# in both the true class is the runner-up, so top-2 accuracy is 1.
+TEST_IMAGES = [
+    *[("red", f"{i}.png", (230, 20, 20)) for i in range(3)],
+    ("red", "3.png", (60, 200, 0)),
+    *[("green", f"{i}.png", (20, 230, 20)) for i in range(4)],
+    *[("blue", f"{i}.png", (20, 20, 230)) for i in range(3)],
+    ("blue", "3.png", (200, 0, 90)),
+]
+
+
+def make_project(root: Path, colour_model: Path, cfg: Config, with_run: bool = True) -> StagePaths:
+    """Splits, raw images, model and (optionally) a finished training run, as train leaves them."""
+    import json
+
+    import pandas as pd
+    from PIL import Image
+
+    from transferlab.paths import StagePaths
+    from transferlab.tracking import open_store
+
+    paths = StagePaths(root)
+    raw = paths.raw_dataset(cfg.data.name)
+    for label, name, rgb in TEST_IMAGES:
+        (raw / label).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), rgb).save(raw / label / name)
+    paths.splits.mkdir(parents=True)
+    paths.classes.write_text(json.dumps(CLASSES))
+    rows = [{"path": f"{label}/{name}", "label": label} for label, name, _ in TEST_IMAGES]
+    pd.DataFrame(rows, columns=["path", "label"]).to_csv(paths.manifest("test"), index=False)
+    paths.models.mkdir(parents=True)
+    shutil.copy(colour_model, paths.model_file)
+    if with_run:
+        with open_store(cfg.mlflow, root).start_run(run_name="colour-training") as run:
+            run.log_metrics({"final_val_accuracy": 0.9})
+        run.record.write(paths.run_file)
+    return paths
+
+
+def colour_config(synthetic_cfg: Config) -> Config:
+    """`synthetic_cfg` for `make_project`: dataset `colours`, experiment `evaluate-tests`."""
+    return dataclasses.replace(
+        synthetic_cfg,
+        data=dataclasses.replace(synthetic_cfg.data, name="colours"),
+        evaluate=EvaluateConfig(top_k=2, misclassified=4, calibration_bins=5),
+        mlflow=MlflowConfig(experiment="evaluate-tests", system_metrics=False),
+    )
+
+
+# --- `mlflow models serve` on 127.0.0.1 (conftest's `model_server` starts one per session) ---
+
+SERVER_START_TIMEOUT_S = 180
+SERVE_MAX_ROWS = 40  # TRANSFERLAB_SERVE_MAX_ROWS of the test server: more than one chunk of 32
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclasses.dataclass
+class ModelServer:
+    """A running `mlflow models serve` (a process group: the CLI and its uvicorn worker)."""
+
+    base: str
+    process: subprocess.Popen
+    log_file: Path
+
+    def post(self, payload: dict) -> tuple[int, dict]:
+        """POST /invocations; (HTTP status, JSON body)."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.base}/invocations",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server and its workers, in MB."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+    def wait_until_ready(self) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited:\n{self.log_file.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"no /ping answer within {SERVER_START_TIMEOUT_S} s:\n{self.log_file.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        """SIGTERM to the process group this test started, SIGKILL if it lingers."""
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+def serve_model(model_uri: str, tracking_uri: str, log_file: Path) -> ModelServer:
+    """Start `mlflow models serve` for `model_uri` on a free 127.0.0.1 port and wait for /ping."""
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the server execs `uvicorn`
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "TRANSFERLAB_SERVE_MAX_ROWS": str(SERVE_MAX_ROWS),
+    }
+    port = free_port()
+    command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with log_file.open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ModelServer(f"http://127.0.0.1:{port}", process, log_file)
+    try:
+        server.wait_until_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def released_together(commands: Sequence[Sequence[str]], folder: Path, **popen: object) -> list[subprocess.Popen]:
+    """Start one process per command, each given two more arguments: a file to create once it is
+    ready, and a file to wait for (at most 60 s) before it acts. Creates that file when all are
+    ready (at most 120 s), so they act at the same moment."""
+    import time
+
+    go = folder / "go"
+    ready = [folder / f"ready-{i}" for i in range(len(commands))]
+    procs = [
+        subprocess.Popen([*command, str(flag), str(go)], **popen) for command, flag in zip(commands, ready, strict=True)
+    ]
+    deadline = time.monotonic() + 120
+    while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    go.touch()
+    return procs

@@ -75,6 +75,31 @@ def test_every_group_has_options() -> None:
         pytest.param(
             ["mlflow.registered_model=a/b"], r"mlflow\.registered_model must be null or a name", id="model-uri"
         ),
+        # Bounds TensorFlow, NumPy, MLflow or the filesystem would enforce later, with a traceback (issue 12).
+        pytest.param(["train.seed=-5"], r"train\.seed must be in \[0, 4294967295\]", id="seed-negative"),
+        pytest.param(["train.seed=4294967296"], r"train\.seed must be in \[0, 4294967295\]", id="seed-2-32"),
+        pytest.param(["data.split_seed=-1"], r"data\.split_seed must be in \[0, ", id="split-seed"),
+        pytest.param(
+            ["data=synthetic", "data.synthetic.seed=-1"], r"data\.synthetic\.seed must be in \[0, ", id="synthetic-seed"
+        ),
+        pytest.param(["data.name=" + "n" * 129], r"data\.name must be at most 128 characters", id="name-length"),
+        pytest.param(
+            ["mlflow.experiment=" + "e" * 501],
+            r"mlflow\.experiment must be at most 500 characters long, got 501",
+            id="exp",
+        ),
+        pytest.param(
+            ["data.source=/" + "s" * 6000],
+            r"data\.source must be at most 6000 characters long \(MLflow's limit\), got 6001",
+            id="param-value-length",
+        ),
+        pytest.param(
+            ["finetune=top20", "finetune.learning_rate=11"], r"finetune\.learning_rate must be in \(0, 10\]", id="ft-lr"
+        ),
+        pytest.param(["data.max_extracted_bytes=0"], r"data\.max_extracted_bytes must be >= 1", id="extract-bytes"),
+        pytest.param(
+            ["data.max_compression_ratio=0.5"], r"data\.max_compression_ratio must be a number >= 1", id="ratio"
+        ),
     ],
 )
 def test_rejections(overrides: list[str], message: str) -> None:
@@ -92,3 +117,18 @@ def test_registered_model_follows_the_data_name_and_can_be_turned_off() -> None:
     assert _compose().mlflow.registered_model == "flower_photos-classifier"
     assert _compose("data=synthetic").mlflow.registered_model == "synthetic-classifier"
     assert _compose("mlflow.registered_model=null").mlflow.registered_model is None
+
+
+def test_highest_seed_and_limits_match_what_the_libraries_accept() -> None:
+    """The bounds checked at the door are the ones NumPy and MLflow enforce."""
+    import numpy as np
+    from mlflow.utils import validation
+
+    from transferlab import config
+
+    assert _compose(f"train.seed={config.MAX_SEED}").train.seed == 2**32 - 1
+    np.random.RandomState(config.MAX_SEED)  # accepted; one more is not
+    with pytest.raises(ValueError):
+        np.random.RandomState(config.MAX_SEED + 1)
+    assert config.MAX_PARAM_VALUE_LENGTH == validation.MAX_PARAM_VAL_LENGTH
+    assert config.MAX_EXPERIMENT_NAME_LENGTH == validation.MAX_EXPERIMENT_NAME_LENGTH

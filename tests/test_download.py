@@ -59,8 +59,8 @@ def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _cfg(source: Path | str, sha256: str | None = None, name: str = "pets") -> Config:
-    cfg = Config(data=DataConfig(name=name, source=str(source), sha256=sha256))
+def _cfg(source: Path | str, sha256: str | None = None, name: str = "pets", **limits: float) -> Config:
+    cfg = Config(data=DataConfig(name=name, source=str(source), sha256=sha256, **limits))
     cfg.check()
     return cfg
 
@@ -198,6 +198,53 @@ def test_zip_symlink_rejected(tmp_path: Path, target: Path) -> None:
     _assert_nothing_left(target)
 
 
+ZEROS = 64 * 2**20  # 64 MiB of zeros: about 64 KB compressed, a ratio near 1000
+
+
+def _zeros_zip(path: Path) -> Path:
+    """Issue 12's bomb, scaled down: a good image, then one member of zeros, deflated."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("dataset/cats/a.jpg", DATASET["cats/a.jpg"])
+        with zf.open("dataset/cats/zeros.jpg", "w") as member:
+            for _ in range(ZEROS // 2**20):
+                member.write(bytes(2**20))
+    return path
+
+
+def _zeros_tar(path: Path) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("dataset/cats/zeros.jpg")
+        info.size = ZEROS
+        tar.addfile(info, io.BytesIO(bytes(ZEROS)))
+    return path
+
+
+@pytest.mark.parametrize("make", [_zeros_zip, _zeros_tar], ids=["zip", "tar.gz"])
+def test_compression_bomb_is_refused_naming_the_member(tmp_path: Path, target: Path, make) -> None:
+    """Issue 12: a 1 MB zip holding 1 GiB of zeros was extracted in full (tar had no bound either)."""
+    archive = make(tmp_path / f"bomb.{'zip' if make is _zeros_zip else 'tgz'}")
+    assert archive.stat().st_size < ZEROS / 500
+    with pytest.raises(DownloadError) as caught:
+        run_download(_cfg(archive), target)  # the default ratio bound: 100
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "member 'dataset/cats/zeros.jpg' expands the" in message and "more than 100 times" in message
+    assert "data.max_compression_ratio" in message
+    _assert_nothing_left(target)
+    run_download(_cfg(archive, max_compression_ratio=5000), target)  # a genuine archive: raise the bound
+    assert (target / "cats" / "zeros.jpg").stat().st_size == ZEROS
+
+
+def test_total_extracted_size_is_bounded(tmp_path: Path, target: Path) -> None:
+    archive = _tar(tmp_path / "pets.tar", DATASET, top=None)
+    run_download(_cfg(archive, max_extracted_bytes=10_000), target)
+    total = sum(len(data) for data in DATASET.values())
+    with pytest.raises(DownloadError, match=r"member '.*' takes the extracted size past 1,000 bytes"):
+        run_download(_cfg(archive, max_extracted_bytes=1_000), target)
+    assert _files(target) == DATASET, "the previous dataset stays"
+    assert total > 1_000
+
+
 def test_two_top_level_entries_are_not_stripped(tmp_path: Path, target: Path) -> None:
     archive = _tar(tmp_path / "flat.tar", DATASET, top=None)
     run_download(_cfg(archive), target)
@@ -224,6 +271,42 @@ def test_folder_source_is_hard_linked_and_ignores_checksum(
     assert _files(target) == DATASET
     assert (target / "cats" / "a.jpg").stat().st_ino == (source / "cats" / "a.jpg").stat().st_ino
     assert "data.sha256 is ignored" in caplog.text
+
+
+def test_folder_source_follows_symbolic_links(tmp_path: Path, target: Path) -> None:
+    """Issue 12: links were hard-linked as links, so a relative one pointed at nothing in
+    data/raw and its image was skipped by the split."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "more_dogs").mkdir(parents=True)
+    (elsewhere / "dog.jpg").write_bytes(DATASET["dogs/c.jpg"])
+    (elsewhere / "more_dogs" / "d.jpg").write_bytes(DATASET["cats/b.jpg"])
+    source = tmp_path / "my_images"
+    (source / "cats").mkdir(parents=True)
+    (source / "dogs").mkdir()
+    (source / "cats" / "a.jpg").write_bytes(DATASET["cats/a.jpg"])
+    (source / "cats" / "relative.jpg").symlink_to("a.jpg")
+    (source / "dogs" / "absolute.jpg").symlink_to(elsewhere / "dog.jpg")
+    (source / "dogs" / "up_and_over.jpg").symlink_to(Path("..", "..", "elsewhere", "dog.jpg"))
+    (source / "dogs" / "folder").symlink_to(elsewhere / "more_dogs", target_is_directory=True)
+    run_download(_cfg(source), target)
+    assert _files(target) == {
+        "cats/a.jpg": DATASET["cats/a.jpg"],
+        "cats/relative.jpg": DATASET["cats/a.jpg"],
+        "dogs/absolute.jpg": DATASET["dogs/c.jpg"],
+        "dogs/up_and_over.jpg": DATASET["dogs/c.jpg"],
+        "dogs/folder/d.jpg": DATASET["cats/b.jpg"],
+    }
+    assert not any(path.is_symlink() for path in target.rglob("*")), "data/raw holds files, never links"
+
+
+def test_folder_source_with_a_broken_link_is_refused(tmp_path: Path, target: Path) -> None:
+    source = tmp_path / "my_images"
+    (source / "cats").mkdir(parents=True)
+    (source / "cats" / "a.jpg").write_bytes(DATASET["cats/a.jpg"])
+    (source / "cats" / "gone.jpg").symlink_to("moved_away.jpg")
+    with pytest.raises(DownloadError, match=r"cats/gone\.jpg is a broken symbolic link \(to moved_away\.jpg\)"):
+        run_download(_cfg(source), target)
+    _assert_nothing_left(target)
 
 
 def test_missing_local_source(tmp_path: Path, target: Path) -> None:

@@ -106,7 +106,8 @@ def test_all_three_train_on_the_project_settings_images(project: Project) -> Non
 def test_each_entry_point_prints_where_its_results_are(project: Project) -> None:
     for step in ("repro", "exp"):
         assert re.search(
-            r"results: \S*reports/metrics\.json, \S*reports/figures/ and \S*models/model\.keras", project.printed[step]
+            r"results: \S*reports/evaluation/metrics\.json, \S*reports/evaluation/figures/ and \S*models/model\.keras",
+            project.printed[step],
         )
     assert f"Ran experiment(s): {EXPERIMENT}" in project.printed["exp"]
     assert re.search(
@@ -142,7 +143,7 @@ def test_the_experiments_run_carries_its_name_and_dvc_links_back(project: Projec
     shown = json.loads(project.run_command("dvc", "exp", "show", "--json"))
     (record,) = [exp for row in shown for exp in row.get("experiments") or [] if exp.get("name") == EXPERIMENT]
     assert record["revs"][0]["rev"] == experiment_commit
-    metrics = record["revs"][0]["data"]["metrics"]["reports/metrics.json"]["data"]
+    metrics = record["revs"][0]["data"]["metrics"]["reports/evaluation/metrics.json"]["data"]
     assert metrics["mlflow_run_id"] == run.info.run_id
     assert metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
 

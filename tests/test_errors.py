@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from collections.abc import Iterator
+
 import pytest
 
-from transferlab.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, DataError, describe, first_line, run_reporting_errors
+from transferlab import errors
+from transferlab.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    DataError,
+    Interrupted,
+    describe,
+    first_line,
+    interrupts_deferred,
+    run_reporting_errors,
+    stop_on_signals,
+)
 
 
 class KeyedError(Exception):
@@ -32,3 +48,56 @@ def test_wrapper_turns_errors_into_one_line_and_an_exit_status(capsys: pytest.Ca
     assert run_reporting_errors(interrupted) == EXIT_INTERRUPTED
     with pytest.raises(ZeroDivisionError):  # a bug is not a user error: its traceback shows
         run_reporting_errors(lambda: 1 // 0)
+
+
+def test_interrupts_name_their_signal_and_exit_like_a_shell(capsys: pytest.CaptureFixture[str]) -> None:
+    def terminated() -> int:
+        raise Interrupted(signal.SIGTERM)
+
+    assert run_reporting_errors(terminated) == 143
+    assert capsys.readouterr().err == "interrupted (SIGTERM received)\n"
+    assert Interrupted(signal.SIGINT).exit_status == EXIT_INTERRUPTED == 130
+    assert describe(Interrupted(signal.SIGTERM)) == "Interrupted: SIGTERM received"
+    assert describe(KeyboardInterrupt()) == "KeyboardInterrupt"
+    assert isinstance(Interrupted(signal.SIGTERM), KeyboardInterrupt), "Ctrl-C clean-up must apply to SIGTERM too"
+
+
+@pytest.fixture
+def stop_handlers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`stop_on_signals` installed for one test; the process's own handlers and state restored after."""
+    saved = {signum: signal.getsignal(signum) for signum in errors.STOP_SIGNALS}
+    monkeypatch.setattr(errors, "_received", [])
+    stop_on_signals()
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def _send(signum: int) -> None:
+    """Signal this process and wait (up to 5 s) until its handler has run in the main thread."""
+    seen = len(errors._received)
+    os.kill(os.getpid(), signum)
+    deadline = time.monotonic() + 5
+    while len(errors._received) == seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_sigterm_raises_interrupted_in_the_main_thread(stop_handlers: None) -> None:
+    """Issue 12: SIGTERM ended the process on the spot and left its MLflow run RUNNING."""
+    assert not errors.interrupted()
+    with pytest.raises(Interrupted, match="SIGTERM received"):
+        _send(signal.SIGTERM)
+    assert errors.interrupted()
+
+
+def test_deferred_interrupt_is_raised_when_the_block_ends(stop_handlers: None) -> None:
+    steps = []
+    with pytest.raises(Interrupted, match="SIGINT"), interrupts_deferred():
+        _send(signal.SIGINT)
+        steps.append("finished the block")
+    assert steps == ["finished the block"]
+    with pytest.raises(ValueError, match="own error"), interrupts_deferred():  # the block's own error wins
+        _send(signal.SIGTERM)
+        raise ValueError("own error")
+    with interrupts_deferred():  # nothing held over from before
+        pass

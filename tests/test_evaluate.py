@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import chatter, undeclared_files
+from helpers import CLASSES, chatter, colour_config, make_project, undeclared_files
 
 from transferlab.cli import main
 from transferlab.config import Config, EvaluateConfig, MlflowConfig, ModelConfig, write_params
@@ -22,51 +22,6 @@ from transferlab.manifests import splits_digest
 from transferlab.paths import StagePaths
 from transferlab.stages.evaluate import RUN_ID_KEY, evaluate, figure_files
 from transferlab.tracking import RunRecord
-
-CLASSES = ["red", "green", "blue"]
-# (folder = true class, file name, colour). The colour model predicts the dominant channel, so
-# `red/3.png` (mostly green) is predicted green and `blue/3.png` (mostly red) is predicted red;
-# in both the true class is the runner-up, so top-2 accuracy is 1.
-TEST_IMAGES = [
-    *[("red", f"{i}.png", (230, 20, 20)) for i in range(3)],
-    ("red", "3.png", (60, 200, 0)),
-    *[("green", f"{i}.png", (20, 230, 20)) for i in range(4)],
-    *[("blue", f"{i}.png", (20, 20, 230)) for i in range(3)],
-    ("blue", "3.png", (200, 0, 90)),
-]
-
-
-def make_project(root: Path, colour_model: Path, cfg: Config, with_run: bool = True) -> StagePaths:
-    """Splits, raw images, model and (optionally) a finished training run, as train leaves them."""
-    from PIL import Image
-
-    from transferlab.tracking import open_store
-
-    paths = StagePaths(root)
-    raw = paths.raw_dataset(cfg.data.name)
-    for label, name, rgb in TEST_IMAGES:
-        (raw / label).mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (40, 40), rgb).save(raw / label / name)
-    paths.splits.mkdir(parents=True)
-    paths.classes.write_text(json.dumps(CLASSES))
-    rows = [{"path": f"{label}/{name}", "label": label} for label, name, _ in TEST_IMAGES]
-    pd.DataFrame(rows, columns=["path", "label"]).to_csv(paths.manifest("test"), index=False)
-    paths.models.mkdir(parents=True)
-    shutil.copy(colour_model, paths.model_file)
-    if with_run:
-        with open_store(cfg.mlflow, root).start_run(run_name="colour-training") as run:
-            run.log_metrics({"final_val_accuracy": 0.9})
-        run.record.write(paths.run_file)
-    return paths
-
-
-def colour_config(synthetic_cfg: Config) -> Config:
-    return dataclasses.replace(
-        synthetic_cfg,
-        data=dataclasses.replace(synthetic_cfg.data, name="colours"),
-        evaluate=EvaluateConfig(top_k=2, misclassified=4, calibration_bins=5),
-        mlflow=MlflowConfig(experiment="evaluate-tests", system_metrics=False),
-    )
 
 
 @pytest.fixture
@@ -150,6 +105,32 @@ def test_results_land_in_the_training_run(evaluated: tuple[StagePaths, dict[str,
     assert run.data.tags["mlflow.note.content"].startswith("**Test**: accuracy **0.833**, top-2 accuracy 1.000")
 
 
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_outputs_are_replaced_as_one_unit(
+    tmp_path: Path, colour_model: Path, colour_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: a failure after metrics.json was written left new metrics beside old figures."""
+    paths = make_project(tmp_path / "p", colour_model, colour_cfg)
+    evaluate(colour_cfg, paths)
+    before = _contents(paths.evaluation)
+    assert sorted(before) == sorted(
+        p.relative_to(paths.evaluation).as_posix() for p in paths.stage_outputs()["evaluate"]
+    )
+
+    def broken(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("transferlab.plots.plot_reliability", broken)  # the last figure, after the metrics
+    other = dataclasses.replace(colour_cfg, evaluate=EvaluateConfig(top_k=3, misclassified=2, calibration_bins=7))
+    with pytest.raises(OSError, match="disk full"):
+        evaluate(other, paths)
+    assert _contents(paths.evaluation) == before
+    assert sorted(p.name for p in paths.reports.iterdir()) == ["evaluation"], "no temporary folder is left"
+
+
 def test_missing_inputs_name_the_stage_to_run(tmp_path: Path, colour_model: Path, colour_cfg: Config) -> None:
     paths = make_project(tmp_path / "p", colour_model, colour_cfg, with_run=False)
     with pytest.raises(TransferlabError, match=r"run\.json not found: run `dvc repro train`"):
@@ -213,9 +194,10 @@ def test_dvc_repro_end_to_end_on_synthetic_data(
     run("dvc", "repro")
     assert undeclared_files(project_copy, before) == [], "every file a stage writes is declared in dvc.yaml"
     shown = run("dvc", "metrics", "show")
-    assert "reports/metrics.json" in shown
+    metrics_file = StagePaths(project_copy).metrics.relative_to(project_copy).as_posix()  # reports/evaluation/...
+    assert metrics_file in shown
     metrics = json.loads(run("dvc", "metrics", "show", "--json"))
-    values = next(iter(metrics.values()))["data"]["reports/metrics.json"]["data"]
+    values = next(iter(metrics.values()))["data"][metrics_file]["data"]
     for key in ("test_accuracy", "test_top2_accuracy", "test_macro_f1", "test_log_loss", "test_ece"):
         assert 0 <= values[key] <= (10 if key == "test_log_loss" else 1)
     run("dvc", "plots", "show", "--out", "plots_html")
@@ -238,7 +220,7 @@ def test_dvc_repro_end_to_end_on_synthetic_data(
     run(*git, "commit", "-q", "--no-verify", "-m", "pipeline run")
     write_params(dataclasses.replace(cfg, evaluate=EvaluateConfig(top_k=3)), project_copy / "params.yaml")
     assert "Running stage 'train'" not in run("dvc", "repro")
-    diff = json.loads(run("dvc", "metrics", "diff", "--all", "--json"))["reports/metrics.json"]
+    diff = json.loads(run("dvc", "metrics", "diff", "--all", "--json"))[metrics_file]
     assert diff["test_top2_accuracy"]["old"] == values["test_top2_accuracy"]
     assert diff["test_top3_accuracy"]["new"] == 1.0
     assert values["test_accuracy"] == json.loads(paths.metrics.read_text())["test_accuracy"]

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import declared_png
 from PIL import Image
 
-from transferlab.images import decode_image_bytes
+from transferlab.errors import DataError
+from transferlab.images import (
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    ImageTooLargeError,
+    check_image,
+    decode_image_bytes,
+    first_oversized,
+    open_image,
+)
 
 RED = (230, 20, 20)
 
@@ -77,3 +88,35 @@ def test_downscaling_is_antialiased(tmp_path: Path) -> None:
     Image.fromarray(np.stack([checkerboard] * 3, axis=-1)).save(tmp_path / "checks.png")
     pixels = decode_image_bytes((tmp_path / "checks.png").read_bytes(), 8)
     assert np.all(np.abs(pixels - 127.5) <= 3)
+
+
+def test_one_pixel_limit_read_from_the_header(tmp_path: Path) -> None:
+    """Issue 12: a 32 KB PNG declaring 16000 x 16000 pixels was decoded (768 MB) by predict and serving."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(declared_png(16000, 16000))
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ImageTooLargeError, match=r"image is 16000x16000 pixels, over the limit of 67,108,864"):
+        decode_image_bytes(bomb.read_bytes(), 64)
+    reason = check_image(bomb)  # the split stage: skipped with this reason in report.json
+    assert reason is not None and reason.startswith("too large to decode safely: image is 16000x16000 pixels")
+    assert MAX_IMAGE_PIXELS == MAX_IMAGE_SIDE**2
+    with open_image(io.BytesIO(declared_png(MAX_IMAGE_SIDE, MAX_IMAGE_SIDE))) as image:  # the limit itself is fine
+        assert image.size == (MAX_IMAGE_SIDE, MAX_IMAGE_SIDE)
+    with pytest.raises(ImageTooLargeError):
+        open_image(io.BytesIO(declared_png(MAX_IMAGE_SIDE + 1, MAX_IMAGE_SIDE)))
+    ok = _noise(tmp_path / "ok.png")
+    assert first_oversized([ok, tmp_path / "missing.png", bomb, ok]) == (str(bomb), reason.split(": ", 1)[1])
+    assert first_oversized([ok]) is None
+
+
+def test_training_pipeline_refuses_an_oversized_image_before_decoding(tmp_path: Path) -> None:
+    """A file replaced after the split (which would have skipped it) stops training with one line."""
+    from transferlab.manifests import Manifest
+    from transferlab.pipeline import make_dataset
+
+    (tmp_path / "cls").mkdir()
+    _noise(tmp_path / "cls" / "ok.png")
+    (tmp_path / "cls" / "bomb.png").write_bytes(declared_png(16000, 16000))
+    manifest = Manifest(tmp_path, ("cls/ok.png", "cls/bomb.png"), (0, 0), ("cls", "other"))
+    with pytest.raises(DataError, match=r"bomb\.png: image is 16000x16000 pixels.*run `dvc repro split`"):
+        make_dataset(manifest, image_size=64, batch_size=2)

@@ -24,11 +24,26 @@ def _fit_fresh_models(count: int) -> None:
         model.predict(x, verbose=0)
 
 
+def _retrace_a_fresh_function(count: int) -> None:
+    """Define and call a new `tf.function` `count` times: from the fifth, TensorFlow warns about
+    retracing. It warns at most twice per function's code in a process, so Keras' own train step,
+    which earlier tests in the session fit, may have used its warnings up; this code is fresh."""
+    import tensorflow as tf
+
+    for i in range(count):
+
+        @tf.function
+        def step(x: tf.Tensor) -> tf.Tensor:
+            return x + 1
+
+        step(tf.constant(float(i)))
+
+
 @pytest.mark.slow
 def test_retracing_warnings_are_dropped_and_other_tensorflow_warnings_kept(caplog: pytest.LogCaptureFixture) -> None:
     tf_logger = logging.getLogger("tensorflow")
     with caplog.at_level(logging.WARNING, logger="tensorflow"):
-        _fit_fresh_models(3)  # the third fresh model in a process is enough for TensorFlow to warn
+        _retrace_a_fresh_function(5)
     assert any("retracing" in r.getMessage() for r in caplog.records), "the warning this filter is for"
     caplog.clear()
     quiet_job_logs()

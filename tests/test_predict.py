@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import declared_png
 
 from transferlab.cli import main
 from transferlab.errors import DataError, ModelError
@@ -36,6 +37,16 @@ def test_load_image_batch_reports_unreadable_files(colour_image, tmp_path: Path)
     assert batch.pixels.shape == (2, 64, 64, 3)
     assert [path for path, _ in batch.errors] == [corrupt, text, truncated, missing]
     assert all(reason for _, reason in batch.errors)
+
+
+def test_oversized_image_is_reported_not_decoded(colour_image, tmp_path: Path) -> None:
+    """Issue 12: `predict` decoded a PNG declaring 16000 x 16000 pixels (768 MB)."""
+    good = colour_image("red.png", RED)
+    bomb = tmp_path / "images" / "bomb.png"
+    bomb.write_bytes(declared_png(16000, 16000))
+    batch = load_image_batch([bomb, good], 64)
+    assert batch.paths == [good]
+    assert [(path, reason.split(",")[0]) for path, reason in batch.errors] == [(bomb, "image is 16000x16000 pixels")]
 
 
 def test_collect_images_expands_folders_and_reports_missing(colour_image, tmp_path: Path) -> None:

@@ -3,26 +3,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+import base64
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import ModelServer, declared_png
 
-from transferlab.config import Config, MlflowConfig
-from transferlab.registry import register_run_model
 from transferlab.serving import (
+    CHUNK_ROWS,
+    DEFAULT_MAX_ROWS,
     IMAGE_COLUMN,
+    MAX_ROWS_ENV,
+    BadRequestError,
     ImageClassifierModel,
     encode_image_file,
     model_signature,
@@ -32,8 +25,6 @@ from transferlab.serving import (
 
 CLASSES = ["red", "green", "blue"]
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
-SERVER_START_TIMEOUT_S = 180
-REGISTERED = "colours-classifier"  # the served model is addressed by registered name and alias
 
 
 @pytest.fixture
@@ -84,32 +75,65 @@ def test_python_model_predicts_from_base64(colour_model: Path, colour_requests: 
         model.predict(context, pd.DataFrame({IMAGE_COLUMN: ["aGVsbG8gd29ybGQ="]}))
 
 
-@pytest.fixture(scope="module")
-def logged_run(
-    colour_model: Path, synthetic_cfg: Config, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, str]]:
-    """A training-like MLflow run (sqlite store in a temp project) holding the colour model: (run id, URI)."""
-    from transferlab.tracking import open_store
+def _loaded(colour_model: Path, **config: object) -> tuple[ImageClassifierModel, object]:
+    import mlflow
 
-    root = tmp_path_factory.mktemp("serving_project")
-    cfg = dataclasses.replace(synthetic_cfg, mlflow=MlflowConfig(system_metrics=False))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        with open_store(cfg.mlflow, root).start_run(run_name="serving-test") as run:
-            run.log_metrics({"val_accuracy": 1.0})
-            run.log_model(colour_model, CLASSES, 64)
-        run.record.write(root / "models" / "run.json")
-        register_run_model(run.store, REGISTERED, run.run_id, alias="champion")
-        yield run.run_id, run.store.uri
+    model = ImageClassifierModel()
+    context = mlflow.pyfunc.PythonModelContext(
+        artifacts={"keras_model": str(colour_model)},
+        model_config={"classes": CLASSES, "image_size": 64, **config},
+    )
+    model.load_context(context)
+    return model, context
+
+
+def test_requests_are_scored_in_bounded_chunks(
+    colour_model: Path, colour_requests: tuple[list[str], list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many rows a request holds, at most CHUNK_ROWS images are decoded at a time."""
+    model, context = _loaded(colour_model, max_rows=100)
+    batches: list[int] = []
+    predict = model._model.predict
+    monkeypatch.setattr(model._model, "predict", lambda x, **kw: batches.append(len(x)) or predict(x, **kw))
+    labels, images = colour_requests
+    out = model.predict(context, pd.DataFrame({IMAGE_COLUMN: images * 24}))  # 72 rows
+    assert out["label"].tolist() == labels * 24
+    assert batches == [CHUNK_ROWS, CHUNK_ROWS, 72 - 2 * CHUNK_ROWS]
+
+
+def test_bad_requests_name_the_limit_or_the_row(
+    colour_model: Path, colour_requests: tuple[list[str], list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: 20,000 rows were accepted (5.3 GB), and a PNG declaring 16000 x 16000 pixels decoded."""
+    _, images = colour_requests
+    model, context = _loaded(colour_model, max_rows=4)
+    with pytest.raises(
+        BadRequestError, match=r"request has 5 rows, over the limit of 4 \(TRANSFERLAB_SERVE_MAX_ROWS\)"
+    ):
+        model.predict(context, pd.DataFrame({IMAGE_COLUMN: images[:1] * 5}))
+    bomb = base64.b64encode(declared_png(16000, 16000)).decode()
+    with pytest.raises(BadRequestError, match=r"^row 1: image is 16000x16000 pixels, over the limit") as caught:
+        model.predict(context, pd.DataFrame({IMAGE_COLUMN: [images[0], bomb]}))
+    assert caught.value.get_http_status_code() == 400
+    with pytest.raises(BadRequestError, match="row 0: 'image' must be a base64 string, got NoneType"):
+        model.predict(context, pd.DataFrame({IMAGE_COLUMN: [None]}))
+
+    monkeypatch.setenv(MAX_ROWS_ENV, "2")  # read when the server loads the model; wins over model_config
+    assert _loaded(colour_model, max_rows=4)[0].max_rows == 2
+    monkeypatch.delenv(MAX_ROWS_ENV)
+    assert _loaded(colour_model)[0].max_rows == DEFAULT_MAX_ROWS
+    monkeypatch.setenv(MAX_ROWS_ENV, "lots")
+    with pytest.raises(ValueError, match=r"TRANSFERLAB_SERVE_MAX_ROWS .* must be a whole number >= 1, got 'lots'"):
+        _loaded(colour_model)
 
 
 @pytest.mark.slow
 def test_runs_uri_resolves_to_the_logged_model(
-    logged_run: tuple[str, str], colour_requests: tuple[list[str], list[str]]
+    logged_colour_run: tuple[str, str], colour_requests: tuple[list[str], list[str]]
 ) -> None:
     import mlflow
 
-    run_id, uri = logged_run
+    run_id, uri = logged_colour_run
     mlflow.set_tracking_uri(uri)
     loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     assert loaded.metadata.run_id == run_id
@@ -118,76 +142,19 @@ def test_runs_uri_resolves_to_the_logged_model(
     assert loaded.predict(pd.DataFrame({IMAGE_COLUMN: images}))["label"].tolist() == labels
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def _wait_for_ping(base: str, server: subprocess.Popen, log_file: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{log_file.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"no /ping answer within {SERVER_START_TIMEOUT_S} s:\n{log_file.read_text()[-3000:]}")
-
-
 @pytest.mark.slow
 def test_mlflow_models_serve_round_trip(
-    logged_run: tuple[str, str], colour_requests: tuple[list[str], list[str]], tmp_path: Path
+    model_server: ModelServer, colour_requests: tuple[list[str], list[str]]
 ) -> None:
-    _, uri = logged_run
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": uri,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # the server execs `uvicorn`
-        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    }
-    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{REGISTERED}@champion"]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    log_file = tmp_path / "serve.log"
-    with log_file.open("w") as log:
-        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        _wait_for_ping(base, server, log_file)
-        labels, images = colour_requests
-        split = {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[image] for image in images]}}
-        status, body = _post(f"{base}/invocations", split)
-        assert status == 200, body
-        assert [row["label"] for row in body["predictions"]] == labels
-        assert set(body["predictions"][0]) == {"label", "probability", *CLASSES}
-        records = {"dataframe_records": [{IMAGE_COLUMN: images[2]}]}
-        status, body = _post(f"{base}/invocations", records)
-        assert status == 200 and body["predictions"][0]["label"] == "green"
-        status, body = _post(f"{base}/invocations", {"dataframe_records": [{IMAGE_COLUMN: "bm90IGFuIGltYWdl"}]})
-        assert status == 400
-        assert "not a readable image" in body.get("stack_trace", "") + body.get("message", "")
-    finally:
-        # The server runs uvicorn as a child: stop the whole process group this test started.
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
+    labels, images = colour_requests
+    split = {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[image] for image in images]}}
+    status, body = model_server.post(split)
+    assert status == 200, body
+    assert [row["label"] for row in body["predictions"]] == labels
+    assert set(body["predictions"][0]) == {"label", "probability", *CLASSES}
+    records = {"dataframe_records": [{IMAGE_COLUMN: images[2]}]}
+    status, body = model_server.post(records)
+    assert status == 200 and body["predictions"][0]["label"] == "green"
+    status, body = model_server.post({"dataframe_records": [{IMAGE_COLUMN: "bm90IGFuIGltYWdl"}]})
+    assert status == 400
+    assert "row 0: not a readable image" in body["message"]

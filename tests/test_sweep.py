@@ -12,7 +12,6 @@ lock that makes concurrent jobs safe is tested below.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from transferlab import tracking
-from transferlab.config import Config, MlflowConfig, compose, config_hash
-from transferlab.paths import StagePaths
+from transferlab.config import MlflowConfig, compose, config_hash
 from transferlab.sweep import ERROR_FILE, SweepInfo, free_memory, job_name_and_tags, sweep_keys
 from transferlab.sweep_bookkeeping import best_row
 
@@ -124,17 +122,10 @@ def _sweep(root: Path, name: str, tmp: Path, *args: str) -> Sweep:
 
 
 @pytest.fixture(scope="module")
-def sweep_project(synthetic_cfg: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What the `prepared_project` fixture makes, once for this module; plus conf/ for Hydra."""
-    from transferlab.stages.download import download
-    from transferlab.stages.split import split
-
-    paths = StagePaths(tmp_path_factory.mktemp("sweep_project"))
-    download(synthetic_cfg, paths)
-    split(synthetic_cfg, paths)
-    shutil.copytree(REPO_ROOT / "conf", paths.root / "conf")
-    _plant_a_pipeline_run(paths.root)
-    return paths.root
+def sweep_project(hydra_project: Path) -> Path:
+    """`hydra_project` (made once for this module) with a pipeline run in its store."""
+    _plant_a_pipeline_run(hydra_project)
+    return hydra_project
 
 
 def _plant_a_pipeline_run(root: Path) -> str:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from transferlab import tracking
 from transferlab.config import MlflowConfig
-from transferlab.sweep_bookkeeping import best_row, find_finished_run, summary_table
+from transferlab.sweep_bookkeeping import best_row, find_finished_run, finish_parent_run, summary_table
 
 
 def _row(job: int, val_accuracy: float | None, val_loss: float | None) -> dict:
@@ -48,3 +48,19 @@ def test_summary_reads_each_jobs_metrics_from_its_run(tmp_path: Path) -> None:
     assert list(table.columns[:2]) == ["job", "a"]
     assert table.loc[0, "val_accuracy"] == 0.8 and table.loc[0, "test_accuracy"] == 0.7
     assert math.isnan(table.loc[1, "val_accuracy"]) and table.loc[1, "error"] == "ConfigError: x"
+
+
+def test_a_stopped_sweep_ends_the_children_its_workers_left_running(tmp_path: Path) -> None:
+    """joblib ends its workers with SIGKILL when the sweep gets Ctrl-C or SIGTERM: their runs
+    stayed RUNNING (issue 12). The parent closes them with its own status."""
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    parent = store.create_parent_run("sweep", {}, tmp_path)
+    child = {tracking.TAG_PARENT_RUN: parent.run_id}
+    running = store.client.create_run(store.experiment_id, tags=child).info.run_id
+    done = store.client.create_run(store.experiment_id, tags=child).info.run_id
+    store.client.set_terminated(done, "FINISHED")
+    finish_parent_run(parent.record, [], tmp_path / "summary.csv", status="KILLED")
+    assert store.run_status(parent.run_id) == "KILLED"
+    assert store.run_status(running) == "KILLED"
+    assert store.client.get_run(running).data.tags[tracking.TAG_ERROR] == "stopped with its sweep (KILLED)"
+    assert store.run_status(done) == "FINISHED"

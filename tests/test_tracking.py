@@ -4,18 +4,18 @@ dataset inputs and descriptions, and mlruns/ in the repository."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, tiny_cfg
+from helpers import REPO_ROOT, released_together, tiny_cfg
 from mlflow.tracking import MlflowClient
 
 from transferlab import tracking
 from transferlab.config import Config, MlflowConfig
-from transferlab.errors import TransferlabError
+from transferlab.errors import Interrupted, TransferlabError
 from transferlab.manifests import split_datasets, splits_digest
 from transferlab.paths import StagePaths
 
@@ -77,6 +77,52 @@ def test_failed_block_ends_the_run_failed_with_the_reason(tmp_path: Path) -> Non
     assert info.data.tags[tracking.TAG_ERROR] == "ValueError: boom"
 
 
+def test_interrupted_block_ends_the_run_killed(tmp_path: Path) -> None:
+    """Issue 12: Ctrl-C ended runs FAILED (MLflow's own context does that on any exception)."""
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    with pytest.raises(Interrupted), store.start_run(run_name="stopped") as run:
+        raise Interrupted(signal.SIGTERM)
+    info = client_for(tmp_path).get_run(run.run_id)
+    assert info.info.status == "KILLED"
+    assert info.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGTERM received"
+    with pytest.raises(KeyboardInterrupt), store.reopen_run(run.run_id):  # evaluate's reopened run too
+        raise KeyboardInterrupt
+    assert client_for(tmp_path).get_run(run.run_id).info.status == "KILLED"
+
+
+def test_resumed_run_that_finishes_drops_the_old_error(tmp_path: Path) -> None:
+    """Issue 12: a resumed run ended FINISHED but kept `transferlab.error` from its killed attempt."""
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    with pytest.raises(KeyboardInterrupt), store.start_run(run_name="resumed") as run:
+        raise KeyboardInterrupt
+    with store.start_run(run_id=run.run_id):
+        pass
+    info = client_for(tmp_path).get_run(run.run_id)
+    assert info.info.status == "FINISHED" and tracking.TAG_ERROR not in info.data.tags
+    with pytest.raises(ValueError), store.reopen_run(run.run_id):
+        raise ValueError("evaluate failed")
+    assert client_for(tmp_path).get_run(run.run_id).data.tags[tracking.TAG_ERROR] == "ValueError: evaluate failed"
+    with store.reopen_run(run.run_id):
+        pass
+    info = client_for(tmp_path).get_run(run.run_id)
+    assert info.info.status == "FINISHED" and tracking.TAG_ERROR not in info.data.tags
+
+
+def test_models_of_an_earlier_attempt_are_discarded(tmp_path: Path) -> None:
+    """A kill while MLflow logs the model leaves it PENDING; the resumed run must end with one model."""
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    client = client_for(tmp_path)
+    with store.start_run(run_name="resumed") as run:
+        stuck = client.create_logged_model(store.experiment_id, name="model", source_run_id=run.run_id)
+        other_run = client.create_run(store.experiment_id).info.run_id
+        unrelated = client.create_logged_model(store.experiment_id, name="model", source_run_id=other_run)
+        assert stuck.status.name == "PENDING"
+        assert run.discard_logged_models() == [stuck.model_id]
+        assert run.discard_logged_models() == []
+    left = client.search_logged_models([store.experiment_id])
+    assert [model.model_id for model in left] == [unrelated.model_id]
+
+
 def test_run_record_round_trip_and_clear_errors(tmp_path: Path) -> None:
     record = tracking.RunRecord("abc", "sqlite:///x.db", "1")
     record.write(tmp_path / "run.json")
@@ -112,21 +158,10 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path) -> No
     """joblib jobs or `dvc queue start -j N` on a fresh project: MLflow's schema migrations race.
 
     Without the store lock in `tracking.open_store`, two processes fail this (3 tries of 3)."""
-    go, ready = tmp_path / "go", [tmp_path / f"ready-{i}" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CONFIGURE_SCRIPT, str(flag), str(go)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for flag in ready
-    ]
-    deadline = time.monotonic() + 120
-    while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    go.touch()  # release them together
+    command = [sys.executable, "-c", CONFIGURE_SCRIPT]
+    procs = released_together(
+        [command] * 2, tmp_path, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     outputs = [proc.communicate(timeout=120) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err[-1500:] for _, err in outputs]
     assert len({out.strip() for out, _ in outputs}) == 1, "all must see one experiment"

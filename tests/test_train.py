@@ -317,41 +317,6 @@ def test_deterministic_runs_give_identical_metrics(prepared_project: StagePaths)
     pd.testing.assert_frame_equal(histories[0], histories[1])
 
 
-def test_killed_run_resumes_in_the_same_mlflow_run(prepared_project: StagePaths) -> None:
-    paths = prepared_project
-    epochs = 6
-    cfg = tiny_cfg(f"train.epochs={epochs}", "train.feature_cache=false", "mlflow.log_model=false")
-    write_params(cfg, paths.root / "params.yaml")
-    state_file = paths.checkpoints / "state.json"
-
-    proc = run_cli(paths, "train", start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state_file.is_file() and json.loads(state_file.read_text())["epochs_done"] >= 1:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    killed_state = json.loads(state_file.read_text())
-    assert 1 <= killed_state["epochs_done"] < epochs
-
-    proc = run_cli(paths, "train")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:]
-    assert f"resuming after epoch {killed_state['epochs_done']}" in out
-
-    record = tracking.RunRecord.read(paths.run_file)
-    assert record.run_id == killed_state["run_id"]
-    client = mlflow_client(paths)
-    assert client.get_run(record.run_id).info.status == "FINISHED"
-    for metric in ("loss", "val_accuracy", "learning_rate"):
-        steps = [m.step for m in client.get_metric_history(record.run_id, metric)]
-        assert sorted(steps) == list(range(1, epochs + 1)), (metric, steps)
-    assert pd.read_csv(paths.history)["epoch"].tolist() == list(range(1, epochs + 1))
-    assert len(client.search_runs([record.experiment_id])) == 1
-
-
 MIRRORED_SCRIPT = """
 import sys
 from pathlib import Path

@@ -5,26 +5,71 @@
     transferlab-train -m hparams_search=optuna                # Optuna TPE over the same knobs
 
 Jobs read the splits prepared by `dvc repro split` and write models and reports into their
-Hydra output folder, so sweep jobs never overwrite each other or the DVC outputs.
+Hydra output folder, so sweep jobs never overwrite each other or the DVC outputs. Each run (or
+sweep) gets a folder of its own, created here before Hydra starts (see `reserve_output_dir`).
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import time
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transferlab import console
 from transferlab.config import CONFIG_NAME, conf_dir
+from transferlab.errors import report_interrupt
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+
+RUNS_DIR = Path("outputs/runs")
+SWEEPS_DIR = Path("outputs/sweeps")
+STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
+# Hydra options that print something and run no job: they need no output folder.
+_NO_JOB_FLAGS = frozenset(
+    {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
+)
 
 
 def _task(node: DictConfig) -> float:
     from transferlab.sweep import run_job
 
     return run_job(node)
+
+
+def reserve_output_dir(parent: Path, stamp: str) -> Path:
+    """Create `parent/<stamp>` (or `<stamp>_1`, `<stamp>_2`, ...) and return it.
+
+    `mkdir` without `exist_ok` either creates the folder or fails, atomically, so two processes
+    started in the same second can never get the same folder: the second one takes the next name.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for count in range(100_000):
+        folder = parent / (stamp if count == 0 else f"{stamp}_{count}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise RuntimeError(f"no free output folder for {stamp} in {parent}")
+
+
+def with_output_dir(argv: Sequence[str]) -> list[str]:
+    """`argv` plus `hydra.run.dir=` (or `hydra.sweep.dir=` with `-m`) naming a folder reserved
+    for this process, unless the command line already names one or runs no job (`--cfg job`)."""
+    args = list(argv)
+    if any(arg.split("=", 1)[0] in _NO_JOB_FLAGS for arg in args):
+        return args
+    multirun = bool({"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(args))
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    if any(re.match(rf"^\+{{0,2}}{re.escape(key)}=", arg) for arg in args):
+        return args
+    folder = reserve_output_dir(SWEEPS_DIR if multirun else RUNS_DIR, time.strftime(STAMP_FORMAT))
+    return [*args, f"{key}={folder}"]
 
 
 def main() -> None:
@@ -35,7 +80,11 @@ def main() -> None:
     # conf/hydra/launcher/ray.yaml has the plugin's schema name on purpose (it sets the plugin's
     # options); Hydra's deprecation notice about such name matches is noise there.
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/ray' is validated against ConfigStore schema")
-    hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_task)()
+    sys.argv[1:] = with_output_dir(sys.argv[1:])
+    try:
+        hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_task)()
+    except KeyboardInterrupt as exc:  # a sweep stopped (single runs report and exit in run_job)
+        sys.exit(report_interrupt(exc))
     from transferlab.sweep import sweep_exit_status  # imported already, by Hydra's callback
 
     sys.exit(sweep_exit_status())  # non-zero after a sweep in which no job finished

@@ -1,7 +1,10 @@
-"""Replace a stage's output folder in one rename, so a failed run never leaves half of it.
+"""Replace a stage's output folder in one rename (with files beside it, in one step), so a
+failed run never leaves half of it.
 
 The new content is built in a hidden temporary folder next to the target (same filesystem,
 so the final `rename` is atomic) and swapped in only when the block finishes without error.
+Ctrl-C and SIGTERM wait for the swap to finish; after a `kill -9` between its two renames the
+next `replace_dir` on the same target puts the old content back before it starts.
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from transferlab.errors import interrupts_deferred
 
 log = logging.getLogger(__name__)
 
@@ -20,16 +25,40 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def replace_dir(target: Path) -> Iterator[Path]:
     """Yield an empty folder beside `target`; on success it becomes `target`, else it is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    tmp.chmod(0o755)
+    with replace_together(target, ()) as (folder, _):
+        yield folder
+
+
+@contextlib.contextmanager
+def replace_together(folder: Path, files: Sequence[Path]) -> Iterator[tuple[Path, list[Path]]]:
+    """`replace_dir(folder)` and, in the same step, each of `files`: one unit of output.
+
+    Yields the new folder and one new path per file (its own name, in a hidden folder beside it).
+    On success every file is renamed over its target and the folder swapped in, one rename
+    after the other with Ctrl-C and SIGTERM held back; on an error all of the new is removed
+    and the old stays.
+    """
+    targets = [folder, *files]
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(target)
+    new_dir, *holders = (
+        Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)) for target in targets
+    )
+    new_dir.chmod(0o755)
+    new_files = [holder / file.name for holder, file in zip(holders, files, strict=True)]
     try:
-        yield tmp
-        _swap(tmp, target)
+        yield new_dir, new_files
+        with interrupts_deferred():
+            for new, file in zip(new_files, files, strict=True):
+                new.replace(file)
+            _swap(new_dir, folder)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(new_dir, ignore_errors=True)
         raise
+    finally:
+        for holder in holders:
+            shutil.rmtree(holder, ignore_errors=True)
 
 
 def _swap(new: Path, target: Path) -> None:
@@ -38,24 +67,31 @@ def _swap(new: Path, target: Path) -> None:
         new.rename(target)
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
-    target.rename(aside / target.name)
-    try:
-        new.rename(target)
-    except OSError:
-        (aside / target.name).rename(target)
-        aside.rmdir()
-        raise
+    with interrupts_deferred():  # never stop between the two renames
+        target.rename(aside / target.name)
+        try:
+            new.rename(target)
+        except OSError:
+            (aside / target.name).rename(target)
+            aside.rmdir()
+            raise
     shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_leftovers(target: Path) -> None:
-    """Delete temp folders of earlier runs on `target` that were killed before they could clean up."""
-    for kind in ("tmp", "old"):
-        for leftover in target.parent.glob(f".{target.name}.{kind}-*-*"):
+    """Clean up after runs on `target` that were killed before they could: delete their temp
+    folders, and if one died between the two renames of `_swap`, put the old content back."""
+    for kind in ("old", "tmp"):
+        for leftover in sorted(target.parent.glob(f".{target.name}.{kind}-*-*")):
             pid = leftover.name[len(f".{target.name}.{kind}-") :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                log.info("removing %s left by an interrupted run", leftover)
-                shutil.rmtree(leftover, ignore_errors=True)
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            moved_aside = leftover / target.name
+            if kind == "old" and moved_aside.exists() and not (target.exists() or target.is_symlink()):
+                log.warning("restoring %s from %s (a run was killed while replacing it)", target, leftover)
+                moved_aside.rename(target)
+            log.info("removing %s left by an interrupted run", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

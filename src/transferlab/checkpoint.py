@@ -6,6 +6,10 @@ MLflow run, the config hash, the history and where each phase stands (early-stop
 plateau counters). Model files are written first and the state last, each atomically, so
 `state.json` always points at complete files; files it no longer names are deleted after it
 is written. A finished run deletes its checkpoints.
+
+The state of the epoch before is kept too (`previous.json`, with the files it names): if a model
+file of the newest cannot be read (a disk error, a bad copy), training resumes from the epoch
+before, and if neither can, it starts over; the log says which.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from transferlab import atomic
+from transferlab.errors import first_line
 
 if TYPE_CHECKING:
     import keras
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+PREVIOUS_STATE_FILE = "previous.json"  # the state as it was before the newest epoch was recorded
 # What a checkpointed model is: the head alone, the top of the backbone above the cut plus the
 # head (cut.py), or the whole classifier.
 ModelKind = Literal["head", "top", "full"]
@@ -63,23 +69,31 @@ class Checkpointer:
     def state_path(self) -> Path:
         return self.directory / STATE_FILE
 
+    @property
+    def previous_state_path(self) -> Path:
+        return self.directory / PREVIOUS_STATE_FILE
+
     def load(self, config_hash: str) -> CheckpointState | None:
-        """The state to resume from, or None (nothing there, unreadable, or another config)."""
-        if not self.state_path.is_file():
-            return None
-        try:
-            state = CheckpointState(**json.loads(self.state_path.read_text()))
-        except (ValueError, TypeError) as exc:
-            log.info("ignoring unreadable checkpoint %s (%s)", self.state_path, exc)
+        """The state to resume from, or None (nothing there, unreadable, another config, or no
+        model files that load). Falls back to the epoch before when a newest model is unreadable."""
+        state = self._read(self.state_path)
+        if state is None:
             return None
         if state.config_hash != config_hash:
             log.info("checkpoint in %s is for another config: starting afresh", self.directory)
             return None
-        for name in (state.model_file, state.best_file):
-            if name and not (self.directory / name).is_file():
-                log.info("checkpoint model %s is missing: starting afresh", name)
-                return None
-        return state
+        problem = self._unreadable(state)
+        if problem is None:
+            return state
+        previous = self._read(self.previous_state_path)
+        previous_problem = self._unreadable(previous) if previous else "no earlier checkpoint"
+        if previous is None or previous_problem is not None:
+            log.info("checkpoint %s, and the one before cannot be used (%s): starting over", problem, previous_problem)
+            return None
+        start = previous.model_file or "the start"
+        log.info("checkpoint %s: resuming from %s (epoch %d) instead", problem, start, previous.epochs_done)
+        self.write_state(previous)  # on disk too, so the next epoch's fallback is this one
+        return previous
 
     def begin(self, run_id: str, config_hash: str) -> CheckpointState:
         """A fresh state for a new run (clears any older checkpoint)."""
@@ -92,6 +106,8 @@ class Checkpointer:
         """Record a finished epoch (and, with `best`, keep it as the best): model file first, then the state."""
         name = f"epoch-{state.epochs_done:04d}.keras"
         atomic.write_file(self.directory / name, model.save)
+        if self.state_path.is_file():  # the epoch before, where a resume falls back to
+            atomic.write_text(self.previous_state_path, self.state_path.read_text())
         state.model_file, state.model_kind = name, kind
         if best:
             state.best_file, state.best_kind = name, kind
@@ -123,9 +139,37 @@ class Checkpointer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def write_state(self, state: CheckpointState) -> None:
-        """Write the state atomically, then delete model files it no longer names."""
+        """Write the state atomically, then delete model files neither it nor the previous state names."""
         atomic.write_text(self.state_path, json.dumps(asdict(state), indent=1))
-        keep = {STATE_FILE, state.model_file, state.best_file}
+        previous = self._read(self.previous_state_path, quiet=True)
+        keep = {state.model_file, state.best_file}
+        if previous is not None:
+            keep |= {previous.model_file, previous.best_file}
         for path in self.directory.glob("*.keras"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
+
+    def _read(self, path: Path, quiet: bool = False) -> CheckpointState | None:
+        """The state in `path`, or None when there is none or it cannot be read."""
+        if not path.is_file():
+            return None
+        try:
+            return CheckpointState(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            if not quiet:
+                log.info("ignoring unreadable checkpoint %s (%s)", path, exc)
+            return None
+
+    def _unreadable(self, state: CheckpointState) -> str | None:
+        """None when every model file `state` names loads, else which one does not and why."""
+        import keras
+
+        for name in dict.fromkeys(n for n in (state.model_file, state.best_file) if n):
+            path = self.directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            try:
+                keras.models.load_model(path)
+            except Exception as exc:  # Keras raises ValueError, OSError, zipfile and h5py errors, ...
+                return f"{name} is unreadable ({first_line(exc)})"
+        return None

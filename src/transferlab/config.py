@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -30,6 +31,12 @@ SYNTHETIC_SOURCE = "synthetic"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_./:~+@-]+$")
+# Bounds that TensorFlow, NumPy, MLflow or the filesystem enforce later, checked here instead.
+MAX_SEED = 2**32 - 1  # NumPy and keras.utils.set_random_seed take 0 .. 2**32 - 1
+MAX_NAME_LENGTH = 128  # data.name becomes a folder name (and temporary names built on it)
+MAX_EXPERIMENT_NAME_LENGTH = 500  # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH
+MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH: every key is logged as a param
+MAX_LEARNING_RATE = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class SyntheticConfig:
         _require(2 <= self.num_classes <= 8, "data.synthetic.num_classes", "in [2, 8]", self.num_classes)
         _require(self.images_per_class >= 3, "data.synthetic.images_per_class", ">= 3", self.images_per_class)
         _require(16 <= self.image_size <= 1024, "data.synthetic.image_size", "in [16, 1024]", self.image_size)
+        _require_seed("data.synthetic.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,13 @@ class DataConfig:
     test_fraction: float = 0.15
     split_seed: int = 123
     synthetic: SyntheticConfig | None = None
+    # Archives (zip, tar): extraction stops at the member that takes the total past either bound.
+    max_extracted_bytes: int = 32 * 2**30
+    max_compression_ratio: float = 100.0
 
     def check(self) -> None:
         _require(bool(_SAFE_NAME.match(self.name)), "data.name", "a plain folder name", self.name)
+        _require(len(self.name) <= MAX_NAME_LENGTH, "data.name", f"at most {MAX_NAME_LENGTH} characters", self.name)
         _require(bool(self.source.strip()), "data.source", "a URL, archive or folder", self.source)
         if self.sha256 is not None:
             _require(bool(_SHA256.match(self.sha256)), "data.sha256", "64 lowercase hex digits", self.sha256)
@@ -71,6 +83,10 @@ class DataConfig:
         _require(0 <= self.test_fraction < 1, "data.test_fraction", "in [0, 1)", self.test_fraction)
         total = self.val_fraction + self.test_fraction
         _require(total < 1, "data.val_fraction + data.test_fraction", "below 1", round(total, 6))
+        _require_seed("data.split_seed", self.split_seed)
+        _require(self.max_extracted_bytes >= 1, "data.max_extracted_bytes", ">= 1", self.max_extracted_bytes)
+        ratio = self.max_compression_ratio
+        _require(1 <= ratio < math.inf, "data.max_compression_ratio", "a number >= 1", ratio)
         if self.source == SYNTHETIC_SOURCE:
             if self.synthetic is None:
                 raise ConfigError("data.synthetic must be set when data.source is 'synthetic'")
@@ -152,7 +168,8 @@ class FinetuneConfig:
             self.warmup_epochs,
         )
         if self.learning_rate is not None:
-            _require(self.learning_rate > 0, "finetune.learning_rate", "> 0", self.learning_rate)
+            rate = self.learning_rate
+            _require(0 < rate <= MAX_LEARNING_RATE, "finetune.learning_rate", f"in (0, {MAX_LEARNING_RATE:g}]", rate)
         if self.epochs > 0:
             _require(self.unfreeze != 0, "finetune.unfreeze", "> 0 when finetune.epochs > 0", self.unfreeze)
             _require(
@@ -221,12 +238,14 @@ class TrainConfig:
     def check(self) -> None:
         _require(1 <= self.epochs <= 10_000, "train.epochs", "in [1, 10000]", self.epochs)
         _require(1 <= self.batch_size <= 65_536, "train.batch_size", "in [1, 65536]", self.batch_size)
-        _require(0 < self.learning_rate <= 10, "train.learning_rate", "in (0, 10]", self.learning_rate)
+        rate = self.learning_rate
+        _require(0 < rate <= MAX_LEARNING_RATE, "train.learning_rate", f"in (0, {MAX_LEARNING_RATE:g}]", rate)
         _require(0 <= self.weight_decay < 1, "train.weight_decay", "in [0, 1)", self.weight_decay)
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing", "in [0, 1)", self.label_smoothing)
         _require(
             0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "in [0, train.epochs - 1]", self.warmup_epochs
         )
+        _require_seed("train.seed", self.seed)
         self.plateau.check()
         if self.early_stopping is not None:
             self.early_stopping.check()
@@ -264,6 +283,9 @@ class MlflowConfig:
             _require(
                 ok, "mlflow.registered_model", "null or a name of letters, digits, '_', '.', '-'", self.registered_model
             )
+        length = len(self.experiment)
+        limit = MAX_EXPERIMENT_NAME_LENGTH
+        _require(length <= limit, "mlflow.experiment", f"at most {limit} characters long", length)
 
 
 @dataclass(frozen=True)
@@ -305,6 +327,10 @@ class Config:
     def check(self) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).check()
+        for key, value in flatten(self).items():  # each is logged as an MLflow param
+            length = len(str(value))
+            limit = MAX_PARAM_VALUE_LENGTH
+            _require(length <= limit, key, f"at most {limit} characters long (MLflow's limit)", length)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, as written to params.yaml."""
@@ -318,6 +344,10 @@ TRAINING_SECTIONS = ("data", "model", "augment", "finetune", "train")
 def _require(ok: bool, key: str, expected: str, got: object) -> None:
     if not ok:
         raise ConfigError(f"{key} must be {expected}, got {got!r}")
+
+
+def _require_seed(key: str, seed: int) -> None:
+    _require(0 <= seed <= MAX_SEED, key, f"in [0, {MAX_SEED}] (2**32 - 1)", seed)
 
 
 def _type_name(tp: Any) -> str:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -32,9 +36,77 @@ class ModelError(TransferlabError):
     """A model or its weights could not be built or loaded."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (schedulers, `docker stop`, Ray) arrived: stop like on Ctrl-C.
+
+    A `KeyboardInterrupt`, so everything that cleans up after Ctrl-C (runs end KILLED, temporary
+    folders are removed, checkpoints stay for a resume) does the same for SIGTERM.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} received")
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal number, as a shell reports a process ended by that signal."""
+        return 128 + self.signum
+
+
 # Exit statuses of the command-line entry points.
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_received: list[int] = []  # stop signals this process has seen
+_deferred: list[int] = []  # stop signals held back by `interrupts_deferred`
+_defer_depth = 0
+
+
+def stop_on_signals() -> None:
+    """Raise `Interrupted` in the main thread on SIGINT and SIGTERM (every entry point calls this).
+
+    Python's default raises KeyboardInterrupt on SIGINT only; SIGTERM would end the process on
+    the spot and leave its MLflow run RUNNING. Does nothing outside the main thread.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _on_stop_signal)
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    if _defer_depth and not _deferred:  # a second signal does not wait
+        _deferred.append(signum)
+        return
+    raise Interrupted(signum)
+
+
+def interrupted() -> bool:
+    """True once this process has received SIGINT or SIGTERM."""
+    return bool(_received)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back until the block ends, for steps that must not stop half way
+    (swapping a folder, an MLflow call, closing a run). A signal that arrived meanwhile is
+    raised at the end, unless the block already ends with an exception. A second signal is
+    raised at once: pressing Ctrl-C twice still stops a step that hangs."""
+    global _defer_depth
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _defer_depth += 1
+    try:
+        yield
+    finally:
+        _defer_depth -= 1
+        held = _deferred[-1] if _deferred and not _defer_depth else None
+        if not _defer_depth:
+            _deferred.clear()
+    if held is not None:
+        raise Interrupted(held)
 
 
 def strip_ansi(text: str) -> str:
@@ -56,23 +128,30 @@ def first_line(exc: BaseException | object) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """`ClassName: first line`, as shown on the console and in the `transferlab.error` tag."""
-    return f"{type(exc).__name__}: {first_line(exc)}"
+    """`ClassName: first line` (or just `ClassName` without a message), as shown on the console
+    and in the `transferlab.error` tag."""
+    name = type(exc).__name__
+    return f"{name}: {first_line(exc)}" if str(exc).strip() else name
 
 
 def run_reporting_errors(task: Callable[[], int]) -> int:
-    """Run a command: a `TransferlabError` prints one line and exits 2, Ctrl-C exits 130.
+    """Run a command: a `TransferlabError` prints one line and exits 2; Ctrl-C exits 130, SIGTERM 143.
 
-    The one failure wrapper of every entry point (`transferlab ...` and single `transferlab-train` runs).
+    The one failure wrapper of every entry point (`transferlab ...` and `transferlab-train`).
     """
     try:
         return int(task())
     except TransferlabError as exc:
         print(describe(exc), file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        return report_interrupt(exc)
+
+
+def report_interrupt(exc: KeyboardInterrupt) -> int:
+    """Print `interrupted (SIGTERM received)` (or just `interrupted`); return the exit status."""
+    print(f"interrupted ({exc})" if str(exc) else "interrupted", file=sys.stderr)
+    return exc.exit_status if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
 
 
 def stop_sweep_on_error(task: Callable[[], T]) -> T:

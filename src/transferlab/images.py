@@ -1,5 +1,8 @@
 """Image files to pixels: the checks of the split stage and the one decode of every model input.
 
+- `MAX_IMAGE_PIXELS`: the one limit on an image's size, checked from its header (`open_image`,
+  `first_oversized`) before anything decodes it: in split, the training pipeline, predict and
+  serving alike.
 - `check_image` / `check_images` (Pillow): does a file fully decode as an image the input
   pipeline can read? The split stage keeps unreadable files out of the manifests with them.
 - `decode_and_resize` (TensorFlow, graph-safe): encoded bytes -> the central square, resized,
@@ -17,7 +20,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -34,6 +37,55 @@ _ACCEPTED = "JPEG, PNG, GIF, BMP"
 # Names the pixels `resize_to_square` makes: part of every feature-cache key, so a change of
 # the decode never reuses features computed by the old one.
 DECODE = "central-square-bilinear-antialias"
+# Width x height of the largest image any stage decodes (64 megapixels; about 200 MB as RGB).
+# A 250 KB PNG can declare 16000 x 16000 pixels, 768 MB once decoded: the header is checked first.
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+# Pillow's own decompression-bomb check (a warning above 89 MP, an error above 179 MP) gives way
+# to `open_image`, which applies MAX_IMAGE_PIXELS everywhere and names the declared size.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageTooLargeError(ValueError):
+    """An image declares more than MAX_IMAGE_PIXELS pixels."""
+
+
+def open_image(source: Path | IO[bytes]) -> Image.Image:
+    """Open an image with Pillow, reading only its header; `ImageTooLargeError` above MAX_IMAGE_PIXELS.
+
+    Every image transferlab reads goes through here (or `first_oversized`) before it is decoded.
+    """
+    image = Image.open(source)
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise ImageTooLargeError(
+            f"image is {width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS:,} "
+            f"({MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}): resize it"
+        )
+    return image
+
+
+def first_oversized(paths: Sequence[str | Path], *, workers: int | None = None) -> tuple[str, str] | None:
+    """The first file (in order) whose header declares more than MAX_IMAGE_PIXELS, and why.
+
+    Files that are not readable images at all are left to the decoder to report.
+    """
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 1) + 2)) as pool:
+        for path, problem in zip(paths, pool.map(_size_problem, paths), strict=True):
+            if problem is not None:
+                return str(path), problem
+    return None
+
+
+def _size_problem(path: str | Path) -> str | None:
+    try:
+        with open_image(Path(path)):
+            return None
+    except ImageTooLargeError as exc:
+        return str(exc)
+    except Exception:  # unreadable: the decoder reports it
+        return None
 
 
 def is_hidden(name: str) -> bool:
@@ -51,19 +103,19 @@ def check_image(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if image.format not in SUPPORTED_FORMATS:
                 return f"unsupported image format {image.format} (accepted: {_ACCEPTED})"
             if image.format == "BMP" and (problem := _bmp_problem(path, image.mode)):
                 return problem
             image.verify()
-        with Image.open(path) as image:
+        with open_image(path) as image:
             # JPEG: decode at 1/8 scale; every compressed byte is still read, so truncation shows.
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
     except UnidentifiedImageError:
         return f"not an image ({_ACCEPTED} accepted)"
-    except Image.DecompressionBombError as exc:
+    except ImageTooLargeError as exc:
         return f"too large to decode safely: {exc}"
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...) on bad data
         return f"corrupt or truncated: {first_line(exc)}"
@@ -128,9 +180,14 @@ def decode_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
-    """Image file bytes -> (size, size, 3) float32 RGB in [0, 255]; `ValueError` if unreadable."""
+    """Image file bytes -> (size, size, 3) float32 RGB in [0, 255].
+
+    `ValueError` if unreadable, `ImageTooLargeError` (a ValueError) if the header declares more than
+    MAX_IMAGE_PIXELS: then nothing is decoded.
+    """
     import tensorflow as tf
 
+    _check_header(data)
     try:
         pixels = decode_and_resize(tf.constant(data), image_size)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
@@ -138,11 +195,20 @@ def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
     return pixels.numpy().astype(np.float32)
 
 
-def _decode_with_pillow(data: bytes) -> np.ndarray:
+def _check_header(data: bytes) -> None:
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+        open_image(io.BytesIO(data)).close()
     except UnidentifiedImageError as exc:
         raise ValueError("not a readable image (unknown format or corrupt data)") from exc
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except ImageTooLargeError:
+        raise
+    except Exception as exc:  # Pillow raises many types on a corrupt header
+        raise ValueError(f"not a readable image ({first_line(exc)})") from exc
+
+
+def _decode_with_pillow(data: bytes) -> np.ndarray:
+    try:
+        with open_image(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:
         raise ValueError(f"not a readable image ({first_line(exc)})") from exc

@@ -114,20 +114,25 @@ class StagePaths:
         return self.reports / "training_curves.png"
 
     @property
+    def evaluation(self) -> Path:
+        """Everything the evaluate stage writes: one folder, replaced as a whole."""
+        return self.reports / "evaluation"
+
+    @property
     def metrics(self) -> Path:
-        return self.reports / "metrics.json"
+        return self.evaluation / "metrics.json"
 
     @property
     def per_class(self) -> Path:
-        return self.reports / "per_class.csv"
+        return self.evaluation / "per_class.csv"
 
     @property
     def confusion(self) -> Path:
-        return self.reports / "confusion.csv"
+        return self.evaluation / "confusion.csv"
 
     @property
     def figures(self) -> Path:
-        return self.reports / "figures"
+        return self.evaluation / "figures"
 
     @property
     def confusion_figure(self) -> Path:

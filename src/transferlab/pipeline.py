@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from transferlab.images import decode_and_resize
+from transferlab.errors import DataError
+from transferlab.images import decode_and_resize, first_oversized
 from transferlab.manifests import Manifest
 
 if TYPE_CHECKING:
@@ -66,8 +67,14 @@ def make_dataset(
     batches of those epochs, in `epoch_batches` order. Decoded images are cached in memory as
     uint8 when they fit, so every epoch after the first skips JPEG decoding; shuffling and
     `augmenter` (training only) run after the cache.
+    An image whose header declares more than `images.MAX_IMAGE_PIXELS` stops it before any decode.
     """
     import tensorflow as tf
+
+    oversized = first_oversized(manifest.absolute_paths)
+    if oversized is not None:
+        path, problem = oversized
+        raise DataError(f"{path}: {problem}; the split stage skips such files: run `dvc repro split`")
 
     autotune = tf.data.AUTOTUNE
     num_classes = len(manifest.classes)

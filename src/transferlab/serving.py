@@ -9,6 +9,11 @@ file's bytes (JPEG, PNG, ...) base64-encoded in a string column `image`:
 Response: `{"predictions": [{"label": "roses", "probability": 0.93, "daisy": 0.01, ...}, ...]}`,
 one record per row: the top label, its probability and one probability column per class.
 
+Limits: at most `max_rows` rows per request (`TRANSFERLAB_SERVE_MAX_ROWS` when the server
+starts, default 256), decoded and scored `CHUNK_ROWS` at a time, and no image over
+`images.MAX_IMAGE_PIXELS`. A request that breaks one, or holds an unreadable image, gets HTTP 400
+with the reason (and the row) in its `message`.
+
 Only `transferlab.tracking` (`Run.log_model`) calls `log_image_classifier`; this module and
 `tracking` are the only ones that touch `mlflow`.
 """
@@ -28,6 +33,8 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,12 @@ IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 PROBABILITY_COLUMN = "probability"
 KERAS_ARTIFACT = "keras_model"
+# Rows decoded and scored per model call: a request's memory is bounded by this, not by its size.
+CHUNK_ROWS = 32
+# Rows one request may hold. The server reads MAX_ROWS_ENV when it loads the model; from Python,
+# `mlflow.pyfunc.load_model(uri, model_config={"max_rows": N})` sets it too.
+DEFAULT_MAX_ROWS = 256
+MAX_ROWS_ENV = "TRANSFERLAB_SERVE_MAX_ROWS"
 # The "models from code" script MLflow stores with the model and runs to rebuild it.
 MODEL_SCRIPT = """\
 from mlflow.models import set_model
@@ -56,6 +69,27 @@ REQUIREMENT_GROUPS = (
 )
 
 
+class BadRequestError(MlflowException, ValueError):
+    """A request the model refuses; the scoring server answers HTTP 400 with this message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def max_rows_setting(config: dict[str, Any]) -> int:
+    """Rows per request: MAX_ROWS_ENV, else `model_config["max_rows"]`, else DEFAULT_MAX_ROWS."""
+    import os
+
+    raw = os.environ.get(MAX_ROWS_ENV) or config.get("max_rows", DEFAULT_MAX_ROWS)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_ROWS_ENV} (or model_config max_rows) must be a whole number >= 1, got {raw!r}")
+    return value
+
+
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     """Base64 image files in, top label and per-class probabilities out.
 
@@ -66,6 +100,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self.classes: list[str] = []
         self.image_size = 0
+        self.max_rows = DEFAULT_MAX_ROWS
         self._model: Any = None
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -79,6 +114,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self._model = load_model(Path(context.artifacts[KERAS_ARTIFACT]))
         self.image_size = int(config.get("image_size") or model_image_size(self._model))
         self.classes = list(config.get("classes") or [])
+        self.max_rows = max_rows_setting(config)
         outputs = int(self._model.output_shape[-1])
         if len(self.classes) != outputs:
             raise ValueError(f"model_config lists {len(self.classes)} classes but the model has {outputs} outputs")
@@ -86,32 +122,44 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """One output row per input row; an unreadable image fails the request naming its row."""
+        """One output row per input row, scored CHUNK_ROWS at a time.
+
+        `BadRequestError` (HTTP 400) for more than `max_rows` rows, or an unreadable or oversized
+        image (naming its row).
+        """
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if IMAGE_COLUMN not in frame.columns:
-            raise ValueError(f"input needs a string column {IMAGE_COLUMN!r} of base64-encoded image files")
-        if frame.empty:
-            return to_output_frame(np.zeros((0, len(self.classes))), self.classes)
-        pixels = np.stack([self._decode(value, row) for row, value in enumerate(frame[IMAGE_COLUMN])])
-        probabilities = np.asarray(self._model.predict(pixels, verbose=0), dtype=np.float64)
+            raise BadRequestError(f"input needs a string column {IMAGE_COLUMN!r} of base64-encoded image files")
+        if len(frame) > self.max_rows:
+            raise BadRequestError(
+                f"request has {len(frame)} rows, over the limit of {self.max_rows} ({MAX_ROWS_ENV}): "
+                "send the images in smaller requests"
+            )
+        images = frame[IMAGE_COLUMN].tolist()
+        chunks = [self._score(images[start : start + CHUNK_ROWS], start) for start in range(0, len(images), CHUNK_ROWS)]
+        probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)))
         return to_output_frame(probabilities, self.classes)
+
+    def _score(self, values: Sequence[object], first_row: int) -> np.ndarray:
+        pixels = np.stack([self._decode(value, first_row + offset) for offset, value in enumerate(values)])
+        return np.asarray(self._model.predict(pixels, verbose=0), dtype=np.float64)
 
     def _decode(self, value: object, row: int) -> np.ndarray:
         from transferlab.images import decode_image_bytes
 
         if not isinstance(value, str | bytes):
-            raise ValueError(f"row {row}: {IMAGE_COLUMN!r} must be a base64 string, got {type(value).__name__}")
-        text = value.decode() if isinstance(value, bytes) else value
+            raise BadRequestError(f"row {row}: {IMAGE_COLUMN!r} must be a base64 string, got {type(value).__name__}")
+        text = value.decode("latin-1") if isinstance(value, bytes) else value  # base64 is ASCII
         if text.startswith("data:") and "," in text:  # tolerate data URLs
             text = text.split(",", 1)[1]
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise ValueError(f"row {row}: {IMAGE_COLUMN!r} is not valid base64") from exc
+            raise BadRequestError(f"row {row}: {IMAGE_COLUMN!r} is not valid base64") from exc
         try:
             return decode_image_bytes(data, self.image_size)
         except ValueError as exc:
-            raise ValueError(f"row {row}: {exc}") from exc
+            raise BadRequestError(f"row {row}: {exc}") from exc
 
 
 def to_output_frame(probabilities: np.ndarray, classes: Sequence[str]) -> pd.DataFrame:

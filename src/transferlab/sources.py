@@ -2,7 +2,9 @@
 
 Nothing here trusts a partial result: downloads land in `<name>.part` and are renamed into the
 cache only when complete and verified; extraction refuses any member that could write outside
-the destination (absolute paths, `..`, links, devices) instead of skipping it.
+the destination (absolute paths, `..`, links, devices) instead of skipping it, and stops at the
+member that takes the extracted size past `ExtractLimits` (total bytes, and bytes per byte of
+archive), counted as it is written, whatever the archive declares.
 """
 
 from __future__ import annotations
@@ -123,21 +125,54 @@ def _stream_to(url: str, out: Path) -> str:
     return digest.hexdigest()
 
 
-def extract_archive(archive: Path, dest: Path) -> None:
+@dataclass(frozen=True)
+class ExtractLimits:
+    """How much an archive may expand to (`data.max_extracted_bytes`, `data.max_compression_ratio`)."""
+
+    max_bytes: int
+    max_ratio: float
+
+
+class _Budget:
+    """Bytes extracted so far, against the limits; refuses the member that goes over."""
+
+    def __init__(self, archive: Path, limits: ExtractLimits) -> None:
+        self.archive, self.limits = archive, limits
+        self.archive_bytes = max(1, archive.stat().st_size)
+        self.written = 0
+
+    def spend(self, count: int, member: str) -> None:
+        self.written += count
+        refuse = f"{self.archive}: member {member!r}"
+        if self.written > self.limits.max_bytes:
+            raise DownloadError(
+                f"{refuse} takes the extracted size past {self.limits.max_bytes:,} bytes (data.max_extracted_bytes); "
+                "refusing to extract (raise the limit if the archive is genuine)"
+            )
+        if self.written > self.limits.max_ratio * self.archive_bytes:
+            raise DownloadError(
+                f"{refuse} expands the {self.archive_bytes:,}-byte archive more than {self.limits.max_ratio:g} times "
+                "(data.max_compression_ratio); refusing to extract (a zip bomb? raise the limit if it is genuine)"
+            )
+
+
+def extract_archive(archive: Path, dest: Path, limits: ExtractLimits) -> None:
     """Extract a .tar(.gz/.bz2/.xz) or .zip into the empty folder `dest`, stripping a single top folder.
 
     Raises DownloadError, leaving `dest`'s content undefined, when a member would escape `dest`,
-    is a link or device, or the archive is corrupt; callers extract into a temporary folder.
+    is a link or device, goes over `limits`, or the archive is corrupt; callers extract into a
+    temporary folder.
     """
     scratch = dest / ".extracting"
     scratch.mkdir()
+    budget = _Budget(archive, limits)
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                _extract_members(archive, _zip_members(zf), scratch)
+                _extract_members(archive, _zip_members(zf), scratch, budget)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive, "r|*") as tar:
-                _extract_members(archive, _tar_members(tar), scratch)
+                _extract_members(archive, _tar_members(tar), scratch, budget)
         else:
             raise DownloadError(f"{archive} is not a .tgz, .tar or .zip archive")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
@@ -185,8 +220,9 @@ def _zip_members(zf: zipfile.ZipFile) -> Iterator[_Member]:
         yield _Member(info.filename, kind, lambda info=info: zf.open(info))
 
 
-def _extract_members(archive: Path, members: Iterator[_Member], dest: Path) -> None:
-    """Write regular files and folders; refuse links, devices and paths that leave `dest`."""
+def _extract_members(archive: Path, members: Iterator[_Member], dest: Path, budget: _Budget) -> None:
+    """Write regular files and folders; refuse links, devices, paths that leave `dest`, and the
+    member that goes over the budget."""
     for member in tqdm(members, desc=f"extracting {archive.name}", unit="file", disable=None):
         rel = _safe_member_path(member.name, archive)
         if member.kind == "link":
@@ -199,7 +235,7 @@ def _extract_members(archive: Path, members: Iterator[_Member], dest: Path) -> N
             (dest / rel).mkdir(parents=True, exist_ok=True)
             continue
         with member.open() as source:
-            _write_file(source, dest / rel)
+            _write_file(source, dest / rel, budget, member.name)
 
 
 def _safe_member_path(name: str, archive: Path) -> PurePosixPath | None:
@@ -214,10 +250,13 @@ def _safe_member_path(name: str, archive: Path) -> PurePosixPath | None:
     return PurePosixPath(*parts)
 
 
-def _write_file(source: IO[bytes], target: Path) -> None:
+def _write_file(source: IO[bytes], target: Path, budget: _Budget, member: str) -> None:
+    """Copy `source` to `target` in chunks, each counted against `budget` before it is written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("wb") as out:
-        shutil.copyfileobj(source, out, CHUNK_BYTES)
+        while chunk := source.read(CHUNK_BYTES):
+            budget.spend(len(chunk), member)
+            out.write(chunk)
 
 
 def _single_top_folder(root: Path) -> Path | None:
@@ -229,21 +268,29 @@ def _single_top_folder(root: Path) -> Path | None:
 
 
 def copy_folder(source: Path, dest: Path) -> int:
-    """Copy every file under `source` into the existing folder `dest`, hard-linking where possible."""
+    """Copy every file under `source` into the existing folder `dest`, hard-linking where possible.
+
+    Symbolic links (absolute or relative, to files or folders) are followed: `dest` gets the
+    bytes they point at, never a link. A broken link stops the copy with a DownloadError.
+    """
     count = 0
     for src_file in tqdm(sorted(_walk_files(source)), desc=f"copying {source.name}", unit="file", disable=None):
         target = dest / src_file.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
+        real = src_file.resolve()  # a link's target: `os.link` would link the link itself
         try:
-            os.link(src_file, target)
+            os.link(real, target)
         except OSError:  # another filesystem, or links not permitted
-            shutil.copy2(src_file, target)
+            shutil.copy2(real, target)
         count += 1
     return count
 
 
 def _walk_files(root: Path) -> Iterator[Path]:
-    """Regular files under `root`, following symlinked files and folders like a plain copy would."""
+    """Files under `root`, following symlinked files and folders like a plain copy would.
+
+    Raises DownloadError on a broken link; skips (with a warning) fifos, sockets and devices.
+    """
     seen: set[str] = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -255,3 +302,10 @@ def _walk_files(root: Path) -> Iterator[Path]:
             path = Path(folder) / name
             if path.is_file():
                 yield path
+            elif path.is_symlink():
+                raise DownloadError(
+                    f"{path} is a broken symbolic link (to {path.readlink()}): fix or remove it, "
+                    "then run the download stage again"
+                )
+            else:
+                log.warning("skipping %s: not a regular file", path)

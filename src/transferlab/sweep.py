@@ -33,7 +33,14 @@ from omegaconf import DictConfig, OmegaConf
 from transferlab import atomic, sweep_bookkeeping, tracking
 from transferlab.backbones import resolve_image_size
 from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf, validate_section
-from transferlab.errors import describe, run_reporting_errors, stop_sweep_on_error, strip_ansi
+from transferlab.errors import (
+    describe,
+    interrupted,
+    run_reporting_errors,
+    stop_on_signals,
+    stop_sweep_on_error,
+    strip_ansi,
+)
 from transferlab.job_logs import quiet_job_logs
 from transferlab.manifests import load_classes
 from transferlab.paths import StagePaths, project_root
@@ -51,7 +58,7 @@ FAILED_VALUE = 0.0
 # Files Hydra writes into the sweep folder that the parent run keeps as artifacts.
 SWEEP_FILES = ("multirun.yaml", "optimization_results.yaml")
 
-_interrupted = False  # a job saw Ctrl-C: the parent ends KILLED rather than FAILED
+_interrupted = False  # a job saw Ctrl-C or SIGTERM: the parent ends KILLED rather than FAILED
 _sweep_status: str | None = None  # how the last sweep's parent ended (this process ran its callback)
 
 
@@ -189,8 +196,8 @@ def sweep_exit_status() -> int:
 
 
 def _close_unfinished(sweep_dir: Path) -> None:
-    """atexit: the sweep stopped before `on_multirun_end` (Ctrl-C, a crash): close its parent."""
-    status = "KILLED" if _interrupted else "FAILED"
+    """atexit: the sweep stopped before `on_multirun_end` (Ctrl-C, SIGTERM, a crash): close its parent."""
+    status = "KILLED" if _interrupted or interrupted() else "FAILED"
     try:
         _close_parent(sweep_dir, status)
     except Exception as exc:  # the interpreter is shutting down; never mask the original error
@@ -253,6 +260,7 @@ def run_job(node: DictConfig) -> float:
     from hydra.types import RunMode
 
     quiet_job_logs()
+    stop_on_signals()  # also in launcher worker processes (joblib), which start elsewhere
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     output_dir = Path(hydra_cfg.runtime.output_dir)

@@ -115,6 +115,21 @@ def log_deferred_model(store: tracking.Store, rows: list[dict[str, Any]], run_id
         store.run(run_id).log_model(Path(pending["model_file"]), pending["classes"], pending["image_size"])
 
 
+def close_running_children(store: tracking.Store, parent_run_id: str, status: str) -> list[str]:
+    """End the children still RUNNING when their sweep stops early, with the parent's `status`.
+
+    A job in the sweep's own process closes its run itself (KILLED on Ctrl-C or SIGTERM); a job
+    in a launcher's worker (joblib) is ended with SIGKILL when the sweep stops, and cannot.
+    """
+    query = f"tags.`{tracking.TAG_PARENT_RUN}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    running = store.search(query, max_results=1000)
+    for run_id in running:
+        child = store.run(run_id)
+        child.set_tag(tracking.TAG_ERROR, f"stopped with its sweep ({status})")
+        child.terminate(status)
+    return running
+
+
 def finish_parent_run(
     parent: tracking.RunRecord,
     rows: list[dict[str, Any]],
@@ -162,6 +177,7 @@ def finish_parent_run(
         run.set_tag(tracking.TAG_ERROR, f"no job finished ({len(rows)} failed)")
     elif status != "FINISHED":
         run.set_tag(tracking.TAG_ERROR, f"sweep stopped early ({status}) after {len(rows)} jobs")
+        close_running_children(store, parent.run_id, status)
     else:
         run.delete_tag(tracking.TAG_ERROR)
     run.terminate(status)

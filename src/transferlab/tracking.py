@@ -27,11 +27,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from transferlab import atomic
 from transferlab.config import Config, MlflowConfig, config_hash, flatten
-from transferlab.errors import TransferlabError, describe, first_line
+from transferlab.errors import TransferlabError, describe, first_line, interrupts_deferred
 from transferlab.paths import tracking_root
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def _experiment_id(uri: str, experiment: str) -> str:
 
     mlflow.set_tracking_uri(uri)
     try:
-        with _store_lock(uri):
+        with interrupts_deferred(), _store_lock(uri):
             found = mlflow.get_experiment_by_name(experiment)
             if found is not None:
                 return found.experiment_id
@@ -341,7 +341,8 @@ class Run:
         from transferlab.serving import log_image_classifier
 
         run = self._client.get_run(self.run_id)
-        return log_image_classifier(model_file, classes, image_size, self._client, run).model_uri
+        with interrupts_deferred():
+            return log_image_classifier(model_file, classes, image_size, self._client, run).model_uri
 
     def log_datasets(self, datasets: Sequence[SplitDataset]) -> None:
         """The splits as dataset inputs ("Datasets used" in the UI); MLflow keeps each one once per run."""
@@ -369,6 +370,17 @@ class Run:
     def description(self, markdown: str) -> None:
         self.set_tag(TAG_DESCRIPTION, markdown)
 
+    def discard_logged_models(self) -> list[str]:
+        """Delete the models an earlier, killed attempt of this run logged (READY or stuck PENDING),
+        so a resumed run ends with one model. Returns their ids."""
+        found = self._client.search_logged_models(
+            [self.store.experiment_id], filter_string=f"source_run_id = '{self.run_id}'"
+        )
+        for model in found:
+            self._client.delete_logged_model(model.model_id)
+            log.info("deleted model %s (%s) of an earlier attempt of run %s", model.model_id, model.status, self.run_id)
+        return [model.model_id for model in found]
+
     def terminate(self, status: str) -> None:
         self._client.set_terminated(self.run_id, status=status)
 
@@ -389,10 +401,11 @@ class Store:
 
     @property
     def client(self) -> MlflowClient:
+        """The store's MlflowClient; each of its calls runs whole (see `_Uninterrupted`)."""
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = cast("MlflowClient", _Uninterrupted(MlflowClient(tracking_uri=self.uri)))
         return self._client
 
     def run(self, run_id: str) -> Run:
@@ -423,42 +436,61 @@ class Store:
         tags: Mapping[str, str] | None = None,
         system_metrics: bool = False,
     ) -> Iterator[Run]:
-        """Start (or with `run_id`, resume) the active run; it ends FINISHED, or FAILED on an exception."""
-        import mlflow
+        """Start (or with `run_id`, resume) the active run.
 
-        mlflow.set_tracking_uri(self.uri)
-        with (
-            _losing_the_server(self.uri),
-            mlflow.start_run(
-                run_id=run_id,
-                experiment_id=None if run_id else self.experiment_id,
-                run_name=None if run_id else run_name,
-                parent_run_id=parent_run_id,
-                tags=dict(tags or {}),
-                log_system_metrics=system_metrics and _psutil_available(),
-            ) as active,
-        ):
-            run = Run(self, active.info.run_id)
-            try:
-                yield run
-            except BaseException as exc:
-                if not is_server(self.uri) or _answers(self.uri):  # a lost server: one call fewer to wait for
-                    run.set_tag(TAG_ERROR, describe(exc))  # the UI says why the run ended FAILED
-                raise
+        It ends FINISHED; KILLED on Ctrl-C or SIGTERM; FAILED on any other exception. The
+        `transferlab.error` tag says why; a resumed run drops the one of its earlier attempt.
+        """
+        with self._active_run(
+            resumed=run_id is not None,
+            run_id=run_id,
+            experiment_id=None if run_id else self.experiment_id,
+            run_name=None if run_id else run_name,
+            parent_run_id=parent_run_id,
+            tags=dict(tags or {}),
+            log_system_metrics=system_metrics and _psutil_available(),
+        ) as run:
+            yield run
 
     @contextmanager
     def reopen_run(self, run_id: str) -> Iterator[Run]:
         """Log more into a finished run (evaluate adds test metrics to the training run).
 
-        The run is active meanwhile: it ends FINISHED again, or FAILED if the block fails.
+        The run is active meanwhile: it ends FINISHED again, KILLED on Ctrl-C or SIGTERM, or
+        FAILED if the block fails (with the `transferlab.error` tag, as `start_run`).
+        """
+        if self.run_status(run_id) is None:
+            raise TransferlabError(f"MLflow run {run_id} not found in {self.uri}: run `dvc repro train` again")
+        with self._active_run(resumed=True, run_id=run_id) as run:
+            yield run
+
+    @contextmanager
+    def _active_run(self, *, resumed: bool, **start: Any) -> Iterator[Run]:
+        """`mlflow.start_run(**start)` for the block, ended here rather than by MLflow's context,
+        which says FAILED on any exception, Ctrl-C included.
+
+        The run ends FINISHED; KILLED on Ctrl-C or SIGTERM; FAILED on any other exception, with
+        `describe(exc)` in the `transferlab.error` tag (a resumed run first drops the old one).
+        Starting and ending run whole: an interrupt meanwhile waits for them.
         """
         import mlflow
 
-        if self.run_status(run_id) is None:
-            raise TransferlabError(f"MLflow run {run_id} not found in {self.uri}: run `dvc repro train` again")
         mlflow.set_tracking_uri(self.uri)
-        with _losing_the_server(self.uri), mlflow.start_run(run_id=run_id):
-            yield Run(self, run_id)
+        with _losing_the_server(self.uri):
+            with interrupts_deferred():
+                run = Run(self, mlflow.start_run(**start).info.run_id)
+                if resumed:
+                    run.delete_tag(TAG_ERROR)  # the reason an earlier attempt stopped
+            try:
+                yield run
+            except BaseException as exc:
+                with interrupts_deferred():
+                    if not is_server(self.uri) or _answers(self.uri):  # a lost server: one call fewer to wait for
+                        run.set_tag(TAG_ERROR, describe(exc))  # the UI says why the run ended
+                    mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+                raise
+            with interrupts_deferred():
+                mlflow.end_run("FINISHED")
 
     def logged_model_uri(self, run_id: str) -> str | None:
         """`models:/<model_id>` of the model named `model` that run `run_id` logged, if any."""
@@ -578,6 +610,29 @@ def connect(cfg: MlflowConfig, root: Path) -> Store:
         )
     check_reachable(uri)
     return Store(uri, None)
+
+
+class _Uninterrupted:
+    """An MlflowClient whose calls run whole: Ctrl-C and SIGTERM wait until a call returns.
+
+    Interrupted inside a call, a SQLite session can keep the store's write lock, and every later
+    call (ending the run KILLED too) fails with "database is locked". A second Ctrl-C does not
+    wait (see `errors.interrupts_deferred`), so a call stuck on a network store can still be left.
+    """
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with interrupts_deferred():
+                return attribute(*args, **kwargs)
+
+        return call
 
 
 _open_stores: dict[tuple[str, str], Store] = {}

@@ -14,7 +14,7 @@ from transferlab.atomic import replace_dir
 from transferlab.config import SYNTHETIC_SOURCE, Config, DataConfig
 from transferlab.errors import DownloadError
 from transferlab.paths import StagePaths
-from transferlab.sources import copy_folder, extract_archive, fetch_url, is_url, verify_sha256
+from transferlab.sources import ExtractLimits, copy_folder, extract_archive, fetch_url, is_url, verify_sha256
 from transferlab.synthetic import generate
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def download(cfg: Config, paths: StagePaths) -> Path:
     data_cfg = cfg.data
     target_dir = paths.raw_dataset(data_cfg.name)
     source = data_cfg.source
+    limits = ExtractLimits(data_cfg.max_extracted_bytes, data_cfg.max_compression_ratio)
     if source == SYNTHETIC_SOURCE:
         assert data_cfg.synthetic is not None  # DataConfig.check guarantees it
         _ignore_checksum(data_cfg, "a synthetic dataset")
@@ -36,7 +37,7 @@ def download(cfg: Config, paths: StagePaths) -> Path:
     elif is_url(source):
         archive = fetch_url(source, paths.downloads, data_cfg.sha256)
         with replace_dir(target_dir) as tmp:
-            extract_archive(archive, tmp)
+            extract_archive(archive, tmp, limits)
     else:
         local = _local_source(source, target_dir)
         if local.is_dir():
@@ -47,7 +48,7 @@ def download(cfg: Config, paths: StagePaths) -> Path:
             if data_cfg.sha256 is not None:
                 verify_sha256(local, data_cfg.sha256, str(local))
             with replace_dir(target_dir) as tmp:
-                extract_archive(local, tmp)
+                extract_archive(local, tmp, limits)
     log.info("dataset %s ready in %s", data_cfg.name, target_dir)
     return target_dir
 

@@ -1,15 +1,19 @@
 """Evaluate stage: score the trained model on the held-out test split.
 
-Writes (all declared in `dvc.yaml`):
-- `reports/metrics.json`: flat numeric test metrics (`test_accuracy`, `test_top2_accuracy`,
+Writes `reports/evaluation/` (every file declared in `dvc.yaml`):
+- `metrics.json`: flat numeric test metrics (`test_accuracy`, `test_top2_accuracy`,
   `test_macro_f1`, `test_log_loss`, `test_ece`, ...) and `mlflow_run_id`, DVC metrics;
-- `reports/per_class.csv`: `class,precision,recall,f1,support`;
-- `reports/confusion.csv`: `actual,predicted` class names, one row per test image, for
+- `per_class.csv`: `class,precision,recall,f1,support`;
+- `confusion.csv`: `actual,predicted` class names, one row per test image, for
   DVC's confusion template;
-- `reports/figures/{confusion_matrix,misclassified,reliability}.png`.
+- `figures/{confusion_matrix,misclassified,reliability}.png`.
 The same metrics and files, the test split as a dataset input and the test results in the run's
 description are logged into the MLflow run that trained the model (`models/run.json`), so one
 run holds both validation and test results.
+
+All of it is one unit. The folder is built aside; its files go to MLflow first, then the test
+metrics in one batch, and the folder is swapped in last. A kill leaves the previous folder
+whole (and MLflow holding the previous metrics, or all the new ones), never a mix of the two.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from transferlab import plots, tracking
+from transferlab.atomic import replace_dir
 from transferlab.config import Config
 from transferlab.console import keras_progress
 from transferlab.descriptions import with_test_results
@@ -158,8 +163,13 @@ def _load_inputs(
     return classes, test, tracking.RunRecord.read(paths.run_file), model
 
 
+def _staged(folder: Path, paths: StagePaths, file: Path) -> Path:
+    """Where `file` of `reports/evaluation/` is written in `folder`, the one that will replace it."""
+    return folder / file.relative_to(paths.evaluation)
+
+
 def _write_figures(
-    paths: StagePaths,
+    targets: list[Path],
     cfg: Config,
     test: Manifest,
     classes: list[str],
@@ -167,7 +177,7 @@ def _write_figures(
     report: ClassificationReport,
     reliability: Calibration,
 ) -> list[Path]:
-    confusion_png, misclassified_png, reliability_png = figure_files(paths)
+    confusion_png, misclassified_png, reliability_png = targets
     plots.plot_confusion_matrix(report.confusion, classes, confusion_png)
     y_true = np.asarray(test.labels)
     picked = most_confident_mistakes(y_true, probabilities, cfg.evaluate.misclassified)
@@ -201,20 +211,24 @@ def evaluate(cfg: Config, paths: StagePaths, *, model: keras.Model | None = None
     reliability = calibration(y_true, probabilities, bins=cfg.evaluate.calibration_bins)
     metrics = metrics_dict(report, reliability, len(test))
 
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    paths.metrics.write_text(json.dumps({**metrics, RUN_ID_KEY: record.run_id}, indent=2) + "\n")
-    per_class_frame(report, classes).to_csv(paths.per_class, index=False)
-    confusion_frame(y_true, np.argmax(probabilities, axis=1), classes).to_csv(paths.confusion, index=False)
-    figures = _write_figures(paths, cfg, test, classes, probabilities, report, reliability)
-
-    with tracking.Store.of_record(record).reopen_run(record.run_id) as run:
-        run.log_metrics(metrics)
-        run.log_datasets(split_datasets(cfg, paths, ["test"]))
-        run.description = with_test_results(run.description, metrics, cfg.evaluate.top_k)
-        for file in (paths.metrics, paths.per_class, paths.confusion):
-            run.log_artifact(file, ARTIFACT_DIR)
-        for figure in figures:
-            run.log_artifact(figure, FIGURE_ARTIFACT_DIR)
+    with replace_dir(paths.evaluation) as folder:
+        metrics_json, per_class_csv, confusion_csv = (
+            _staged(folder, paths, file) for file in (paths.metrics, paths.per_class, paths.confusion)
+        )
+        metrics_json.write_text(json.dumps({**metrics, RUN_ID_KEY: record.run_id}, indent=2) + "\n")
+        per_class_frame(report, classes).to_csv(per_class_csv, index=False)
+        confusion_frame(y_true, np.argmax(probabilities, axis=1), classes).to_csv(confusion_csv, index=False)
+        targets = [_staged(folder, paths, file) for file in figure_files(paths)]
+        figures = _write_figures(targets, cfg, test, classes, probabilities, report, reliability)
+        log.info("logging the evaluation to MLflow run %s", record.run_id)
+        with tracking.Store.of_record(record).reopen_run(record.run_id) as run:
+            run.log_datasets(split_datasets(cfg, paths, ["test"]))
+            for file in (metrics_json, per_class_csv, confusion_csv):
+                run.log_artifact(file, ARTIFACT_DIR)
+            for figure in figures:
+                run.log_artifact(figure, FIGURE_ARTIFACT_DIR)
+            run.description = with_test_results(run.description, metrics, cfg.evaluate.top_k)
+            run.log_metrics(metrics)  # last, in one batch: test metrics in MLflow mean the reports are there too
     log.info(
         "test accuracy %.4f, top-%d %.4f, macro F1 %.4f, log loss %.4f, ECE %.4f (MLflow run %s)",
         report.accuracy,

@@ -147,7 +147,12 @@ def train(
         if cfg.train.calibrate:
             with strategy.scope():
                 _calibrate(run, trainer, classifier)
-        _finish(cfg, paths, run, trainer, classifier, state, datasets, register_model)
+        if resume is not None and _saved_by(paths, run.run_id):
+            log.info("%s already holds run %s (saved before a kill): closing the run", paths.models, run.run_id)
+        else:
+            _finish(cfg, paths, run, trainer, classifier, state, datasets)
+        if register_model and cfg.mlflow.log_model and cfg.mlflow.registered_model:
+            _register(run, cfg.mlflow.registered_model)
     checkpointer.clear()
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
     return TrainResult(run.run_id, history, resume is not None, trainer.kept_epoch, classifier)
@@ -220,42 +225,57 @@ def _finish(
     classifier: Classifier,
     state: CheckpointState,
     datasets: list[SplitDataset],
-    register_model: bool,
 ) -> None:
-    """Write the model, history and curves; log them, describe the run, register the model; record
-    the run for evaluate."""
+    """Write the model, its run record, the history and the curves as one unit; log them and
+    describe the run.
+
+    `models/` (model.keras + run.json), `reports/history.csv` and `reports/training_curves.png`
+    are built aside and replaced together as the very last step, so they always hold one run's
+    results: the previous run's until then.
+    """
     from transferlab.plots import plot_training_curves
 
-    atomic.write_file(paths.model_file, classifier.model.save)
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
-    paths.reports.mkdir(parents=True, exist_ok=True)
-    history.to_csv(paths.history, index=False)
-    plot_training_curves(history, paths.training_curves, kept_epoch=trainer.kept_epoch)
-    run.log_artifact(paths.history)
-    run.log_artifact(paths.training_curves, "figures")
-    run.log_artifact(paths.classes)
-    kept = kept_row(history, trainer.kept_epoch)
-    run.log_metrics(
-        {
-            "best_epoch": trainer.kept_epoch,
-            "final_val_accuracy": kept["val_accuracy"],
-            "final_val_loss": kept["val_loss"],
-        }
-    )
-    images = {dataset.split: len(dataset.frame) for dataset in datasets}
-    digest = datasets[0].digest
-    run.description = training_description(cfg, trainer.phases, history, kept, images, len(trainer.classes), digest)
-    if cfg.mlflow.log_model:
-        model_uri = run.log_model(paths.model_file, list(trainer.classes), trainer.image_size)
-        if register_model and cfg.mlflow.registered_model:
-            _register(run, cfg.mlflow.registered_model, model_uri)
-    run.record.write(paths.run_file)
+    outputs = atomic.replace_together(paths.models, [paths.history, paths.training_curves])
+    with outputs as (models, (history_csv, curves_png)):
+        history.to_csv(history_csv, index=False)
+        plot_training_curves(history, curves_png, kept_epoch=trainer.kept_epoch)
+        run.log_artifact(history_csv)
+        run.log_artifact(curves_png, "figures")
+        run.log_artifact(paths.classes)
+        kept = kept_row(history, trainer.kept_epoch)
+        run.log_metrics(
+            {
+                "best_epoch": trainer.kept_epoch,
+                "final_val_accuracy": kept["val_accuracy"],
+                "final_val_loss": kept["val_loss"],
+            }
+        )
+        images = {dataset.split: len(dataset.frame) for dataset in datasets}
+        digest = datasets[0].digest
+        phases = trainer.phases
+        run.description = training_description(cfg, phases, history, kept, images, len(trainer.classes), digest)
+        model_file = models / paths.model_file.name
+        classifier.model.save(model_file)
+        if cfg.mlflow.log_model:
+            run.discard_logged_models()  # a killed earlier attempt may have logged one (or left it PENDING)
+            run.log_model(model_file, list(trainer.classes), trainer.image_size)
+        run.record.write(models / paths.run_file.name)
     log.info("model (epoch %d) saved to %s; MLflow run %s", trainer.kept_epoch, paths.model_file, run.run_id)
 
 
-def _register(run: tracking.Run, name: str, model_uri: str) -> None:
-    """A new version of `name` for this run's model; a registry failure loses nothing, so it only warns."""
+def _saved_by(paths: StagePaths, run_id: str) -> bool:
+    """True when `models/` already holds this run (an earlier attempt was killed after saving it)."""
     try:
-        register_run_model(run.store, name, run.run_id, model_uri)
+        return tracking.RunRecord.read(paths.run_file).run_id == run_id
+    except TransferlabError:
+        return False
+
+
+def _register(run: tracking.Run, name: str) -> None:
+    """A version of `name` for this run's model (unless a killed earlier attempt made one already);
+    a registry failure loses nothing, so it only warns."""
+    try:
+        register_run_model(run.store, name, run.run_id)
     except TransferlabError as exc:
         log.warning("model not registered (%s): register it with `transferlab promote %s`", exc, run.run_id)

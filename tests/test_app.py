@@ -1,0 +1,56 @@
+"""app.py: every `transferlab-train` run or sweep gets an output folder of its own.
+
+Two runs started in the same second used to share `outputs/runs/<time>/` (models, reports,
+checkpoints) and log each other's test metrics (issue 12). The end-to-end case (two real
+trainings at once) is in test_faults.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import released_together
+
+from transferlab.app import RUNS_DIR, SWEEPS_DIR, reserve_output_dir, with_output_dir
+
+
+def test_the_same_second_gives_different_folders(tmp_path: Path) -> None:
+    first = reserve_output_dir(tmp_path, "2026-11-28_12-00-00")
+    second = reserve_output_dir(tmp_path, "2026-11-28_12-00-00")
+    assert (first.name, second.name) == ("2026-11-28_12-00-00", "2026-11-28_12-00-00_1")
+    assert first.is_dir() and second.is_dir()
+
+
+RESERVE_SCRIPT = """
+import sys, time
+from pathlib import Path
+from transferlab.app import reserve_output_dir
+Path(sys.argv[2]).touch()  # imported: ready
+go = Path(sys.argv[3])
+deadline = time.monotonic() + 60
+while not go.exists() and time.monotonic() < deadline:
+    time.sleep(0.001)
+print(reserve_output_dir(Path(sys.argv[1]), "2026-11-28_12-00-00").name)
+"""
+
+
+def test_processes_reserving_at_the_same_moment_never_share_a_folder(tmp_path: Path) -> None:
+    command = [sys.executable, "-c", RESERVE_SCRIPT, str(tmp_path / "runs")]
+    procs = released_together([command] * 6, tmp_path, stdout=subprocess.PIPE, text=True)
+    names = [proc.communicate(timeout=120)[0].strip() for proc in procs]
+    assert len(set(names)) == 6, names
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(names)
+
+
+def test_output_dir_is_added_unless_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    single = with_output_dir(["model.dropout=0.3"])
+    assert single[0] == "model.dropout=0.3" and single[1].startswith(f"hydra.run.dir={RUNS_DIR}/")
+    assert Path(single[1].split("=", 1)[1]).is_dir()
+    sweep = with_output_dir(["-m", "train.learning_rate=0.1,0.01"])
+    assert sweep[-1].startswith(f"hydra.sweep.dir={SWEEPS_DIR}/")
+    for given in (["hydra.run.dir=mine"], ["-m", "hydra.sweep.dir=mine"], ["--cfg", "job"], ["--help"]):
+        assert with_output_dir(given) == given

@@ -1,0 +1,453 @@
+"""Fault cases end to end (issue 12): real processes, real signals, a real SQLite MLflow store,
+real files. Module tests reproduce each defect at unit level; these run the commands a user runs.
+
+The kill tests kill one process per moment, at five moments each, chosen from the process's
+log lines or from the files it writes. After every kill the result on disk is the old one or the
+new one, never a mix:
+- train: `models/model.keras` is byte for byte the model the run in `models/run.json` logged,
+  and `reports/history.csv` and `reports/training_curves.png` are the ones that run logged;
+- evaluate: `reports/evaluation/` is exactly one of two complete evaluations, and the newest
+  batch of test metrics in MLflow is one whole evaluation too.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from helpers import (
+    REPO_ROOT,
+    SERVE_MAX_ROWS,
+    SYNTHETIC_OVERRIDES,
+    TINY_MODEL,
+    VENV_BIN,
+    ModelServer,
+    colour_config,
+    declared_png,
+    make_project,
+    tiny_cfg,
+)
+from mlflow.tracking import MlflowClient
+
+from transferlab import tracking
+from transferlab.config import Config, EvaluateConfig, MlflowConfig, write_params
+from transferlab.paths import StagePaths
+
+pytestmark = pytest.mark.slow
+
+WAIT_S = 300  # the longest any process below may take to reach a moment or to finish
+QUIET = ("mlflow.system_metrics=false",)
+
+
+class Process:
+    """A `transferlab` or `transferlab-train` process; its output lines are collected as they come."""
+
+    def __init__(self, command: Sequence[str], cwd: Path) -> None:
+        env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONUNBUFFERED": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.popen = subprocess.Popen(
+            [str(VENV_BIN / command[0]), *command[1:]],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, moment: str | Callable[[], bool]) -> None:
+        """Until a line matches the regex `moment` (or `moment()` is true); fails if the process ends first."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if isinstance(moment, str):
+                if any(re.search(moment, line) for line in list(self.lines)):
+                    return
+            elif moment():
+                return
+            if self.popen.poll() is not None:
+                self._reader.join(timeout=10)
+                if isinstance(moment, str) and any(re.search(moment, line) for line in self.lines):
+                    return
+                pytest.fail(f"ended ({self.popen.returncode}) before {moment!r}:\n{self.output[-3000:]}")
+            time.sleep(0.01)
+        pytest.fail(f"{moment!r} did not come within {WAIT_S} s:\n{self.output[-3000:]}")
+
+    def finish(self) -> int:
+        self.popen.wait(timeout=WAIT_S)
+        self._reader.join(timeout=10)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """`kill -9` to the process (and anything it started)."""
+        os.killpg(self.popen.pid, signal.SIGKILL)
+        assert self.finish() == -signal.SIGKILL
+
+    def stop(self, signum: int) -> int:
+        """Send `signum` to the process, as Ctrl-C or a scheduler would; its exit status."""
+        os.kill(self.popen.pid, signum)
+        return self.finish()
+
+
+def client_for(root: Path, experiment: str = MlflowConfig().experiment) -> tuple[MlflowClient, str]:
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(MlflowConfig(), root))
+    return client, client.get_experiment_by_name(experiment).experiment_id
+
+
+def epochs_done(state_file: Path) -> int:
+    """Epochs a training checkpoint records (0 while there is none)."""
+    try:
+        return int(json.loads(state_file.read_text())["epochs_done"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.fixture
+def project(hydra_project: Path, tmp_path: Path) -> StagePaths:
+    """A fresh copy of `hydra_project` (its own MLflow store, models and reports)."""
+    return StagePaths(Path(shutil.copytree(hydra_project, tmp_path / "project")))
+
+
+# --- 1: two runs started together --------------------------------------------------------
+
+
+def test_two_runs_started_together_keep_their_own_folders_and_results(project: StagePaths) -> None:
+    """The issue's repro: both `transferlab-train` wrote one folder, and both MLflow runs then
+    carried the same test metrics."""
+    common = [*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=2", "mlflow.log_model=false", *QUIET]
+    runs = [Process(["transferlab-train", *common, f"train.seed={seed}"], project.root) for seed in (1, 2)]
+    for run in runs:
+        assert run.finish() == 0, run.output[-3000:]
+    folders = sorted((project.root / "outputs" / "runs").iterdir())
+    assert len(folders) == 2, folders
+    client, _ = client_for(project.root)
+    seeds, run_ids = set(), set()
+    for folder in folders:
+        out = StagePaths(project.root, folder)
+        record = tracking.RunRecord.read(out.run_file)
+        run = client.get_run(record.run_id)
+        on_disk = {key: value for key, value in json.loads(out.metrics.read_text()).items() if key.startswith("test_")}
+        logged = {key: value for key, value in run.data.metrics.items() if key.startswith("test_")}
+        assert logged == pytest.approx(on_disk), f"{folder.name}: MLflow holds another run's test metrics"
+        seeds.add(run.data.params["train.seed"])
+        run_ids.add(record.run_id)
+    assert seeds == {"1", "2"} and len(run_ids) == 2
+
+
+# --- 3, 4, 7: kills and SIGTERM while training (the model and its run record change together) ---
+
+
+def saved_run(paths: StagePaths, client: MlflowClient, experiment_id: str) -> str:
+    """The run `models/` holds, after checking that `models/model.keras` is the model that run
+    logged, and `reports/history.csv` and `training_curves.png` are the ones it logged."""
+    assert sorted(p.name for p in paths.models.iterdir()) == ["model.keras", "run.json"]
+    run_id = tracking.RunRecord.read(paths.run_file).run_id
+    ready = [m for m in logged_models(client, experiment_id, run_id) if m.status.name == "READY"]
+    assert len(ready) == 1, [(m.model_id, m.status) for m in ready]
+    logged = Path(urllib.parse.urlparse(ready[0].artifact_location).path) / "artifacts" / "model.keras"
+    assert logged.read_bytes() == paths.model_file.read_bytes(), f"models/ mixes another model with run {run_id}"
+    artifacts = Path(urllib.parse.urlparse(client.get_run(run_id).info.artifact_uri).path)
+    for on_disk, artifact in ((paths.history, "history.csv"), (paths.training_curves, "figures/training_curves.png")):
+        assert on_disk.read_bytes() == (artifacts / artifact).read_bytes(), f"{on_disk.name} is not run {run_id}'s"
+    return run_id
+
+
+def logged_models(client: MlflowClient, experiment_id: str, run_id: str) -> list:
+    return list(client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"))
+
+
+def test_kills_while_training_leave_the_old_model_and_run_or_the_new(project: StagePaths) -> None:
+    """Five stops of `transferlab train` at five moments, one process each, each resuming the run
+    the one before left; `models/` must pair a model with its own run after every one.
+
+    The issue's repros: `kill -9` at "Validating input example" paired the new model with the old
+    run (evaluate then logged into the old run) and the resumed run had two models; SIGTERM left
+    the run RUNNING; a corrupt checkpoint blocked every later run; the resumed run kept the
+    error tag of its interrupted attempt.
+    """
+    from transferlab.stages.train import train
+
+    cfg = tiny_cfg("train.epochs=3", "train.feature_cache=false", *QUIET)
+    write_params(cfg, project.root / "params.yaml")
+    old = train(cfg, project).run_id  # the previous result, made in this process
+    client, experiment_id = client_for(project.root)
+    assert saved_run(project, client, experiment_id) == old
+    state_file = project.checkpoints / "state.json"
+
+    def new() -> str:
+        return json.loads(state_file.read_text())["run_id"]
+
+    def stopped_at(moment: str | Callable[[], bool], signum: int = signal.SIGKILL) -> Process:
+        process = Process(["transferlab", "train"], project.root)
+        process.wait_for(moment)
+        if signum == signal.SIGKILL:
+            process.kill()
+        else:
+            assert process.stop(signum) == 128 + signum, process.output[-3000:]
+        assert saved_run(project, client, experiment_id) in {old, new()}, f"after a stop at {moment!r}"
+        return process
+
+    stopped_at(r"head: .*epochs 1\.\.3")  # 1: the run started, no epoch done yet
+
+    process = stopped_at(lambda: epochs_done(state_file) >= 2, signal.SIGTERM)  # 2: mid-training, SIGTERM
+    assert process.output.strip().splitlines()[-1] == "interrupted (SIGTERM received)"
+    assert "Traceback" not in process.output
+    run = client.get_run(new())
+    assert run.info.status == "KILLED" and run.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGTERM received"
+    state = json.loads(state_file.read_text())
+    logged = sorted(m.step for m in client.get_metric_history(new(), "val_accuracy"))
+    done = state["epochs_done"]  # the epoch checkpointed just as the signal came may be logged on resume
+    assert logged in (list(range(1, done + 1)), list(range(1, done))), "each epoch logged once, none lost"
+    newest, previous = state["model_file"], state["previous"]["model_file"]
+    (project.checkpoints / newest).write_bytes(b"PK\x03\x04 a checkpoint damaged on disk")
+
+    process = stopped_at(r"wrote .*training_curves")  # 3: finishing, the model not yet saved
+    assert f"checkpoint {newest} is unreadable" in process.output
+    assert f"resuming from {previous}" in process.output
+    # 4: MLflow is logging the new model (its "Validating input example" moment; MLflow's INFO
+    # lines no longer reach the log, so the logged model's PENDING state marks it instead)
+    stopped_at(lambda: any(m.status.name == "PENDING" for m in logged_models(client, experiment_id, new())))
+    stopped_at(r"model saved to|already holds run")  # 5: models/ swapped (now or before); the run not ended
+    resumed = new()
+    assert saved_run(project, client, experiment_id) == resumed
+
+    process = Process(["transferlab", "train"], project.root)
+    assert process.finish() == 0, process.output[-3000:]
+    assert f"already holds run {resumed}" in process.output
+    run = client.get_run(resumed)
+    assert run.info.status == "FINISHED" and tracking.TAG_ERROR not in run.data.tags
+    assert [m.status.name for m in logged_models(client, experiment_id, resumed)] == ["READY"], "one, none PENDING"
+    assert saved_run(project, client, experiment_id) == resumed
+    # The epochs after the checkpoint resumed from were trained again: logged twice if they had
+    # been logged before; every other epoch exactly once.
+    retrained = range(state["previous"]["epochs_done"] + 1, done + 1)
+    steps = sorted(m.step for m in client.get_metric_history(resumed, "val_accuracy"))
+    assert steps == sorted([1, 2, 3, *(epoch for epoch in retrained if epoch in logged)])
+    assert pd.read_csv(project.history)["epoch"].tolist() == [1, 2, 3]
+    assert not project.checkpoints.exists()
+
+
+# --- 7: Ctrl-C and SIGTERM on `transferlab-train`, one run and a sweep ---------------------
+
+LONG_RUN = (*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=50", "train.feature_cache=false")
+
+
+def test_ctrl_c_ends_a_transferlab_train_run_killed(project: StagePaths) -> None:
+    process = Process(["transferlab-train", *LONG_RUN, "mlflow.log_model=false", *QUIET], project.root)
+    states = project.root / "outputs" / "runs"
+    process.wait_for(lambda: any(epochs_done(p) >= 1 for p in states.glob("*/checkpoints/state.json")))
+    assert process.stop(signal.SIGINT) == 130, process.output[-3000:]
+    assert process.output.strip().splitlines()[-1] == "interrupted (SIGINT received)"
+    client, experiment_id = client_for(project.root)
+    (run,) = client.search_runs([experiment_id])
+    assert run.info.status == "KILLED"
+    assert run.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGINT received"
+
+
+def test_sigterm_ends_a_sweep_and_its_running_child_killed(project: StagePaths) -> None:
+    sweep = ["-m", *LONG_RUN, "mlflow.log_model=false", *QUIET, "train.learning_rate=0.01,0.001"]
+    process = Process(["transferlab-train", *sweep, "hydra.sweep.dir=outputs/sweeps/stopped"], project.root)
+    state_file = project.root / "outputs" / "sweeps" / "stopped" / "0" / "checkpoints" / "state.json"
+    process.wait_for(lambda: epochs_done(state_file) >= 1)
+    assert process.stop(signal.SIGTERM) == 143, process.output[-3000:]
+    client, experiment_id = client_for(project.root)
+    (parent,) = client.search_runs([experiment_id], f"tags.`{tracking.TAG_SWEEP}` = 'parent'")
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags[tracking.TAG_ERROR] == "sweep stopped early (KILLED) after 0 jobs"
+    (child,) = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert child.info.status == "KILLED"
+    assert child.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGTERM received"
+
+
+# --- 9: kills while evaluating (the reports change as one unit) ----------------------------
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def newest_metrics_batch(client: MlflowClient, run_id: str) -> set[str]:
+    """The test metrics MLflow got last (evaluate logs them in one batch, one timestamp)."""
+    latest = {
+        key: max(m.timestamp for m in client.get_metric_history(run_id, key))
+        for key in client.get_run(run_id).data.metrics
+        if key.startswith("test_")
+    }
+    newest = max(latest.values())
+    return {key for key, stamp in latest.items() if stamp == newest}
+
+
+def test_kills_while_evaluating_leave_the_old_reports_or_the_new(
+    tmp_path: Path, colour_model: Path, synthetic_cfg: Config
+) -> None:
+    """The issue's repro: a kill after metrics.json was written left new metrics beside old
+    figures, and no test metrics in MLflow."""
+    from transferlab.stages.evaluate import evaluate
+
+    base = colour_config(synthetic_cfg)
+    configs = {
+        "A": base,
+        "B": dataclasses.replace(base, evaluate=EvaluateConfig(top_k=3, misclassified=2, calibration_bins=7)),
+    }
+    paths = make_project(tmp_path / "project", colour_model, base)
+    results, batches = {}, {}
+    for name, cfg in configs.items():  # both complete results, made in this process
+        batches[name] = set(evaluate(cfg, paths))
+        results[name] = contents(paths.evaluation)
+    assert results["A"] != results["B"] and batches["A"] != batches["B"]
+    client, _ = client_for(paths.root, base.mlflow.experiment)
+    run_id = tracking.RunRecord.read(paths.run_file).run_id
+    current = "B"
+    moments = [
+        r"evaluating .* on 12 test images",  # nothing written yet
+        r"wrote .*confusion_matrix\.png",  # the first figure, in the folder aside
+        r"wrote .*reliability\.png",  # the last figure
+        r"logging the evaluation to MLflow",  # reports and metrics going to MLflow
+        r"test accuracy",  # the folder swapped in
+    ]
+    for moment in moments:
+        other = "A" if current == "B" else "B"
+        write_params(configs[other], paths.root / "params.yaml")
+        process = Process(["transferlab", "evaluate"], paths.root)
+        process.wait_for(moment)
+        process.kill()
+        on_disk = [name for name, result in results.items() if contents(paths.evaluation) == result]
+        assert on_disk in (["A"], ["B"]), f"after a kill at {moment!r}: reports/evaluation mixes two evaluations"
+        current = on_disk[0]
+        assert newest_metrics_batch(client, run_id) in batches.values(), f"after a kill at {moment!r}"
+    assert current == other, "the last kill came after the swap"
+
+
+# --- 2: bad requests to the served model ---------------------------------------------------
+
+
+def test_bad_requests_get_400_with_the_reason_and_the_server_keeps_its_memory(
+    model_server: ModelServer, colour_image
+) -> None:
+    """A PNG declaring 16000 x 16000 pixels made the worker grow by 0.8 GB and answer 200;
+    20,000 rows were accepted (5.3 GB) and the worker kept 3.1 GB afterwards."""
+    from transferlab.serving import IMAGE_COLUMN, encode_image_file
+
+    def request(images: list[str]) -> dict:
+        return {"dataframe_split": {"columns": [IMAGE_COLUMN], "data": [[image] for image in images]}}
+
+    good = encode_image_file(colour_image("red.png", (230, 20, 20)))
+    assert model_server.post(request([good] * 3))[0] == 200  # warm: the model is loaded and traced
+    before = model_server.rss_mb()
+
+    bomb = base64.b64encode(declared_png(16000, 16000)).decode()
+    status, body = model_server.post(request([good, bomb]))
+    assert status == 400
+    assert "row 1: image is 16000x16000 pixels, over the limit of 67,108,864" in body["message"]
+    assert "stack_trace" not in body
+    for rows in (SERVE_MAX_ROWS + 1, 20_000):  # 20,000: the issue's request
+        status, body = model_server.post(request([good] * rows))
+        assert status == 400
+        assert f"request has {rows} rows, over the limit of {SERVE_MAX_ROWS}" in body["message"]
+        assert "stack_trace" not in body
+    status, body = model_server.post(request([good] * SERVE_MAX_ROWS))  # two chunks
+    assert status == 200 and [row["label"] for row in body["predictions"]] == ["red"] * SERVE_MAX_ROWS
+
+    grown = model_server.rss_mb() - before
+    assert grown < 150, f"the server grew by {grown:.0f} MB"
+
+
+# --- 2, 5, 6, 8: the commands' one-line refusals ---------------------------------------------
+
+
+def run_command(cwd: Path, *command: str) -> tuple[int, str]:
+    process = Process(command, cwd)
+    return process.finish(), process.output
+
+
+def test_archive_bomb_is_refused_in_one_line_and_the_dataset_kept(tmp_path: Path) -> None:
+    import zipfile
+
+    from transferlab.config import compose
+
+    images = tmp_path / "images"
+    for label in ("cats", "dogs"):
+        (images / label).mkdir(parents=True)
+        (images / label / "a.png").write_bytes(declared_png(8, 8))
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("cats/zeros.png", "w") as member:
+        for _ in range(64):
+            member.write(bytes(2**20))
+    for source, expected in ((images, 0), (bomb, 2)):
+        cfg = compose(["data=folder", f"data.source={source}", "data.name=pets"], config_dir=REPO_ROOT / "conf")
+        write_params(cfg, tmp_path / "params.yaml")
+        status, output = run_command(tmp_path, "transferlab", "download")
+        assert status == expected, output[-2000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"DownloadError: {bomb}: member 'cats/zeros.png' expands the")
+    assert "data.max_compression_ratio" in last
+    assert sorted(p.relative_to(tmp_path / "data" / "raw").as_posix() for p in (tmp_path / "data/raw").rglob("*")) == [
+        "pets",
+        "pets/cats",
+        "pets/cats/a.png",
+        "pets/dogs",
+        "pets/dogs/a.png",
+    ]
+
+
+def test_links_are_followed_and_oversized_images_skipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from transferlab.config import compose
+
+    images = tmp_path / "images"
+    for label, rgb in (("red", (230, 20, 20)), ("blue", (20, 20, 230))):
+        (images / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (32, 32), rgb).save(images / label / f"{i}.png")
+    (images / "red" / "linked.png").symlink_to("0.png")  # relative
+    (images / "blue" / "bomb.png").write_bytes(declared_png(16000, 16000))
+    cfg = compose(["data=folder", f"data.source={images}", "data.name=colours"], config_dir=REPO_ROOT / "conf")
+    write_params(cfg, tmp_path / "params.yaml")
+    for stage in ("download", "split"):
+        status, output = run_command(tmp_path, "transferlab", stage)
+        assert status == 0, output[-2000:]
+    report = json.loads(StagePaths(tmp_path).split_report.read_text())
+    assert report["counts"]["red"]["total"] == 4, "the linked image is used"
+    (skipped,) = report["skipped"]
+    assert skipped["path"] == "blue/bomb.png"
+    assert skipped["reason"].startswith("too large to decode safely: image is 16000x16000 pixels")
+
+
+def test_out_of_range_seed_is_one_line_at_the_door(project: StagePaths) -> None:
+    status, output = run_command(project.root, "transferlab", "compose", "train.seed=-5", "--out", "seed.yaml")
+    assert status == 2 and output.strip().splitlines()[-1] == (
+        "ConfigError: train.seed must be in [0, 4294967295] (2**32 - 1), got -5"
+    )
+    status, output = run_command(project.root, "transferlab-train", *SYNTHETIC_OVERRIDES, "train.seed=4294967296")
+    assert status == 2 and output.strip().splitlines()[-1].startswith("ConfigError: train.seed must be in [0, ")
+    assert "Traceback" not in output
