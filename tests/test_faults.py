@@ -227,7 +227,8 @@ def test_kills_while_training_leave_the_old_model_and_run_or_the_new(project: St
     logged = sorted(m.step for m in client.get_metric_history(new(), "val_accuracy"))
     done = state["epochs_done"]  # the epoch checkpointed just as the signal came may be logged on resume
     assert logged in (list(range(1, done + 1)), list(range(1, done))), "each epoch logged once, none lost"
-    newest, previous = state["model_file"], state["previous"]["model_file"]
+    before = json.loads((project.checkpoints / "previous.json").read_text())  # the epoch before's state
+    newest, previous = state["model_file"], before["model_file"]
     (project.checkpoints / newest).write_bytes(b"PK\x03\x04 a checkpoint damaged on disk")
 
     process = stopped_at(r"wrote .*training_curves")  # 3: finishing, the model not yet saved
@@ -236,7 +237,8 @@ def test_kills_while_training_leave_the_old_model_and_run_or_the_new(project: St
     # 4: MLflow is logging the new model (its "Validating input example" moment; MLflow's INFO
     # lines no longer reach the log, so the logged model's PENDING state marks it instead)
     stopped_at(lambda: any(m.status.name == "PENDING" for m in logged_models(client, experiment_id, new())))
-    stopped_at(r"model saved to|already holds run")  # 5: models/ swapped (now or before); the run not ended
+    # 5: models/ swapped (now or before); the run not ended
+    stopped_at(r"model \(epoch \d+\) saved to|already holds run")
     resumed = new()
     assert saved_run(project, client, experiment_id) == resumed
 
@@ -249,7 +251,7 @@ def test_kills_while_training_leave_the_old_model_and_run_or_the_new(project: St
     assert saved_run(project, client, experiment_id) == resumed
     # The epochs after the checkpoint resumed from were trained again: logged twice if they had
     # been logged before; every other epoch exactly once.
-    retrained = range(state["previous"]["epochs_done"] + 1, done + 1)
+    retrained = range(before["epochs_done"] + 1, done + 1)
     steps = sorted(m.step for m in client.get_metric_history(resumed, "val_accuracy"))
     assert steps == sorted([1, 2, 3, *(epoch for epoch in retrained if epoch in logged)])
     assert pd.read_csv(project.history)["epoch"].tolist() == [1, 2, 3]
