@@ -96,15 +96,26 @@ def _epochs(checkpointer: Checkpointer, model, count: int, best_at: int | None =
     return state
 
 
+def _flip_a_byte_in_the_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "flipped byte"])
 def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
     """Issue 12: a corrupt `epoch-NNNN.keras` made every later run fail until the folder was deleted."""
     caplog.set_level(logging.INFO, logger="transferlab.checkpoint")  # it repairs itself: said, not warned
     checkpointer = Checkpointer(tmp_path)
     model = _tiny_model()
     _epochs(checkpointer, model, 3)
-    (tmp_path / "epoch-0003.keras").write_bytes(b"PK\x03\x04 not a whole zip file")
+    newest = tmp_path / "epoch-0003.keras"
+    if damage == "garbage":
+        newest.write_bytes(b"PK\x03\x04 not a whole zip file")
+    else:  # the zip's structure intact, one member's bytes changed: its CRC tells
+        _flip_a_byte_in_the_middle(newest)
 
     state = Checkpointer(tmp_path).load("h")
     assert state is not None and state.run_id == "run-1"

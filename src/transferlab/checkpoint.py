@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 PREVIOUS_STATE_FILE = "previous.json"  # the state as it was before the newest epoch was recorded
+KERAS_MEMBERS = frozenset({"config.json", "model.weights.h5"})  # what `keras.models.load_model` reads from a .keras zip
 # What a checkpointed model is: the head alone, the top of the backbone above the cut plus the
 # head (cut.py), or the whole classifier.
 ModelKind = Literal["head", "top", "full"]
@@ -161,15 +163,19 @@ class Checkpointer:
             return None
 
     def _unreadable(self, state: CheckpointState) -> str | None:
-        """None when every model file `state` names loads, else which one does not and why."""
-        import keras
-
+        """None when every model file `state` names is a whole `.keras` archive, else which one is
+        not and why. Checked without TensorFlow (which must not start before a multi_worker
+        strategy): every member's CRC, and the members Keras loads."""
         for name in dict.fromkeys(n for n in (state.model_file, state.best_file) if n):
             path = self.directory / name
             if not path.is_file():
                 return f"{name} is missing"
             try:
-                keras.models.load_model(path)
-            except Exception as exc:  # Keras raises ValueError, OSError, zipfile and h5py errors, ...
+                with zipfile.ZipFile(path) as archive:
+                    missing = sorted(KERAS_MEMBERS - set(archive.namelist()))
+                    corrupt = archive.testzip()
+            except Exception as exc:  # BadZipFile, zlib.error, EOFError, OSError, ... on damaged bytes
                 return f"{name} is unreadable ({first_line(exc)})"
+            if missing or corrupt:
+                return f"{name} is unreadable ({'corrupt member ' + corrupt if corrupt else 'no ' + missing[0]})"
         return None
