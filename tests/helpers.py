@@ -287,21 +287,7 @@ class ModelServer:
         return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
     def wait_until_ready(self) -> None:
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow models serve exited:\n{self.log_file.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"no /ping answer within {SERVER_START_TIMEOUT_S} s:\n{self.log_file.read_text()[-3000:]}")
+        wait_until_answering(self.process, f"{self.base}/ping", self.log_file, "mlflow models serve")
 
     def stop(self) -> None:
         """SIGTERM to the process group this test started, SIGKILL if it lingers."""
@@ -354,3 +340,24 @@ def released_together(commands: Sequence[Sequence[str]], folder: Path, **popen: 
         time.sleep(0.02)
     go.touch()
     return procs
+
+
+def wait_until_answering(process: subprocess.Popen, url: str, log_file: Path, what: str) -> None:
+    """Poll `url` until it answers 200, for at most SERVER_START_TIMEOUT_S; `RuntimeError` with the
+    log's tail if the process exits first or the time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log_file.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    tail = log_file.read_text()[-3000:]
+    raise RuntimeError(f"{what}: no answer from {url} within {SERVER_START_TIMEOUT_S} s:\n{tail}")

@@ -22,14 +22,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import REPO_ROOT, VENV_BIN, chatter, offline_dom, user_environment
+from helpers import REPO_ROOT, VENV_BIN, chatter, offline_dom, user_environment, wait_until_answering
 from mlflow.tracking import MlflowClient
 
 from transferlab import registry, tracking
@@ -41,7 +39,6 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = "transferlab-demo"  # conf/experiment/demo.yaml
 MODEL_NAME = "synthetic-classifier"  # mlflow.registered_model: ${data.name}-classifier
 SWEEP = ("+experiment=demo", "train.epochs=2", "finetune.epochs=1", "model.dropout=0.1,0.5")
-SERVER_START_TIMEOUT_S = 180
 # Chromium runs JavaScript for this much virtual time, then dumps the DOM (without it, it never stops).
 VIRTUAL_TIME_MS = 15_000
 
@@ -150,19 +147,7 @@ def ui(demo: Demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow ui exited with {server.returncode}:\n{log_file.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow ui did not answer within {SERVER_START_TIMEOUT_S} s:\n{log_file.read_text()}")
-            time.sleep(0.5)
+        wait_until_answering(server, f"{base}/health", log_file, "mlflow ui")
         yield base
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the process group this fixture started
