@@ -36,6 +36,8 @@ class ProcessRun:
     ended: float
     peak_rss_mib: float
     log_file: Path
+    load_before: float  # 1-minute load average when the child started and when it ended
+    load_after: float
 
     @property
     def wall_s(self) -> float:
@@ -59,6 +61,7 @@ def child_env() -> dict[str, str]:
 def run(command: Sequence[str], log_file: Path, cwd: Path) -> ProcessRun:
     """Run `command` to completion; stdout and stderr go to `log_file`. Raises PhaseError."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     with log_file.open("w") as sink:
         started = time.time()
         child = subprocess.Popen(command, cwd=cwd, env=child_env(), stdout=sink, stderr=subprocess.STDOUT)
@@ -68,7 +71,7 @@ def run(command: Sequence[str], log_file: Path, cwd: Path) -> ProcessRun:
     if code != 0:
         raise PhaseError(f"{' '.join(command[:3])} ... exited with {code}; see {log_file}")
     # Linux reports ru_maxrss in KiB.
-    return ProcessRun(started, ended, usage.ru_maxrss / 1024, log_file)
+    return ProcessRun(started, ended, usage.ru_maxrss / 1024, log_file, load_before, os.getloadavg()[0])
 
 
 def _wait(child: subprocess.Popen) -> tuple[int, os.struct_rusage]:

@@ -18,7 +18,27 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-UNITS = {"img/s": "img/s", "s": "s", "ratio": "x", "fraction": "%", "accuracy": "%"}
+UNITS = {"img/s": "img/s", "s": "s", "ratio": "x", "fraction": "%", "accuracy": "%", "points": "points"}
+# How a target compares the median with its bound: "at_most", "at_least", or "within" (absolute value at most).
+TARGET_TESTS = {
+    "at_most": (lambda value, bound: value <= bound, "<="),
+    "at_least": (lambda value, bound: value >= bound, ">="),
+    "within": (lambda value, bound: abs(value) <= bound, "+-"),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the median of a figure should reach (the issue's done-when)."""
+
+    test: str  # a key of TARGET_TESTS
+    bound: float
+
+    def met(self, value: float) -> bool:
+        return TARGET_TESTS[self.test][0](value, self.bound)
+
+    def describe(self, unit: str) -> str:
+        return f"{TARGET_TESTS[self.test][1]} {_number(self.bound, unit)}"
 
 
 @dataclass
@@ -27,18 +47,19 @@ class Figure:
 
     label: str
     unit: str
+    target: Target | None = None
     samples: list[float] = field(default_factory=list)
     rss_mib: list[float] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         if not self.samples:
             return {"n": 0}
-        return {
-            "n": len(self.samples),
-            "median": statistics.median(self.samples),
-            "min": min(self.samples),
-            "max": max(self.samples),
-        }
+        median = statistics.median(self.samples)
+        result = {"n": len(self.samples), "median": median, "min": min(self.samples), "max": max(self.samples)}
+        if self.target is not None:
+            result["target"] = self.target.describe(self.unit)
+            result["target_met"] = self.target.met(median)
+        return result
 
 
 class Results:
@@ -49,9 +70,9 @@ class Results:
         self.breakdowns: dict[str, dict[str, list[float]]] = {}
         self.runs: list[dict[str, Any]] = []
 
-    def declare(self, key: str, label: str, unit: str) -> None:
+    def declare(self, key: str, label: str, unit: str, target: Target | None = None) -> None:
         """Reserve a row: the table lists figures in the order they were declared."""
-        self.figures.setdefault(key, Figure(label, unit))
+        self.figures.setdefault(key, Figure(label, unit, target))
 
     def add(self, key: str, value: float, rss_mib: float | None = None) -> None:
         """One sample of a declared figure, with the peak RSS of the process that produced it."""
@@ -76,6 +97,8 @@ class Results:
 def _number(value: float, unit: str) -> str:
     if unit in ("fraction", "accuracy"):
         return f"{100 * value:.1f}"
+    if unit == "points":
+        return f"{100 * value:.2f}"
     if unit == "ratio":
         return f"{value:.2f}"
     if unit == "s":
@@ -85,18 +108,21 @@ def _number(value: float, unit: str) -> str:
 
 def table(results: Results, header: Iterable[str]) -> str:
     """The plain-text table: one row per figure, then the time breakdowns."""
-    rows = [("measurement", "median", "min - max", "unit", "n", "peak RSS")]
+    rows = [("measurement", "median", "min - max", "unit", "n", "peak RSS", "target")]
     for figure in results.figures.values():
         s = figure.summary()
         if not s["n"]:
             continue
         spread = f"{_number(s['min'], figure.unit)} - {_number(s['max'], figure.unit)}"
         rss = f"{max(figure.rss_mib):,.0f} MiB" if figure.rss_mib else ""
-        rows.append((figure.label, _number(s["median"], figure.unit), spread, UNITS[figure.unit], str(s["n"]), rss))
+        target = f"{s['target']}: {'met' if s['target_met'] else 'MISSED'}" if "target" in s else ""
+        median = _number(s["median"], figure.unit)
+        rows.append((figure.label, median, spread, UNITS[figure.unit], str(s["n"]), rss, target))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [*header, ""]
     for index, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
+        cells = [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:-1], widths[1:-1], strict=True))]
+        cells.append(row[-1].ljust(widths[-1]))
         lines.append("  ".join(cells).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -107,7 +133,7 @@ def table(results: Results, header: Iterable[str]) -> str:
         for name, values in parts.items():
             seconds = statistics.median(values)
             share = 100 * seconds / total if total else 0.0
-            lines.append(f"  {name.ljust(width)}  {seconds:7.1f}  {share:5.1f} %")
+            lines.append(f"  {name.ljust(width)}  {seconds:7.2f}  {share:5.1f} %")
     return "\n".join(lines)
 
 

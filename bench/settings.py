@@ -5,10 +5,9 @@ BENCH_MODEL        backbone name from transferlab.backbones (default mobilenet_v
 BENCH_ALPHA        width multiplier (default 0.35 for MobileNet backbones, else none)
 BENCH_WEIGHTS      null | imagenet | path to a no-top .h5 file (default null)
 BENCH_IMAGE_SIZE   input size in pixels (default 224)
-BENCH_REPEATS      repetitions of every measurement (default 3)
-BENCH_SWEEP_REPEATS  repetitions of the 8-job sweep (default 1: one sweep takes 2-4 minutes here)
-BENCH_SWEEP_NAIVE  estimate (8 x the naive 2-epoch run of the same round) | run (8 real runs)
-BENCH_QUICK        1: a smoke run of every phase (100 images, one repetition, 2 epochs only, 2-job sweep)
+BENCH_REPEATS      rounds of the alternating comparisons, and repetitions of every probe (default 3)
+BENCH_QUICK        1: a smoke run of every phase (100 synthetic images, one round, 2-job sweep,
+                   2 fine-tuning epochs)
 BENCH_WORKDIR      scratch folder (default build/bench; replaced on every run)
 BENCH_OUT          where the JSON report goes (default reports/bench.json)
 """
@@ -29,6 +28,9 @@ SYNTHETIC_IMAGES_PER_CLASS = 60
 QUICK_IMAGES_PER_CLASS = 20
 SWEEP_JOBS = 8
 QUICK_SWEEP_JOBS = 2
+# Phase 2 epochs of the fine-tuning comparison: the first traces the train step, the rest are steady.
+FINETUNE_EPOCHS = 3
+QUICK_FINETUNE_EPOCHS = 2
 
 
 @dataclass(frozen=True)
@@ -41,18 +43,12 @@ class BenchSettings:
     weights: str | None
     image_size: int
     repeats: int
-    sweep_repeats: int
     sweep_jobs: int
-    sweep_naive: str
+    finetune_epochs: int
     synthetic_images_per_class: int
     quick: bool
     workdir: Path
     out: Path
-
-    @property
-    def epoch_counts(self) -> tuple[int, ...]:
-        """End-to-end run lengths compared with the naive recipe (quick mode: 2 only)."""
-        return (2,) if self.quick else (2, 10)
 
     @property
     def dataset_label(self) -> str:
@@ -106,9 +102,6 @@ def from_env(env: dict[str, str] | None = None) -> BenchSettings:
     if data is not None and not data.is_dir():
         raise SystemExit(f"BENCH_DATA={data}: not a folder of class folders")
     quick = env.get("BENCH_QUICK", "0") not in ("", "0", "false", "no")
-    sweep_naive = env.get("BENCH_SWEEP_NAIVE", "estimate")
-    if sweep_naive not in ("estimate", "run"):
-        raise SystemExit(f"BENCH_SWEEP_NAIVE must be estimate or run, got {sweep_naive!r}")
     return BenchSettings(
         data=data,
         backbone=backbone,
@@ -116,9 +109,8 @@ def from_env(env: dict[str, str] | None = None) -> BenchSettings:
         weights=_weights(env.get("BENCH_WEIGHTS", "null")),
         image_size=_positive_int(env, "BENCH_IMAGE_SIZE", 224),
         repeats=_positive_int(env, "BENCH_REPEATS", 1 if quick else 3),
-        sweep_repeats=_positive_int(env, "BENCH_SWEEP_REPEATS", 1),
         sweep_jobs=QUICK_SWEEP_JOBS if quick else SWEEP_JOBS,
-        sweep_naive=sweep_naive,
+        finetune_epochs=QUICK_FINETUNE_EPOCHS if quick else FINETUNE_EPOCHS,
         synthetic_images_per_class=QUICK_IMAGES_PER_CLASS if quick else SYNTHETIC_IMAGES_PER_CLASS,
         quick=quick,
         workdir=Path(env.get("BENCH_WORKDIR", REPO_ROOT / "build" / "bench")).resolve(),

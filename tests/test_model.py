@@ -13,7 +13,7 @@ import pytest
 from transferlab.backbones import BACKBONES, imagenet_weights_filename
 from transferlab.config import ModelConfig
 from transferlab.errors import ConfigError, ModelError
-from transferlab.model import build_classifier, set_trainable_layers, weights_digest
+from transferlab.model import build_backbone, build_classifier, set_trainable_layers, weights_digest
 
 MOBILENET_V2_WEIGHTS = "weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 
@@ -91,6 +91,39 @@ def test_missing_weights_file_is_one_clear_error(tmp_path: Path) -> None:
     cfg = ModelConfig("mobilenet_v2", alpha=0.35, weights=str(tmp_path / "nope.h5"))
     with pytest.raises(ModelError, match=r"model.weights file .*nope.h5 does not exist"):
         build_classifier(cfg, 3, 32)
+
+
+def test_a_backbone_with_file_weights_is_reused_and_reset_to_them(tmp_path: Path) -> None:
+    """Sweep jobs share one built backbone; each gets it back with the file's weights, frozen."""
+    weights = tmp_path / "backbone.weights.h5"
+    build_backbone(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 32).save_weights(weights)
+    cfg = ModelConfig("mobilenet_v2", alpha=0.35, weights=str(weights))
+    first = build_classifier(cfg, 3, 32, seed=7, reuse_backbone=True)
+    pristine = weights_digest(first.backbone)
+    set_trainable_layers(first.backbone, 20)
+    for variable in first.backbone.weights:  # what fine-tuning the previous job did
+        variable.assign(variable + 1.0)
+
+    second = build_classifier(cfg, 3, 32, seed=7, reuse_backbone=True)
+    assert second.backbone is first.backbone
+    assert weights_digest(second.backbone) == pristine
+    assert not second.backbone.trainable_weights
+    fresh = build_classifier(cfg, 3, 32, seed=7)
+    assert fresh.backbone is not second.backbone
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    reused, built = (c.model.predict(pixels, verbose=0) for c in (second, fresh))
+    np.testing.assert_allclose(reused, built, atol=1e-6)
+    random = build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 3, 32, reuse_backbone=True)
+    assert random.backbone is not first.backbone, "random-init backbones are always built afresh"
+
+
+def test_a_seeded_head_does_not_depend_on_what_was_built_before() -> None:
+    cfg = ModelConfig("mobilenet_v2", alpha=0.35, weights=None)
+    first = build_classifier(cfg, 3, 32, seed=5)
+    build_classifier(cfg, 3, 32)  # draws from the global random state
+    second = build_classifier(cfg, 3, 32, seed=5)
+    for a, b in zip(first.head.get_weights(), second.head.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_imagenet_filenames_match_keras_cache_names() -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from transferlab import console
 from transferlab.config import CONFIG_NAME, conf_dir
 from transferlab.errors import report_interrupt
+from transferlab.process_exit import run_and_exit
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -72,8 +73,13 @@ def with_output_dir(argv: Sequence[str]) -> list[str]:
     return [*args, f"{key}={folder}"]
 
 
+def run() -> None:
+    """The `transferlab-train` console script: `main`, then a quick exit (see process_exit)."""
+    run_and_exit(main)
+
+
 def main() -> None:
-    """Entry point of the `transferlab-train` console script."""
+    """Compose the config from `conf/` and the command line, run the job or the sweep."""
     import hydra
 
     console.configure()
@@ -91,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from transferlab import console
 from transferlab.errors import run_reporting_errors
+from transferlab.process_exit import run_and_exit
 from transferlab.registry import DEFAULT_ALIAS
 
 if TYPE_CHECKING:
@@ -177,6 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(args.dvc_args)}")
     console.configure()
     return run_reporting_errors(lambda: args.func(args))
+
+
+def run() -> None:
+    """The `transferlab` console script: `main`, then a quick exit (see process_exit)."""
+    run_and_exit(main)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,9 @@ def keras_progress(desc: str, epochs: int = 1) -> Iterator[keras.callbacks.Callb
 
     class KerasProgress(keras.callbacks.Callback):
         bar: tqdm | None = None
+        # Keras may call the batch hooks from a helper thread, so a step does not wait for the
+        # previous one's results (a per-batch hook otherwise makes every step synchronous).
+        async_safe = True
 
         def _start(self) -> None:
             steps = self.params.get("steps")

@@ -44,6 +44,26 @@ def load_model(path: Path) -> keras.Model:
         raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
 
 
+# Batches up to this many images run as one eager call (see `predict_pixels`).
+EAGER_MAX_IMAGES = 32
+
+
+def predict_pixels(model: keras.Model, pixels: np.ndarray) -> np.ndarray:
+    """Class probabilities (float64) of a batch of decoded images.
+
+    A small batch runs as one eager call: `predict` would first trace a predict function (a
+    second or more on 2 cores), which a server's first request and MLflow's check of the input
+    example when it logs the model would wait for. Larger batches go through `predict`.
+    """
+    import keras
+
+    if len(pixels) <= EAGER_MAX_IMAGES:
+        outputs = keras.ops.convert_to_numpy(model(keras.ops.convert_to_tensor(pixels), training=False))
+    else:
+        outputs = model.predict(pixels, verbose=0)
+    return np.asarray(outputs, dtype=np.float64)
+
+
 def model_image_size(model: keras.Model) -> int:
     """The square input size of a model that takes `(None, size, size, 3)` pixels."""
     shape = tuple(model.input_shape)

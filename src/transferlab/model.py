@@ -115,8 +115,58 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
         raise ModelError(f"cannot load model.weights {cfg.weights}: {first_line(exc)}") from exc
 
 
-def build_head(num_features: int, num_classes: int, cfg: ModelConfig) -> keras.Model:
-    """GlobalAveragePooling's successor: [BatchNormalization] -> Dropout -> Dense logits -> softmax."""
+@dataclass
+class _BuiltBackbone:
+    """A backbone built with fixed (ImageNet or file) weights, and those weights as built."""
+
+    key: tuple[object, ...]
+    backbone: keras.Model
+    weights: list[np.ndarray]
+
+
+_last_built: _BuiltBackbone | None = None
+
+
+def _fixed_weights_key(cfg: ModelConfig, image_size: int) -> tuple[object, ...] | None:
+    """What a backbone with file or ImageNet weights is a function of; None for random init."""
+    weights = _weights_argument(cfg)
+    if weights is None:
+        return None
+    stamp = None
+    if weights != "imagenet":
+        stat = Path(weights).stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+    return (cfg.backbone, cfg.alpha, weights, stamp, image_size)
+
+
+def reusable_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
+    """`build_backbone`, or the one this process built last from the same weights, reset to them.
+
+    Building a `keras.applications` network costs about half a second of CPU (MobileNetV2),
+    as much as training a head on cached features, and every job of a sweep builds the same
+    one. ImageNet or file weights set every variable, so the reused network with its weights
+    put back is what a fresh build gives. Random-init backbones depend on the seed and are
+    always built afresh. The process keeps the last such backbone and a copy of its weights; the
+    caller must be done with classifiers built on the previous one, which share it.
+    """
+    global _last_built
+    key = _fixed_weights_key(cfg, image_size)
+    if key is None:
+        return build_backbone(cfg, image_size)
+    if _last_built is not None and _last_built.key == key:
+        _last_built.backbone.set_weights(_last_built.weights)
+        return _last_built.backbone
+    backbone = build_backbone(cfg, image_size)
+    _last_built = _BuiltBackbone(key, backbone, backbone.get_weights())
+    return backbone
+
+
+def build_head(num_features: int, num_classes: int, cfg: ModelConfig, seed: int | None = None) -> keras.Model:
+    """GlobalAveragePooling's successor: [BatchNormalization] -> Dropout -> Dense logits -> softmax.
+
+    With `seed`, the initial weights and the dropout masks follow from it alone, not from how
+    much of the global random state earlier layer constructions drew.
+    """
     import keras
 
     inputs = keras.Input((num_features,), name="pooled_features")
@@ -125,9 +175,10 @@ def build_head(num_features: int, num_classes: int, cfg: ModelConfig) -> keras.M
         # momentum 0.9 (Keras: 0.99): inference statistics settle within a few dozen steps, which
         # matters on small datasets where an epoch is only a handful of batches.
         x = keras.layers.BatchNormalization(momentum=0.9, name="head_batchnorm")(x)
-    x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
+    x = keras.layers.Dropout(cfg.dropout, seed=seed, name="head_dropout")(x)
     # float32 from here on keeps softmax stable under a mixed_float16 policy.
-    logits = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS_LAYER)(x)
+    initializer = keras.initializers.GlorotUniform(seed=seed)
+    logits = keras.layers.Dense(num_classes, kernel_initializer=initializer, dtype="float32", name=LOGITS_LAYER)(x)
     return keras.Model(inputs, _probabilities(logits, 1.0), name=HEAD_MODEL)
 
 
@@ -153,11 +204,30 @@ def head_logits(head: keras.Model) -> keras.Model:
     return keras.Model(head.input, head.get_layer(LOGITS_LAYER).output, name="head_logits")
 
 
-def build_classifier(cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:
-    """A frozen backbone with a new head; call `set_trainable_layers` to fine-tune."""
+def run_head(head: keras.Model, pooled: np.ndarray) -> np.ndarray:
+    """The head (or `head_logits`) on pooled features, in one eager call.
+
+    `predict` would first trace a predict function for this tiny model, which costs more
+    than running it on a whole split; one eager call takes milliseconds.
+    """
     import keras
 
-    backbone = build_backbone(cfg, image_size)
+    outputs = head(keras.ops.convert_to_tensor(np.asarray(pooled, dtype="float32")), training=False)
+    return np.asarray(keras.ops.convert_to_numpy(outputs), dtype=np.float64)
+
+
+def build_classifier(
+    cfg: ModelConfig, num_classes: int, image_size: int, *, seed: int | None = None, reuse_backbone: bool = False
+) -> Classifier:
+    """A frozen backbone with a new head; call `set_trainable_layers` to fine-tune.
+
+    `seed` seeds the head (see `build_head`). With `reuse_backbone` (and a seed, so the head
+    does not depend on whether the backbone was built), the backbone comes from
+    `reusable_backbone`.
+    """
+    import keras
+
+    backbone = reusable_backbone(cfg, image_size) if reuse_backbone else build_backbone(cfg, image_size)
     backbone.trainable = False
     layers = _preprocessing(BACKBONES[cfg.backbone].preprocessing, image_size)
 
@@ -171,7 +241,7 @@ def build_classifier(cfg: ModelConfig, num_classes: int, image_size: int) -> Cla
     x = backbone(preprocess(inputs), training=False)
     pooled = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
     features = keras.Model(inputs, pooled, name="features")
-    head = build_head(int(pooled.shape[-1]), num_classes, cfg)
+    head = build_head(int(pooled.shape[-1]), num_classes, cfg, seed)
     model = keras.Model(inputs, head(pooled), name=f"{cfg.backbone}_classifier")
     return Classifier(model=model, backbone=backbone, features=features, head=head, preprocess=preprocess)
 

@@ -78,7 +78,7 @@ def load_predictor(path: Path) -> Predictor:
         return Predictor(exported.image_size, classes, exported.probabilities)
     model = inference.load_model(path)
     classes = find_classes(path, int(model.output_shape[-1]))
-    return Predictor(inference.model_image_size(model), classes, lambda pixels: model.predict(pixels, verbose=0))
+    return Predictor(inference.model_image_size(model), classes, lambda pixels: inference.predict_pixels(model, pixels))
 
 
 def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[list[tuple[str, float]]]:

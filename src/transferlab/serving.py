@@ -141,8 +141,10 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         return to_output_frame(probabilities, self.classes)
 
     def _score(self, values: Sequence[object], first_row: int) -> np.ndarray:
+        from transferlab.inference import predict_pixels
+
         pixels = np.stack([self._decode(value, first_row + offset) for offset, value in enumerate(values)])
-        return np.asarray(self._model.predict(pixels, verbose=0), dtype=np.float64)
+        return predict_pixels(self._model, pixels)
 
     def _decode(self, value: object, row: int) -> np.ndarray:
         from transferlab.images import decode_image_bytes

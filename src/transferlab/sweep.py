@@ -212,8 +212,9 @@ def _train_and_evaluate(
     from transferlab.stages.train import train
 
     result = train(cfg, paths, run_name=name, parent_run_id=parent, extra_tags=tags, register_model=parent is None)
+    trained = result.classifier
     if worker_role(cfg.train).is_chief:  # multi_worker: the other workers only train along
-        evaluate(cfg, paths, model=result.classifier.model if result.classifier else None)
+        evaluate(cfg, paths, model=trained.model if trained else None, features=trained.features if trained else None)
     return result.run_id, result.val_accuracy
 
 
@@ -225,6 +226,10 @@ def free_memory() -> None:
         keras.backend.clear_session(free_memory=False)
         _drop_custom_gradients()
     gc.collect()
+    # What is still alive now (modules, TensorFlow's registries) lives for the whole sweep: exempt
+    # it from later collections, so the next job's collection scans only what that job allocated
+    # instead of TensorFlow's million objects (half a second of CPU per job).
+    gc.freeze()
 
 
 def _drop_custom_gradients() -> None:

@@ -157,7 +157,9 @@ class Trainer:
         """Run every phase not yet over; return the classifier with the epoch to keep restored."""
         from transferlab.model import build_classifier, weights_digest
 
-        classifier = build_classifier(self.cfg.model, len(self.classes), self.image_size)
+        classifier = build_classifier(
+            self.cfg.model, len(self.classes), self.image_size, seed=self.cfg.train.seed, reuse_backbone=True
+        )
         self.weights_digest = weights_digest(classifier.backbone)
         self.phases = [_feasible(phase, classifier) for phase in plan_phases(self.cfg)]
         carried = not resumed  # the in-memory weights are the state's (nothing trained yet, or trained here)
@@ -406,10 +408,9 @@ class Trainer:
     def calibrate(self, classifier: Classifier) -> Calibration:
         """Fit a temperature on the validation split and put it inside the classifier."""
         from transferlab.metrics import calibration, fit_temperature, log_loss, softmax
-        from transferlab.model import attach_head, head_logits, with_temperature
+        from transferlab.model import attach_head, head_logits, run_head, with_temperature
 
-        pooled = self._validation_pooled(classifier)
-        logits = np.asarray(head_logits(classifier.head).predict(pooled, verbose=0), dtype=np.float64)
+        logits = run_head(head_logits(classifier.head), self._validation_pooled(classifier))
         labels = np.asarray(self.val_set.labels)
         temperature = fit_temperature(labels, logits)
         bins = self.cfg.evaluate.calibration_bins

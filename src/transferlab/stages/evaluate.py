@@ -66,16 +66,20 @@ def predict_manifest(model: keras.Model, manifest: Manifest, batch_size: int) ->
     return np.asarray(probabilities, dtype=np.float64)
 
 
-def predict_from_feature_cache(cfg: Config, paths: StagePaths, model: keras.Model, test: Manifest) -> np.ndarray | None:
+def predict_from_feature_cache(
+    cfg: Config, paths: StagePaths, model: keras.Model, test: Manifest, features: keras.Model | None = None
+) -> np.ndarray | None:
     """Test probabilities from cached backbone features, or None when the cache does not apply.
 
     It applies when the model's backbone still has the weights its features were cached with
     during training (the validation split's features are in the cache under that weights
     digest): the backbone was frozen, so only the head needs to run. The test features are
-    computed once on a miss and cached for later evaluations of the same backbone.
+    computed once on a miss and cached for later evaluations of the same backbone, by
+    `features` when given (the trained classifier's extractor, whose predict function training
+    already traced), else by an extractor cut out of `model`.
     """
     from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
-    from transferlab.model import HEAD_MODEL, POOL_LAYER, weights_digest
+    from transferlab.model import HEAD_MODEL, POOL_LAYER, run_head, weights_digest
 
     backbones = [layer for layer in model.layers if hasattr(layer, "layers") and layer.name != HEAD_MODEL]
     if len(backbones) != 1 or POOL_LAYER not in {layer.name for layer in model.layers}:
@@ -93,11 +97,10 @@ def predict_from_feature_cache(cfg: Config, paths: StagePaths, model: keras.Mode
         return None
     import keras
 
-    features = keras.Model(model.input, model.get_layer(POOL_LAYER).output)
-    found = cache.activations_for(key(test), features, test, image_size=image_size, batch_size=cfg.train.batch_size)
+    extractor = features if features is not None else keras.Model(model.input, model.get_layer(POOL_LAYER).output)
+    found = cache.activations_for(key(test), extractor, test, image_size=image_size, batch_size=cfg.train.batch_size)
     log.info("test features from the cache (%s): only the head runs", "hit" if found.hit else "computed once")
-    probabilities = model.get_layer(HEAD_MODEL).predict(found.arrays[0][0], verbose=0)
-    return np.asarray(probabilities, dtype=np.float64)
+    return run_head(model.get_layer(HEAD_MODEL), found.arrays[0][0])
 
 
 def metrics_dict(report: ClassificationReport, reliability: Calibration, images: int) -> dict[str, float]:
@@ -196,14 +199,17 @@ def _write_figures(
     return [confusion_png, misclassified_png, reliability_png]
 
 
-def evaluate(cfg: Config, paths: StagePaths, *, model: keras.Model | None = None) -> dict[str, float]:
+def evaluate(
+    cfg: Config, paths: StagePaths, *, model: keras.Model | None = None, features: keras.Model | None = None
+) -> dict[str, float]:
     """Score `models/model.keras` on the test split; write reports, log them to the training run.
 
-    A sweep job passes the `model` it has just trained and saved, so it is not loaded again.
+    A sweep job passes the `model` it has just trained and saved, so it is not loaded again,
+    and its feature extractor `features` (see `predict_from_feature_cache`).
     """
     classes, test, record, model = _load_inputs(cfg, paths, model)
     log.info("evaluating %s on %d test images", paths.model_file, len(test))
-    probabilities = predict_from_feature_cache(cfg, paths, model, test)
+    probabilities = predict_from_feature_cache(cfg, paths, model, test, features)
     if probabilities is None:
         probabilities = predict_manifest(model, test, cfg.train.batch_size)
     y_true = np.asarray(test.labels)
