@@ -13,7 +13,13 @@ import pytest
 from transferlab.backbones import BACKBONES, imagenet_weights_filename
 from transferlab.config import ModelConfig
 from transferlab.errors import ConfigError, ModelError
-from transferlab.model import build_backbone, build_classifier, set_trainable_layers, weights_digest
+from transferlab.model import (
+    build_backbone,
+    build_classifier,
+    forget_classifiers,
+    set_trainable_layers,
+    weights_digest,
+)
 
 MOBILENET_V2_WEIGHTS = "weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 
@@ -115,6 +121,30 @@ def test_a_backbone_with_file_weights_is_reused_and_reset_to_them(tmp_path: Path
     np.testing.assert_allclose(reused, built, atol=1e-6)
     random = build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 3, 32, reuse_backbone=True)
     assert random.backbone is not first.backbone, "random-init backbones are always built afresh"
+
+
+def test_forgetting_the_classifiers_of_a_reused_backbone_lets_them_go(tmp_path: Path) -> None:
+    """The reused backbone records every call on it; those records must not keep old jobs' models alive."""
+    import gc
+    import weakref
+
+    from transferlab.cut import split_at_cut
+    from transferlab.model import first_trainable_layer
+
+    weights = tmp_path / "backbone.weights.h5"
+    build_backbone(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 32).save_weights(weights)
+    cfg = ModelConfig("mobilenet_v2", alpha=0.35, weights=str(weights))
+    classifier = build_classifier(cfg, 3, 32, seed=1, reuse_backbone=True)
+    cut = split_at_cut(classifier, first_trainable_layer(classifier.backbone, 20))  # calls layers inside the backbone
+    job_models = [weakref.ref(m) for m in (classifier.model, classifier.head, cut.top)]
+    del classifier, cut
+    gc.collect()
+    assert any(ref() is not None for ref in job_models), "the backbone's call records hold them"
+    forget_classifiers()
+    gc.collect()
+    assert all(ref() is None for ref in job_models)
+    again = build_classifier(cfg, 3, 32, seed=1, reuse_backbone=True)
+    assert again.model(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 3)
 
 
 def test_a_seeded_head_does_not_depend_on_what_was_built_before() -> None:

@@ -117,11 +117,13 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
 
 @dataclass
 class _BuiltBackbone:
-    """A backbone built with fixed (ImageNet or file) weights, and those weights as built."""
+    """A backbone built with fixed (ImageNet or file) weights, those weights as built, and how
+    many calls each of its layers (and itself) had recorded then."""
 
     key: tuple[object, ...]
     backbone: keras.Model
     weights: list[np.ndarray]
+    node_counts: list[tuple[keras.Operation, int, int]]
 
 
 _last_built: _BuiltBackbone | None = None
@@ -147,7 +149,8 @@ def reusable_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
     one. ImageNet or file weights set every variable, so the reused network with its weights
     put back is what a fresh build gives. Random-init backbones depend on the seed and are
     always built afresh. The process keeps the last such backbone and a copy of its weights; the
-    caller must be done with classifiers built on the previous one, which share it.
+    caller must be done with classifiers built on the previous one, which share it, and should
+    call `forget_classifiers` when it is.
     """
     global _last_built
     key = _fixed_weights_key(cfg, image_size)
@@ -157,8 +160,24 @@ def reusable_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
         _last_built.backbone.set_weights(_last_built.weights)
         return _last_built.backbone
     backbone = build_backbone(cfg, image_size)
-    _last_built = _BuiltBackbone(key, backbone, backbone.get_weights())
+    counts = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in (backbone, *backbone.layers)]
+    _last_built = _BuiltBackbone(key, backbone, backbone.get_weights(), counts)
     return backbone
+
+
+def forget_classifiers() -> None:
+    """Cut the reused backbone's links to the classifiers built on it (see `reusable_backbone`).
+
+    Keras records every call of a model or layer on it, so the backbone keeps each classifier
+    built on it (and the cut models of fine-tuning) alive, with its optimizer state and traced
+    functions: about 12 MB per sweep job. A sweep calls this when a job is done; the records of
+    the backbone's own graph stay.
+    """
+    if _last_built is None:
+        return
+    for operation, inbound, outbound in _last_built.node_counts:
+        del operation._inbound_nodes[inbound:]
+        del operation._outbound_nodes[outbound:]
 
 
 def build_head(num_features: int, num_classes: int, cfg: ModelConfig, seed: int | None = None) -> keras.Model:

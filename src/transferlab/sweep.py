@@ -223,6 +223,9 @@ def free_memory() -> None:
     if "keras" in sys.modules:
         import keras
 
+        from transferlab.model import forget_classifiers
+
+        forget_classifiers()  # the backbone the next job reuses would keep this job's models alive
         keras.backend.clear_session(free_memory=False)
         _drop_custom_gradients()
     gc.collect()
