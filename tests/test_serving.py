@@ -92,9 +92,11 @@ def test_requests_are_scored_in_bounded_chunks(
 ) -> None:
     """However many rows a request holds, at most CHUNK_ROWS images are decoded at a time."""
     model, context = _loaded(colour_model, max_rows=100)
+    from transferlab import inference
+
     batches: list[int] = []
-    predict = model._model.predict
-    monkeypatch.setattr(model._model, "predict", lambda x, **kw: batches.append(len(x)) or predict(x, **kw))
+    predict = inference.predict_pixels
+    monkeypatch.setattr(inference, "predict_pixels", lambda m, x: batches.append(len(x)) or predict(m, x))
     labels, images = colour_requests
     out = model.predict(context, pd.DataFrame({IMAGE_COLUMN: images * 24}))  # 72 rows
     assert out["label"].tolist() == labels * 24
