@@ -81,9 +81,14 @@ class StagePaths:
         return self.cache / "features"
 
     @property
+    def locks(self) -> Path:
+        """Lock files: one process at a time per stage and output folder (see locks.py)."""
+        return self.out / ".transferlab"
+
+    @property
     def caches(self) -> list[Path]:
-        """What stages write besides their declared outputs: caches that only save time."""
-        return [self.downloads, self.cache]
+        """What stages write besides their declared outputs: caches that only save time, and locks."""
+        return [self.downloads, self.cache, self.locks]
 
     @property
     def models(self) -> Path:

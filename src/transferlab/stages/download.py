@@ -13,6 +13,7 @@ from pathlib import Path
 from transferlab.atomic import replace_dir
 from transferlab.config import SYNTHETIC_SOURCE, Config, DataConfig
 from transferlab.errors import DownloadError
+from transferlab.locks import stage_lock
 from transferlab.paths import StagePaths
 from transferlab.sources import ExtractLimits, copy_folder, extract_archive, fetch_url, is_url, verify_sha256
 from transferlab.synthetic import generate
@@ -24,7 +25,13 @@ def download(cfg: Config, paths: StagePaths) -> Path:
     """Fetch, extract, copy or generate the dataset into `data/raw/<name>/`, replacing what was there.
 
     Archives fetched from URLs are kept in `data/downloads/`, so a re-run does not fetch them again.
+    One download at a time per project (`BusyError` for a second).
     """
+    with stage_lock(paths.locks, "download"):
+        return _download(cfg, paths)
+
+
+def _download(cfg: Config, paths: StagePaths) -> Path:
     data_cfg = cfg.data
     target_dir = paths.raw_dataset(data_cfg.name)
     source = data_cfg.source

@@ -33,6 +33,7 @@ from transferlab.console import keras_progress
 from transferlab.descriptions import with_test_results
 from transferlab.errors import DataError, ModelError
 from transferlab.inference import load_image_batch, load_model, model_image_size
+from transferlab.locks import stage_lock
 from transferlab.manifests import Manifest, load_classes, load_manifest, split_datasets
 from transferlab.metrics import Calibration, ClassificationReport, calibration, classification_report
 from transferlab.paths import StagePaths
@@ -205,8 +206,16 @@ def evaluate(
     """Score `models/model.keras` on the test split; write reports, log them to the training run.
 
     A sweep job passes the `model` it has just trained and saved, so it is not loaded again,
-    and its feature extractor `features` (see `predict_from_feature_cache`).
+    and its feature extractor `features` (see `predict_from_feature_cache`). One evaluate at a
+    time per output folder (`BusyError` for a second).
     """
+    with stage_lock(paths.locks, "evaluate"):
+        return _evaluate(cfg, paths, model, features)
+
+
+def _evaluate(
+    cfg: Config, paths: StagePaths, model: keras.Model | None, features: keras.Model | None
+) -> dict[str, float]:
     classes, test, record, model = _load_inputs(cfg, paths, model)
     log.info("evaluating %s on %d test images", paths.model_file, len(test))
     probabilities = predict_from_feature_cache(cfg, paths, model, test, features)

@@ -23,6 +23,7 @@ from transferlab.atomic import replace_dir
 from transferlab.config import Config, DataConfig
 from transferlab.errors import DataError
 from transferlab.images import check_images, is_hidden
+from transferlab.locks import stage_lock
 from transferlab.manifests import MANIFEST_COLUMNS, split_settings
 from transferlab.paths import SPLITS, StagePaths
 
@@ -30,7 +31,15 @@ log = logging.getLogger(__name__)
 
 
 def split(cfg: Config, paths: StagePaths) -> dict[str, Any]:
-    """Verify the images in `data/raw/<name>/`, split them per class, write `data/splits/`; return the report."""
+    """Verify the images in `data/raw/<name>/`, split them per class, write `data/splits/`; return the report.
+
+    One split at a time per project (`BusyError` for a second).
+    """
+    with stage_lock(paths.locks, "split"):
+        return _split(cfg, paths)
+
+
+def _split(cfg: Config, paths: StagePaths) -> dict[str, Any]:
     data_cfg = cfg.data
     raw_dir = paths.raw_dataset(data_cfg.name)
     if not raw_dir.is_dir():

@@ -25,6 +25,7 @@ from transferlab.checkpoint import Checkpointer, CheckpointState
 from transferlab.config import Config, config_hash
 from transferlab.descriptions import training_description
 from transferlab.errors import TransferlabError
+from transferlab.locks import stage_lock
 from transferlab.manifests import SplitDataset, check_splits_fresh, load_classes, split_datasets, splits_digest
 from transferlab.paths import StagePaths
 from transferlab.registry import register_run_model
@@ -92,9 +93,7 @@ def train(
     `mlflow.registered_model`. Under `train.strategy=multi_worker` only the chief does all that;
     the other workers train along (`_train_as_peer`).
     """
-    from transferlab.model import local_copy
-    from transferlab.runtime import device_description, from_chief, make_strategy, precision_policy, worker_role
-    from transferlab.seeding import seed_everything
+    from transferlab.runtime import worker_role
 
     check_splits_fresh(cfg, paths)
     load_classes(paths.classes)  # fail fast, before MLflow or TensorFlow start
@@ -102,11 +101,30 @@ def train(
     role = worker_role(cfg.train)
     if not role.is_chief:
         return _train_as_peer(cfg, paths, cfg_hash, role.task)
+    with stage_lock(paths.locks, "train"):
+        return _train_as_chief(cfg, paths, cfg_hash, role.workers, run_name, parent_run_id, extra_tags, register_model)
+
+
+def _train_as_chief(
+    cfg: Config,
+    paths: StagePaths,
+    cfg_hash: str,
+    workers: int,
+    run_name: str | None,
+    parent_run_id: str | None,
+    extra_tags: Mapping[str, str] | None,
+    register_model: bool,
+) -> TrainResult:
+    """The train stage of a single process, or of the multi_worker chief: everything `train` says."""
+    from transferlab.model import local_copy
+    from transferlab.runtime import device_description, from_chief, make_strategy, precision_policy
+    from transferlab.seeding import seed_everything
+
     store = tracking.open_store(cfg.mlflow, paths.root)
     checkpointer = Checkpointer(paths.checkpoints)
     resume = _resumable_state(store, checkpointer, cfg_hash)
     strategy = make_strategy(cfg.train, cfg.multi_worker)  # multi_worker: before any other TensorFlow work
-    if role.workers > 1:
+    if workers > 1:
         from_chief(strategy, resume.epochs_done if resume else 0, is_chief=True)  # where the peers resume
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
@@ -141,7 +159,7 @@ def train(
         with strategy.scope():
             trainer = Trainer(cfg, paths, run, state)
             classifier = trainer.train(resumed=resume is not None)
-        if role.workers > 1:  # its variables are the workers' collectives: the chief goes on alone, with a copy
+        if workers > 1:  # its variables are the workers' collectives: the chief goes on alone, with a copy
             classifier = local_copy(classifier, cfg.model, len(trainer.classes), trainer.image_size)
             strategy = tf.distribute.get_strategy()
         if cfg.train.calibrate:
