@@ -22,6 +22,23 @@ MEMORY_CACHE_BYTES = 3 * 1024**3
 SEED_STRIDE = 100_003
 
 
+def prefetched(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """The end of every input pipeline: `prefetch(AUTOTUNE)`, with tf.data's autotuner off.
+
+    The autotuner's thread sleeps between its rounds for a period that doubles up to a minute,
+    and in TensorFlow 2.21 deleting an iterator waits for that sleep to end: the end of a
+    training phase, a feature pass or an evaluation stalled for 0.4-20 s at random (seen with
+    py-spy and gdb: the main thread in `~LogicalThreadWrapper`, the autotuner in
+    `Model::OptimizeLoop`). Without it, AUTOTUNE parallelism is min(16, CPU cores) and prefetch
+    buffers still grow on demand; `tests/test_pipeline.py` checks the option is set.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The shuffle seed of one epoch: a function of the run's seed and the epoch number alone."""
     return seed * SEED_STRIDE + epoch
@@ -93,4 +110,4 @@ def make_dataset(
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)), num_parallel_calls=autotune)
     if augmenter is not None:
         ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=autotune)
-    return ds.prefetch(autotune)
+    return prefetched(ds)

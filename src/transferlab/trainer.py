@@ -46,7 +46,7 @@ from transferlab.feature_cache import (
 )
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
-from transferlab.pipeline import epoch_batches, make_dataset
+from transferlab.pipeline import epoch_batches, make_dataset, prefetched
 from transferlab.progress import judge_epoch, monitored_metric, phase_is_over, start_phase
 from transferlab.runtime import batches_per_pass, whole_batches
 
@@ -283,7 +283,7 @@ class Trainer:
         val_inputs = _inputs(val.arrays, view=0)
         validation = tf.data.Dataset.from_tensor_slices((val_inputs, self._one_hot(val.labels))).batch(batch)
         steps = math.ceil(len(train.labels) / batch)
-        return Fit(model, validation.prefetch(tf.data.AUTOTUNE), steps, train_activations=train, val_inputs=val_inputs)
+        return Fit(model, prefetched(validation), steps, train_activations=train, val_inputs=val_inputs)
 
     def _training_batches(self, fit: Fit, epochs: int) -> tf.data.Dataset:
         """Training batches for the next `epochs` epochs, in `pipeline.epoch_batches` order.
@@ -309,7 +309,7 @@ class Trainer:
         count = len(train.labels)
         indices = tf.data.Dataset.range(count)
         batches = epoch_batches(indices, count, (first, first + epochs), self.cfg.train.seed, self.cfg.train.batch_size)
-        return batches.map(gather).prefetch(tf.data.AUTOTUNE)
+        return prefetched(batches.map(gather))
 
     def _image_fit(self, model: keras.Model) -> Fit:
         from transferlab.augment import build_augmenter
