@@ -264,34 +264,157 @@ def test_kills_while_training_leave_the_old_model_and_run_or_the_new(project: St
 
 # --- 7: Ctrl-C and SIGTERM on `transferlab-train`, one run and a sweep ---------------------
 
-LONG_RUN = (*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=50", "train.feature_cache=false")
+LONG_RUN = (*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=50", *QUIET)
 
 
-def test_ctrl_c_ends_a_transferlab_train_run_killed(project: StagePaths) -> None:
-    process = Process(["transferlab-train", *LONG_RUN, "mlflow.log_model=false", *QUIET], project.root)
-    states = project.root / "outputs" / "runs"
-    process.wait_for(lambda: any(epochs_done(p) >= 1 for p in states.glob("*/checkpoints/state.json")))
-    assert process.stop(signal.SIGINT) == 130, process.output[-3000:]
-    assert process.output.strip().splitlines()[-1] == "interrupted (SIGINT received)"
-    client, experiment_id = client_for(project.root)
-    (run,) = client.search_runs([experiment_id])
-    assert run.info.status == "KILLED"
-    assert run.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGINT received"
+def running_runs(client: MlflowClient, experiment: str = MlflowConfig().experiment) -> list:
+    """The runs of `experiment` that are RUNNING now (none while the experiment does not exist)."""
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'")
 
 
-def test_sigterm_ends_a_sweep_and_its_running_child_killed(project: StagePaths) -> None:
-    sweep = ["-m", *LONG_RUN, "mlflow.log_model=false", *QUIET, "train.learning_rate=0.01,0.001"]
-    process = Process(["transferlab-train", *sweep, "hydra.sweep.dir=outputs/sweeps/stopped"], project.root)
-    state_file = project.root / "outputs" / "sweeps" / "stopped" / "0" / "checkpoints" / "state.json"
-    process.wait_for(lambda: epochs_done(state_file) >= 1)
-    assert process.stop(signal.SIGTERM) == 143, process.output[-3000:]
-    client, experiment_id = client_for(project.root)
-    (parent,) = client.search_runs([experiment_id], f"tags.`{tracking.TAG_SWEEP}` = 'parent'")
-    assert parent.info.status == "KILLED"
-    assert parent.data.tags[tracking.TAG_ERROR] == "sweep stopped early (KILLED) after 0 jobs"
-    (child,) = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert child.info.status == "KILLED"
-    assert child.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGTERM received"
+def job_outputs(paths: StagePaths, client: MlflowClient) -> str | None:
+    """The run whose results a run's folder holds, None while it holds none; fails on a mix: the
+    history and curves must be the ones that run logged, the evaluation the test metrics it logged."""
+    if not paths.models.exists():
+        left = [p for p in (paths.history, paths.training_curves, paths.evaluation) if p.exists()]
+        assert not left, f"{left} without models/"
+        return None
+    assert sorted(p.name for p in paths.models.iterdir()) == ["model.keras", "run.json"]
+    run_id = tracking.RunRecord.read(paths.run_file).run_id
+    artifacts = Path(urllib.parse.urlparse(client.get_run(run_id).info.artifact_uri).path)
+    for on_disk, artifact in ((paths.history, "history.csv"), (paths.training_curves, "figures/training_curves.png")):
+        assert on_disk.read_bytes() == (artifacts / artifact).read_bytes(), f"{on_disk.name} is not run {run_id}'s"
+    if paths.evaluation.exists():
+        on_disk = {k: v for k, v in json.loads(paths.metrics.read_text()).items() if k.startswith("test_")}
+        logged = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("test_")}
+        assert on_disk and logged == pytest.approx(on_disk), f"{paths.evaluation} is not run {run_id}'s evaluation"
+    return run_id
+
+
+Moment = str | Callable[[], bool]
+
+
+def stop_at(
+    command: Sequence[str],
+    root: Path,
+    moment: Moment,
+    signum: int,
+    client: MlflowClient,
+    evaluating: StagePaths | None = None,
+) -> list[str]:
+    """Start `command`, send `signum` at `moment`; check it stopped cleanly and that the runs it had
+    open, and the run it was `evaluating` (training done: the run ended), end KILLED with the
+    reason, none left RUNNING. Returns those runs."""
+    process = Process(command, root)
+    process.wait_for(moment)
+    stopped = [run.info.run_id for run in running_runs(client)]
+    if evaluating is not None:
+        stopped.append(tracking.RunRecord.read(evaluating.run_file).run_id)
+    name = signal.Signals(signum).name
+    assert process.stop(signum) == 128 + signum, f"at {moment!r}:\n{process.output[-3000:]}"
+    # the last line of a run; a sweep's summary follows it
+    assert f"interrupted ({name} received)" in [line.strip() for line in process.lines], process.output[-3000:]
+    assert "Traceback" not in process.output, process.output[-3000:]
+    assert stopped, f"no MLflow run was open at {moment!r}"
+    for run_id in stopped:
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED", f"{run.info.run_name} is {run.info.status} after a stop at {moment!r}"
+        expected = f"Interrupted: {name} received"
+        if run.data.tags.get(tracking.TAG_SWEEP) == "parent":
+            expected = "sweep stopped early (KILLED) after "
+        assert run.data.tags[tracking.TAG_ERROR].startswith(expected), (moment, run.data.tags[tracking.TAG_ERROR])
+    assert not running_runs(client), f"runs left RUNNING after a stop at {moment!r}"
+    return stopped
+
+
+def store_client(root: Path) -> MlflowClient:
+    """A client of the project's store, its tables made before any process under test opens it."""
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(MlflowConfig(), root))
+    client.search_experiments()
+    return client
+
+
+def test_ctrl_c_at_five_moments_of_a_transferlab_train_run(project: StagePaths) -> None:
+    """Ctrl-C at five moments of one `transferlab-train` run, each attempt resuming what the one
+    before left in the run's folder. After each: the run KILLED with the reason, none RUNNING,
+    and the folder empty or holding one run's whole results; the last attempt finishes the run."""
+    folder = project.root / "outputs" / "runs" / "interrupted"
+    out = StagePaths(project.root, folder)
+    command = ["transferlab-train", *LONG_RUN, f"hydra.run.dir={folder}"]
+    client = store_client(project.root)
+
+    def model_pending() -> bool:
+        return any(
+            model.status.name == "PENDING"
+            for run in running_runs(client)
+            for model in logged_models(client, run.info.experiment_id, run.info.run_id)
+        )
+
+    moments: list[tuple[Moment, StagePaths | None]] = [
+        (lambda: bool(running_runs(client)), None),  # 1: start-up, the MLflow run just created
+        (r"computing pooled backbone features", None),  # 2: the backbone's features being cached
+        (r"epoch 2/50", None),  # 3: mid-training
+        (model_pending, None),  # 4: MLflow logging the model (before models/ is replaced)
+        (r"evaluating .* on \d+ test images", out),  # 5: evaluate scoring the test split
+    ]
+    for moment, evaluating in moments:
+        stopped = stop_at(command, project.root, moment, signal.SIGINT, client, evaluating)
+        assert job_outputs(out, client) in {None, *stopped}, f"after Ctrl-C at {moment!r}"
+    (evaluated,) = stopped
+    assert job_outputs(out, client) == evaluated, "the last stop came after models/ was replaced"
+    experiment_id = client.get_run(evaluated).info.experiment_id
+    assert [m.status.name for m in logged_models(client, experiment_id, evaluated)] == ["READY"], "none PENDING"
+
+    process = Process(command, project.root)  # its training had finished: trained again, in a new run
+    assert process.finish() == 0, process.output[-3000:]
+    rerun = saved_run(out, client, experiment_id)
+    run = client.get_run(rerun)
+    assert run.info.status == "FINISHED" and tracking.TAG_ERROR not in run.data.tags
+    assert job_outputs(out, client) == rerun != evaluated and out.evaluation.exists()
+    assert client.get_run(evaluated).info.status == "KILLED"
+    assert not running_runs(client)
+
+
+def test_sigterm_at_five_moments_of_a_sweep(project: StagePaths) -> None:
+    """SIGTERM at five moments of a two-job sweep, each attempt resuming the one before. After
+    each: the parent and the running child KILLED with the reason, none RUNNING, each job's
+    folder empty or whole; the last attempt skips the finished job and finishes the sweep."""
+    sweep_dir = project.root / "outputs" / "sweeps" / "stopped"
+    jobs = [StagePaths(project.root, sweep_dir / str(job)) for job in (0, 1)]
+    sweep = ["-m", *LONG_RUN, "mlflow.log_model=false", "train.learning_rate=0.01,0.001"]
+    command = ["transferlab-train", *sweep, f"hydra.sweep.dir={sweep_dir}"]
+    client = store_client(project.root)
+    moments: list[tuple[Moment, StagePaths | None]] = [
+        (lambda: (sweep_dir / "mlflow_parent_run.json").exists(), None),  # 1: the parent made, no job started
+        (lambda: epochs_done(jobs[0].checkpoints / "state.json") >= 1, None),  # 2: job 0 mid-training
+        (r"evaluating .* on \d+ test images", jobs[0]),  # 3: job 0 evaluating
+        (lambda: (sweep_dir / "0" / "job_result.json").exists(), None),  # 4: between the jobs
+        (lambda: epochs_done(jobs[1].checkpoints / "state.json") >= 1, None),  # 5: job 1 mid-training
+    ]
+    for moment, evaluating in moments:
+        stop_at(command, project.root, moment, signal.SIGTERM, client, evaluating)
+        for job in jobs:
+            job_outputs(job, client)  # nothing, or one run's whole results
+
+    process = Process(command, project.root)
+    assert process.finish() == 0, process.output[-3000:]
+    assert "skipping train.learning_rate=0.01" in process.output, "job 0 finished before: skipped"
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name(MlflowConfig().experiment).experiment_id],
+        f"tags.`{tracking.TAG_SWEEP}` = 'parent'",
+    )
+    assert parent.info.status == "FINISHED" and tracking.TAG_ERROR not in parent.data.tags
+    results = [job_outputs(job, client) for job in jobs]
+    assert len(set(results)) == 2 and set(results) <= set(finished_children(client, parent.info.run_id))
+    assert not running_runs(client)
+
+
+def finished_children(client: MlflowClient, parent_id: str) -> list[str]:
+    """Run ids of the FINISHED children of the sweep parent `parent_id`."""
+    experiment = client.get_experiment_by_name(MlflowConfig().experiment)
+    query = f"attributes.status = 'FINISHED' and tags.`mlflow.parentRunId` = '{parent_id}'"
+    return [run.info.run_id for run in client.search_runs([experiment.experiment_id], query)]
 
 
 # --- 9: kills while evaluating (the reports change as one unit) ----------------------------

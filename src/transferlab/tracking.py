@@ -485,12 +485,30 @@ class Store:
                 yield run
             except BaseException as exc:
                 with interrupts_deferred():
-                    if not is_server(self.uri) or _answers(self.uri):  # a lost server: one call fewer to wait for
+                    if self._reachable():
                         run.set_tag(TAG_ERROR, describe(exc))  # the UI says why the run ended
                     mlflow.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
                 raise
             with interrupts_deferred():
                 mlflow.end_run("FINISHED")
+
+    @contextmanager
+    def killed_if_interrupted(self, run_id: str) -> Iterator[None]:
+        """Work for an ended run that does not reopen it for its whole length (evaluate scoring the
+        test split): Ctrl-C or SIGTERM meanwhile ends the run KILLED with the reason, as if it had
+        been open; whatever reopens it later ends it FINISHED again and drops the reason."""
+        try:
+            yield
+        except KeyboardInterrupt as exc:
+            with interrupts_deferred():
+                if self._reachable():
+                    self.client.set_tag(run_id, TAG_ERROR, describe(exc))
+                    self.client.set_terminated(run_id, "KILLED")
+            raise
+
+    def _reachable(self) -> bool:
+        """False for a tracking server that stopped answering: one call fewer to wait for."""
+        return not is_server(self.uri) or _answers(self.uri)
 
     def logged_model_uri(self, run_id: str) -> str | None:
         """`models:/<model_id>` of the model named `model` that run `run_id` logged, if any."""

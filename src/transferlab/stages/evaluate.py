@@ -217,6 +217,20 @@ def _evaluate(
     cfg: Config, paths: StagePaths, model: keras.Model | None, features: keras.Model | None
 ) -> dict[str, float]:
     classes, test, record, model = _load_inputs(cfg, paths, model)
+    store = tracking.Store.of_record(record)
+    with store.killed_if_interrupted(record.run_id):  # the training run says the evaluation was stopped
+        return _evaluate(cfg, paths, store, classes, test, record, model)
+
+
+def _evaluate(
+    cfg: Config,
+    paths: StagePaths,
+    store: tracking.Store,
+    classes: list[str],
+    test: Manifest,
+    record: tracking.RunRecord,
+    model: keras.Model,
+) -> dict[str, float]:
     log.info("evaluating %s on %d test images", paths.model_file, len(test))
     probabilities = predict_from_feature_cache(cfg, paths, model, test, features)
     if probabilities is None:
@@ -236,7 +250,7 @@ def _evaluate(
         targets = [_staged(folder, paths, file) for file in figure_files(paths)]
         figures = _write_figures(targets, cfg, test, classes, probabilities, report, reliability)
         log.info("logging the evaluation to MLflow run %s", record.run_id)
-        with tracking.Store.of_record(record).reopen_run(record.run_id) as run:
+        with store.reopen_run(record.run_id) as run:
             run.log_datasets(split_datasets(cfg, paths, ["test"]))
             for file in (metrics_json, per_class_csv, confusion_csv):
                 run.log_artifact(file, ARTIFACT_DIR)
