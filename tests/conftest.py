@@ -13,7 +13,8 @@
   it PostgreSQL + `mlflow server` (tests/services.py), shared by the scale-out tests.
 - `colour_model`, `logged_colour_run`, `model_server`: a tiny classifier whose predictions are
   known, that model logged to MLflow (and registered as `colours-classifier@champion`), and one
-  `mlflow models serve` of it, by registered name, for the session.
+  `mlflow models serve` of it, by registered name, for the session; `limited_model_server`: the
+  same model behind `transferlab serve` (request bodies bounded in bytes).
 """
 
 from __future__ import annotations
@@ -179,6 +180,19 @@ def model_server(logged_colour_run: tuple[str, str], tmp_path_factory: pytest.Te
     """`mlflow models serve` of the registered colour model on 127.0.0.1 (at most 40 rows per request)."""
     _, uri = logged_colour_run
     server = serve_model(f"models:/{COLOUR_REGISTERED}@champion", uri, tmp_path_factory.mktemp("server") / "serve.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def limited_model_server(
+    logged_colour_run: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ModelServer]:
+    """`transferlab serve` of the registered colour model on 127.0.0.1: at most 40 rows and
+    SERVE_MAX_BYTES (1 MiB) per request."""
+    _, uri = logged_colour_run
+    log_file = tmp_path_factory.mktemp("limited_server") / "serve.log"
+    server = serve_model(f"models:/{COLOUR_REGISTERED}@champion", uri, log_file, transferlab=True)
     yield server
     server.stop()
 

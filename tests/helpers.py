@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -243,6 +243,7 @@ def colour_config(synthetic_cfg: Config) -> Config:
 
 SERVER_START_TIMEOUT_S = 180
 SERVE_MAX_ROWS = 40  # TRANSFERLAB_SERVE_MAX_ROWS of the test server: more than one chunk of 32
+SERVE_MAX_BYTES = 2**20  # TRANSFERLAB_SERVE_MAX_BYTES of `transferlab serve`: 1 MiB, ample for 40 small images
 
 
 def free_port() -> int:
@@ -264,14 +265,18 @@ class ModelServer:
     def post(self, payload: dict) -> tuple[int, dict]:
         """POST /invocations; (HTTP status, JSON body)."""
         import json
+
+        return self.post_body(json.dumps(payload).encode())
+
+    def post_body(self, body: bytes | Iterable[bytes]) -> tuple[int, dict]:
+        """POST /invocations with a raw JSON `body`: bytes (sent with its Content-Length) or an
+        iterable of chunks (sent chunked, its length unknown in advance); (HTTP status, JSON body)."""
+        import json
         import urllib.error
         import urllib.request
 
         request = urllib.request.Request(
-            f"{self.base}/invocations",
-            data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
+            f"{self.base}/invocations", data=body, headers={"Content-Type": "application/json"}, method="POST"
         )
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
@@ -301,20 +306,27 @@ class ModelServer:
             self.process.wait(timeout=10)
 
 
-def serve_model(model_uri: str, tracking_uri: str, log_file: Path) -> ModelServer:
-    """Start `mlflow models serve` for `model_uri` on a free 127.0.0.1 port and wait for /ping."""
+def serve_model(model_uri: str, tracking_uri: str, log_file: Path, *, transferlab: bool = False) -> ModelServer:
+    """Start `mlflow models serve` (or, with `transferlab`, `transferlab serve` with at most
+    SERVE_MAX_BYTES per request body) for `model_uri` on a free 127.0.0.1 port and wait for /ping."""
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking_uri,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the server execs `uvicorn`
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "TRANSFERLAB_SERVE_MAX_ROWS": str(SERVE_MAX_ROWS),
+        "TRANSFERLAB_SERVE_MAX_BYTES": str(SERVE_MAX_BYTES),
     }
     port = free_port()
-    command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    if transferlab:
+        command = [str(VENV_BIN / "transferlab"), "serve", model_uri, "--host", "127.0.0.1", "--port", str(port)]
+    else:
+        command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri]
+        command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     with log_file.open("w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=log_file.parent, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = ModelServer(f"http://127.0.0.1:{port}", process, log_file)
     try:
         server.wait_until_ready()

@@ -16,6 +16,7 @@ from transferlab.registry import DEFAULT_ALIAS
 if TYPE_CHECKING:
     from transferlab.config import Config, MlflowConfig
     from transferlab.paths import StagePaths
+    from transferlab.tracking import Store
 
 
 StageFunction = Callable[["Config", "StagePaths"], object]
@@ -92,6 +93,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from transferlab.model_server import max_bytes_setting, model_folder, serve
+    from transferlab.paths import project_root
+    from transferlab.tracking import connect
+
+    def store() -> Store:  # opened only for a model URI
+        return connect(_project_mlflow(Path(args.params)), project_root())
+
+    limit = max_bytes_setting()  # a bad setting stops here, before the model is fetched
+    with model_folder(args.model, store) as folder:
+        serve(folder, limit, args.host, args.port, args.workers)
+    return 0
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from transferlab.errors import ConfigError
     from transferlab.paths import project_root
@@ -158,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (savedmodel) or .tflite file")
     p.add_argument("--format", choices=("savedmodel", "tflite"), default="savedmodel")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve a logged model over HTTP (POST /invocations), request bodies bounded")
+    p.add_argument("model", help="models:/<name>@<alias>, runs:/<run id>/model, or a downloaded MLflow model folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with the model loaded")
+    p.add_argument("--params", default="params.yaml", help="composed config naming the MLflow store")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("promote", help="point a registered model's alias at a version or a run's model")
     p.add_argument(

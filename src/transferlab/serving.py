@@ -14,8 +14,9 @@ starts, default 256), decoded and scored `CHUNK_ROWS` at a time, and no image ov
 `images.MAX_IMAGE_PIXELS`. A request that breaks one, or holds an unreadable image, gets HTTP 400
 with the reason (and the row) in its `message`.
 
-Only `transferlab.tracking` (`Run.log_model`) calls `log_image_classifier`; this module and
-`tracking` are the only ones that touch `mlflow`.
+Only `transferlab.tracking` (`Run.log_model`) calls `log_image_classifier`; this module,
+`tracking` and `model_server` (MLflow's scoring server, behind a bound on request bodies in bytes)
+are the only ones that touch `mlflow`.
 """
 
 from __future__ import annotations
