@@ -338,7 +338,8 @@ def store_client(root: Path) -> MlflowClient:
 def test_ctrl_c_at_five_moments_of_a_transferlab_train_run(project: StagePaths) -> None:
     """Ctrl-C at five moments of one `transferlab-train` run, each attempt resuming what the one
     before left in the run's folder. After each: the run KILLED with the reason, none RUNNING,
-    and the folder empty or holding one run's whole results; the last attempt finishes the run."""
+    and the folder empty or holding one run's whole results. The last stop came after training
+    had ended (the run KILLED, not resumable): the next attempt trains a new run and finishes it."""
     folder = project.root / "outputs" / "runs" / "interrupted"
     out = StagePaths(project.root, folder)
     command = ["transferlab-train", *LONG_RUN, f"hydra.run.dir={folder}"]
@@ -379,7 +380,8 @@ def test_ctrl_c_at_five_moments_of_a_transferlab_train_run(project: StagePaths) 
 def test_sigterm_at_five_moments_of_a_sweep(project: StagePaths) -> None:
     """SIGTERM at five moments of a two-job sweep, each attempt resuming the one before. After
     each: the parent and the running child KILLED with the reason, none RUNNING, each job's
-    folder empty or whole; the last attempt skips the finished job and finishes the sweep."""
+    folder empty or whole; the last attempt skips the finished job, resumes the other in its run
+    and finishes the sweep."""
     sweep_dir = project.root / "outputs" / "sweeps" / "stopped"
     jobs = [StagePaths(project.root, sweep_dir / str(job)) for job in (0, 1)]
     sweep = ["-m", *LONG_RUN, "mlflow.log_model=false", "train.learning_rate=0.01,0.001"]
@@ -393,7 +395,7 @@ def test_sigterm_at_five_moments_of_a_sweep(project: StagePaths) -> None:
         (lambda: epochs_done(jobs[1].checkpoints / "state.json") >= 1, None),  # 5: job 1 mid-training
     ]
     for moment, evaluating in moments:
-        stop_at(command, project.root, moment, signal.SIGTERM, client, evaluating)
+        stopped = stop_at(command, project.root, moment, signal.SIGTERM, client, evaluating)
         for job in jobs:
             job_outputs(job, client)  # nothing, or one run's whole results
 
@@ -407,6 +409,7 @@ def test_sigterm_at_five_moments_of_a_sweep(project: StagePaths) -> None:
     assert parent.info.status == "FINISHED" and tracking.TAG_ERROR not in parent.data.tags
     results = [job_outputs(job, client) for job in jobs]
     assert len(set(results)) == 2 and set(results) <= set(finished_children(client, parent.info.run_id))
+    assert results[1] in stopped, "job 1 resumed in the run its stop left KILLED"
     assert not running_runs(client)
 
 

@@ -19,9 +19,12 @@ import tempfile
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferlab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transferlab.tracking import Store
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +136,7 @@ def create_app() -> ASGIApp:
 
 
 @contextmanager
-def model_folder(reference: str, store_for: Callable[[], Any]) -> Iterator[Path]:
+def model_folder(reference: str, store_for: Callable[[], Store]) -> Iterator[Path]:
     """The MLflow model folder of `reference`: a local folder as given, or a `models:/` or `runs:/`
     URI downloaded from the store `store_for()` opens into a temporary folder (removed afterwards)."""
     from transferlab.errors import ModelError
