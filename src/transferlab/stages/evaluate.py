@@ -210,16 +210,10 @@ def evaluate(
     time per output folder (`BusyError` for a second).
     """
     with stage_lock(paths.locks, "evaluate"):
-        return _evaluate(cfg, paths, model, features)
-
-
-def _evaluate(
-    cfg: Config, paths: StagePaths, model: keras.Model | None, features: keras.Model | None
-) -> dict[str, float]:
-    classes, test, record, model = _load_inputs(cfg, paths, model)
-    store = tracking.Store.of_record(record)
-    with store.killed_if_interrupted(record.run_id):  # the training run says the evaluation was stopped
-        return _evaluate(cfg, paths, store, classes, test, record, model)
+        classes, test, record, model = _load_inputs(cfg, paths, model)
+        store = tracking.Store.of_record(record)
+        with store.killed_if_interrupted(record.run_id):  # the training run says the evaluation was stopped
+            return _evaluate(cfg, paths, store, classes, test, record, model, features)
 
 
 def _evaluate(
@@ -230,6 +224,7 @@ def _evaluate(
     test: Manifest,
     record: tracking.RunRecord,
     model: keras.Model,
+    features: keras.Model | None,
 ) -> dict[str, float]:
     log.info("evaluating %s on %d test images", paths.model_file, len(test))
     probabilities = predict_from_feature_cache(cfg, paths, model, test, features)
