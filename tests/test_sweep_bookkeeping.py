@@ -59,7 +59,8 @@ def test_a_stopped_sweep_ends_the_children_its_workers_left_running(tmp_path: Pa
     running = store.client.create_run(store.experiment_id, tags=child).info.run_id
     done = store.client.create_run(store.experiment_id, tags=child).info.run_id
     store.client.set_terminated(done, "FINISHED")
-    finish_parent_run(parent.record, [], tmp_path / "summary.csv", status="KILLED")
+    summary, _ = finish_parent_run(parent.record, [], tmp_path / "summary.csv", status="KILLED")
+    assert summary == "no job of the sweep wrote a result"  # not pandas' "Empty DataFrame ..."
     assert store.run_status(parent.run_id) == "KILLED"
     assert store.run_status(running) == "KILLED"
     assert store.client.get_run(running).data.tags[tracking.TAG_ERROR] == "stopped with its sweep (KILLED)"

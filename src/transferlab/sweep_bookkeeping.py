@@ -181,6 +181,8 @@ def finish_parent_run(
     else:
         run.delete_tag(tracking.TAG_ERROR)
     run.terminate(status)
+    if table.empty:  # stopped before any job wrote a result
+        return "no job of the sweep wrote a result", status
     return table.drop(columns=["overrides"]).to_string(index=False, na_rep="-"), status  # "-": no value
 
 
