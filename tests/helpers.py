@@ -208,6 +208,7 @@ def make_project(root: Path, colour_model: Path, cfg: Config, with_run: bool = T
     import pandas as pd
     from PIL import Image
 
+    from transferlab.manifests import split_settings
     from transferlab.paths import StagePaths
     from transferlab.tracking import open_store
 
@@ -217,6 +218,7 @@ def make_project(root: Path, colour_model: Path, cfg: Config, with_run: bool = T
         (raw / label).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (40, 40), rgb).save(raw / label / name)
     paths.splits.mkdir(parents=True)
+    paths.split_report.write_text(json.dumps({"settings": split_settings(cfg.data)}))
     paths.classes.write_text(json.dumps(CLASSES))
     rows = [{"path": f"{label}/{name}", "label": label} for label, name, _ in TEST_IMAGES]
     pd.DataFrame(rows, columns=["path", "label"]).to_csv(paths.manifest("test"), index=False)

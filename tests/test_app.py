@@ -1,4 +1,5 @@
-"""app.py: every `transferlab-train` run or sweep gets an output folder of its own.
+"""app.py: every `transferlab-train` run or sweep gets an output folder of its own; a misspelt
+key or option stops it with one line before anything is made.
 
 Two runs started in the same second used to share `outputs/runs/<time>/` (models, reports,
 checkpoints) and log each other's test metrics (issue 12). The end-to-end case (two real
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import released_together
+from helpers import VENV_BIN, released_together
 
 from transferlab.app import RUNS_DIR, SWEEPS_DIR, reserve_output_dir, with_output_dir
 
@@ -54,3 +55,29 @@ def test_output_dir_is_added_unless_given(tmp_path: Path, monkeypatch: pytest.Mo
     assert sweep[-1].startswith(f"hydra.sweep.dir={SWEEPS_DIR}/")
     for given in (["hydra.run.dir=mine"], ["-m", "hydra.sweep.dir=mine"], ["--cfg", "job"], ["--help"]):
         assert with_output_dir(given) == given
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["model.dropuot=0.3"],
+            "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, weights)",
+        ),
+        (
+            ["-m", "model.dropuot=0.3,0.4"],
+            "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, weights)",
+        ),
+        (
+            ["-m", "data=synthetic,sinthetic"],
+            "ConfigError: data=sinthetic: no such option (available: flowers, folder, synthetic)",
+        ),
+    ],
+)
+def test_a_misspelt_key_or_option_is_one_line_and_nothing_is_made(tmp_path: Path, args: list[str], line: str) -> None:
+    """Hydra printed six lines (or fifteen) and exited 1; a sweep also left a FAILED parent run."""
+    done = subprocess.run(
+        [str(VENV_BIN / "transferlab-train"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert (done.returncode, done.stderr.strip(), done.stdout) == (2, line, "")
+    assert list(tmp_path.iterdir()) == []  # no output folder, no MLflow store

@@ -71,7 +71,25 @@ def test_every_group_has_options() -> None:
         ),
         pytest.param(["model.backbone=vgg16"], r"model\.backbone must be one of .*efficientnet_b0", id="backbone"),
         pytest.param(["data=folder"], r"data\.source", id="folder-without-source"),
-        pytest.param(["data=nope"], r"data/nope", id="unknown-group-option"),
+        pytest.param(
+            ["data=nope"], r"^data=nope: no such option \(available: flowers, folder, synthetic\)$", id="unknown-option"
+        ),
+        # Hydra said only "Could not override 'model.dropuot'" for these (no `+`).
+        pytest.param(
+            ["model.dropuot=0.3"],
+            r"^unknown key model\.dropuot \(known: alpha, backbone, dropout, head_batchnorm, weights\)$",
+            id="misspelt-key",
+        ),
+        pytest.param(
+            ["train.early_stopping.patince=3"],
+            r"^unknown key train\.early_stopping\.patince \(known: min_delta, monitor, patience\)$",
+            id="misspelt-nested-key",
+        ),
+        pytest.param(
+            ["train.seed.x=1"],
+            r"^unknown key train\.seed\.x: train\.seed is a value, not a section$",
+            id="below-a-value",
+        ),
         pytest.param(
             ["mlflow.registered_model=a/b"], r"mlflow\.registered_model must be null or a name", id="model-uri"
         ),

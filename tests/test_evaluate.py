@@ -146,6 +146,16 @@ def test_missing_inputs_name_the_stage_to_run(tmp_path: Path, colour_model: Path
         evaluate(colour_cfg, paths)
 
 
+def test_stale_splits_are_named_first(tmp_path: Path, colour_model: Path, colour_cfg: Config) -> None:
+    """After `data.name` changed, evaluate blamed a missing image listed in test.csv; train named the stale splits."""
+    paths = make_project(tmp_path / "p", colour_model, colour_cfg)
+    moved = dataclasses.replace(colour_cfg, data=dataclasses.replace(colour_cfg.data, name="myflowers"))
+    with pytest.raises(
+        DataError, match=r"^prepared splits are stale \(data\.name is 'myflowers', splits were made with 'colours'\)"
+    ):
+        evaluate(moved, paths)
+
+
 def test_model_for_other_classes_is_rejected(tmp_path: Path, colour_model: Path, colour_cfg: Config) -> None:
     paths = make_project(tmp_path / "p", colour_model, colour_cfg, with_run=False)
     paths.classes.write_text(json.dumps(["red", "green", "blue", "black"]))

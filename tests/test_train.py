@@ -170,7 +170,9 @@ def _validation_loss(model_file: Path, paths: StagePaths) -> tuple[float, np.nda
     return float(-np.mean(np.log(np.clip(picked, 1e-7, 1)))), probabilities
 
 
-def test_early_stopping_keeps_the_best_epoch_in_the_model_mlflow_and_evaluate(prepared_project: StagePaths) -> None:
+def test_early_stopping_keeps_the_best_epoch_in_the_model_mlflow_and_evaluate(
+    prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
+) -> None:
     import mlflow
 
     from transferlab.serving import encode_image_file
@@ -179,12 +181,18 @@ def test_early_stopping_keeps_the_best_epoch_in_the_model_mlflow_and_evaluate(pr
     paths = prepared_project
     # Uncalibrated: the saved model's validation loss is then the best epoch's (calibration has its own test).
     cfg = tiny_cfg("train.epochs=12", "train.learning_rate=0.05", STOP_EARLY, "train.calibrate=false")
-    result = train(cfg, paths)
+    with caplog.at_level(logging.INFO, logger="transferlab.trainer"):
+        result = train(cfg, paths)
     history = result.history
     best = history.loc[history["val_loss"].idxmin()]
     assert result.best_epoch == best["epoch"] and result.val_accuracy == best["val_accuracy"]
     stopped = len(history) < 12
     assert not stopped or history["epoch"].iloc[-1] == result.best_epoch + 2, "stops `patience` epochs after the best"
+    if stopped:  # the decision is logged after the epoch it is about
+        last = int(history["epoch"].iloc[-1])
+        lines = [r.getMessage() for r in caplog.records if r.name == "transferlab.trainer"]
+        at = lines.index(f"early stopping after epoch {last}: best epoch {result.best_epoch}")
+        assert lines[at - 1].startswith(f"epoch {last}/12 (head): ")
     loss, _ = _validation_loss(paths.model_file, paths)
     assert loss == pytest.approx(best["val_loss"], abs=2e-3), "the saved model holds the best epoch's weights"
 

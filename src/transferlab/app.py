@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transferlab import console
-from transferlab.config import CONFIG_NAME, conf_dir
-from transferlab.errors import report_interrupt
+from transferlab.config import CONFIG_NAME, check_overrides, conf_dir
+from transferlab.errors import report_interrupt, run_reporting_errors
 from transferlab.process_exit import run_and_exit
 
 if TYPE_CHECKING:
@@ -86,6 +86,11 @@ def main() -> None:
     # conf/hydra/launcher/ray.yaml has the plugin's schema name on purpose (it sets the plugin's
     # options); Hydra's deprecation notice about such name matches is noise there.
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/ray' is validated against ConfigStore schema")
+    # A misspelt key or option: one line, before any folder or run exists (Hydra's own message
+    # runs to several lines and does not say what is known).
+    status = run_reporting_errors(lambda: check_overrides(sys.argv[1:]) or 0)
+    if status:
+        sys.exit(status)
     sys.argv[1:] = with_output_dir(sys.argv[1:])
     try:
         hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_task)()

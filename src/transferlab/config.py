@@ -435,6 +435,66 @@ def conf_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "conf"
 
 
+def check_overrides(args: Sequence[str], config_dir: Path | None = None) -> None:
+    """One `ConfigError` line for a command-line override that names no setting, or no option of
+    a config group: `unknown key model.dropuot (known: ...)`, `model=mobilenetv2: no such option
+    (available: ...)`.
+
+    Hydra says `Could not override 'model.dropuot'` (and several more lines from
+    `transferlab-train`) without saying what is known. Additions (`+key=...`), deletions
+    (`~key`), package overrides and Hydra's own settings (`hydra.*`, `hydra/...`) go to Hydra
+    unchecked; so do values, which validation checks once composed.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    directory = (config_dir or conf_dir()).resolve()
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except HydraException as exc:
+        raise ConfigError(first_line(exc)) from exc
+    for override in overrides:
+        key = override.key_or_group
+        if override.type != OverrideType.CHANGE or override.package or re.match(r"hydra\b", key):
+            continue
+        group = directory / key
+        if group.is_dir():
+            options = sorted(path.stem for path in group.glob("*.yaml"))
+            for value in _chosen_options(override):
+                if value not in options:
+                    raise ConfigError(f"{key}={value}: no such option (available: {', '.join(options)})")
+        else:
+            _check_key(key)
+
+
+def _chosen_options(override: Any) -> list[str]:
+    """The option names a group override picks (one, or each of a choice sweep; none for a glob)."""
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return [str(option) for option in value.list]
+    return [] if override.is_sweep_override() else [str(value)]
+
+
+def _check_key(key: str) -> None:
+    """`ConfigError` unless the dotted `key` names a setting of the schema (or lies below a free-form value)."""
+    tp: Any = Config
+    parts = key.split(".")
+    for depth, name in enumerate(parts):
+        section = next((t for t in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(t)), None)
+        if section is None:
+            if tp is Any or typing.get_origin(tp) in (dict, Mapping):  # free-form: validation judges it
+                return
+            raise ConfigError(f"unknown key {key}: {'.'.join(parts[:depth])} is a value, not a section")
+        hints = typing.get_type_hints(section)
+        if name not in hints:
+            known = ", ".join(sorted(f.name for f in dataclasses.fields(section)))
+            raise ConfigError(f"unknown key {'.'.join(parts[: depth + 1])} (known: {known})")
+        tp = hints[name]
+
+
 def compose_with_choices(
     overrides: Sequence[str] = (), config_dir: Path | None = None, missing_ok: bool = False, resolve: bool = True
 ) -> tuple[dict[str, Any], dict[str, str | None]]:
@@ -450,6 +510,7 @@ def compose_with_choices(
     from omegaconf.errors import OmegaConfBaseException
 
     directory = (config_dir or conf_dir()).resolve()
+    check_overrides(overrides, directory)
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
             composed = compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)

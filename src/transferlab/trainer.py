@@ -340,15 +340,20 @@ class Trainer:
 
         class EpochMonitor(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
-                trainer.finish_epoch(self.model, phase, epoch + 1, dict(logs or {}))
+                decisions = trainer.finish_epoch(self.model, phase, epoch + 1, dict(logs or {}))
                 row = trainer.state.history[-1]
                 shown = ", ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS[:4])
                 log.info("epoch %d/%d (%s): %s", epoch + 1, last, phase.name, shown)
+                for decision in decisions:  # after the epoch they are about
+                    log.info("%s", decision)
 
         return EpochMonitor()
 
-    def finish_epoch(self, model: keras.Model, phase: Phase, epoch: int, logs: dict[str, float]) -> None:
-        """Record an epoch: history, best model, plateau, early stopping, checkpoint, MLflow."""
+    def finish_epoch(self, model: keras.Model, phase: Phase, epoch: int, logs: dict[str, float]) -> list[str]:
+        """Record an epoch: history, best model, plateau, early stopping, checkpoint, MLflow.
+
+        Returns what was decided (a lower learning rate, early stopping), for the log.
+        """
         import keras
 
         cfg, state = self.cfg.train, self.state
@@ -358,22 +363,21 @@ class Trainer:
         state.history.append(row)
         state.epochs_done = epoch
         verdict = judge_epoch(state, epoch, row, cfg, phase.schedule)
+        decisions = []
         if verdict.lower_learning_rate:
             lowered = max(rate * cfg.plateau.factor, cfg.plateau.min_learning_rate)
             model.optimizer.learning_rate.assign(lowered)
-            log.info(
-                "%s has not improved for %d epochs: learning rate %g -> %g",
-                monitored_metric(cfg),
-                cfg.plateau.patience,
-                rate,
-                lowered,
+            decisions.append(
+                f"{monitored_metric(cfg)} has not improved for {cfg.plateau.patience} epochs: "
+                f"learning rate {rate:g} -> {lowered:g}"
             )
         if verdict.stop:
             model.stop_training = True
-            log.info("early stopping after epoch %d: best epoch %d", epoch, state.best_epoch)
+            decisions.append(f"early stopping after epoch {epoch}: best epoch {state.best_epoch}")
         self.checkpointer.save(state, model, phase.kind, best=verdict.improved and self.keep_best)
         if self.run is not None:  # None: a multi_worker peer, which logs nothing
             self.run.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+        return decisions
 
     # --- restoring --------------------------------------------------------------------------------
 

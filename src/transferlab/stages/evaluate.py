@@ -34,7 +34,7 @@ from transferlab.descriptions import with_test_results
 from transferlab.errors import DataError, ModelError
 from transferlab.inference import load_image_batch, load_model, model_image_size
 from transferlab.locks import stage_lock
-from transferlab.manifests import Manifest, load_classes, load_manifest, split_datasets
+from transferlab.manifests import Manifest, check_splits_fresh, load_classes, load_manifest, split_datasets
 from transferlab.metrics import Calibration, ClassificationReport, calibration, classification_report
 from transferlab.paths import StagePaths
 from transferlab.pipeline import make_dataset
@@ -153,6 +153,7 @@ def _load_inputs(
     cfg: Config, paths: StagePaths, model: keras.Model | None
 ) -> tuple[list[str], Manifest, tracking.RunRecord, keras.Model]:
     """Classes, test manifest, run record and model (loaded unless given): each failure names the stage to run."""
+    check_splits_fresh(cfg, paths)
     classes = load_classes(paths.classes)
     test = load_manifest(paths.manifest("test"), paths.raw_dataset(cfg.data.name), classes)
     if len(test) == 0:
