@@ -62,19 +62,21 @@ def replace_together(folder: Path, files: Sequence[Path]) -> Iterator[tuple[Path
 
 
 def _swap(new: Path, target: Path) -> None:
-    """Move `target` aside, rename `new` into its place, then delete the old content."""
+    """Move `target` aside, rename `new` into its place, then delete the old content.
+
+    Its caller holds Ctrl-C and SIGTERM back, so it never stops between the two renames.
+    """
     if not (target.exists() or target.is_symlink()):
         new.rename(target)
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
-    with interrupts_deferred():  # never stop between the two renames
-        target.rename(aside / target.name)
-        try:
-            new.rename(target)
-        except OSError:
-            (aside / target.name).rename(target)
-            aside.rmdir()
-            raise
+    target.rename(aside / target.name)
+    try:
+        new.rename(target)
+    except OSError:
+        (aside / target.name).rename(target)
+        aside.rmdir()
+        raise
     shutil.rmtree(aside, ignore_errors=True)
 
 
