@@ -6,12 +6,15 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -375,3 +378,78 @@ def wait_until_answering(process: subprocess.Popen, url: str, log_file: Path, wh
         time.sleep(0.5)
     tail = log_file.read_text()[-3000:]
     raise RuntimeError(f"{what}: no answer from {url} within {SERVER_START_TIMEOUT_S} s:\n{tail}")
+
+
+# --- a `transferlab` or `transferlab-train` process, its output read as it comes ---------------
+
+PROCESS_WAIT_S = 300  # the longest a `Process` may take to reach a moment or to finish
+
+
+class Process:
+    """A `transferlab` or `transferlab-train` process; its output lines are collected as they come."""
+
+    def __init__(self, command: Sequence[str], cwd: Path) -> None:
+        env = {
+            **os.environ,
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONUNBUFFERED": "1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.popen = subprocess.Popen(
+            [str(VENV_BIN / command[0]), *command[1:]],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, moment: str | Callable[[], bool]) -> None:
+        """Until a line matches the regex `moment` (or `moment()` is true); fails if the process ends first."""
+        deadline = time.monotonic() + PROCESS_WAIT_S
+        while time.monotonic() < deadline:
+            if isinstance(moment, str):
+                if any(re.search(moment, line) for line in list(self.lines)):
+                    return
+            elif moment():
+                return
+            if self.popen.poll() is not None:
+                self._reader.join(timeout=10)
+                if isinstance(moment, str) and any(re.search(moment, line) for line in self.lines):
+                    return
+                pytest.fail(f"ended ({self.popen.returncode}) before {moment!r}:\n{self.output[-3000:]}")
+            time.sleep(0.01)
+        pytest.fail(f"{moment!r} did not come within {PROCESS_WAIT_S} s:\n{self.output[-3000:]}")
+
+    def finish(self) -> int:
+        self.popen.wait(timeout=PROCESS_WAIT_S)
+        self._reader.join(timeout=10)
+        return self.popen.returncode
+
+    def kill(self, may_have_ended: bool = False) -> None:
+        """`kill -9` to the process (and anything it started).
+
+        `may_have_ended`: the moment is its last line, after which it exits within milliseconds
+        (process_exit.py), so the kill may find it ended, successfully.
+        """
+        os.killpg(self.popen.pid, signal.SIGKILL)
+        assert self.finish() in ((-signal.SIGKILL, 0) if may_have_ended else (-signal.SIGKILL,))
+
+    def stop(self, signum: int) -> int:
+        """Send `signum` to the process, as Ctrl-C or a scheduler would; its exit status."""
+        os.kill(self.popen.pid, signum)
+        return self.finish()

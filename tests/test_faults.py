@@ -15,13 +15,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import os
-import re
 import shutil
 import signal
-import subprocess
-import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,8 +28,8 @@ from helpers import (
     SERVE_MAX_ROWS,
     SYNTHETIC_OVERRIDES,
     TINY_MODEL,
-    VENV_BIN,
     ModelServer,
+    Process,
     colour_config,
     declared_png,
     make_project,
@@ -48,78 +43,7 @@ from transferlab.paths import StagePaths
 
 pytestmark = pytest.mark.slow
 
-WAIT_S = 300  # the longest any process below may take to reach a moment or to finish
 QUIET = ("mlflow.system_metrics=false",)
-
-
-class Process:
-    """A `transferlab` or `transferlab-train` process; its output lines are collected as they come."""
-
-    def __init__(self, command: Sequence[str], cwd: Path) -> None:
-        env = {
-            **os.environ,
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-            "PYTHONUNBUFFERED": "1",
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-        }
-        env.pop("MLFLOW_TRACKING_URI", None)
-        self.popen = subprocess.Popen(
-            [str(VENV_BIN / command[0]), *command[1:]],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, moment: str | Callable[[], bool]) -> None:
-        """Until a line matches the regex `moment` (or `moment()` is true); fails if the process ends first."""
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            if isinstance(moment, str):
-                if any(re.search(moment, line) for line in list(self.lines)):
-                    return
-            elif moment():
-                return
-            if self.popen.poll() is not None:
-                self._reader.join(timeout=10)
-                if isinstance(moment, str) and any(re.search(moment, line) for line in self.lines):
-                    return
-                pytest.fail(f"ended ({self.popen.returncode}) before {moment!r}:\n{self.output[-3000:]}")
-            time.sleep(0.01)
-        pytest.fail(f"{moment!r} did not come within {WAIT_S} s:\n{self.output[-3000:]}")
-
-    def finish(self) -> int:
-        self.popen.wait(timeout=WAIT_S)
-        self._reader.join(timeout=10)
-        return self.popen.returncode
-
-    def kill(self, may_have_ended: bool = False) -> None:
-        """`kill -9` to the process (and anything it started).
-
-        `may_have_ended`: the moment is its last line, after which it exits within milliseconds
-        (process_exit.py), so the kill may find it ended, successfully.
-        """
-        os.killpg(self.popen.pid, signal.SIGKILL)
-        assert self.finish() in ((-signal.SIGKILL, 0) if may_have_ended else (-signal.SIGKILL,))
-
-    def stop(self, signum: int) -> int:
-        """Send `signum` to the process, as Ctrl-C or a scheduler would; its exit status."""
-        os.kill(self.popen.pid, signum)
-        return self.finish()
 
 
 def client_for(root: Path, experiment: str = MlflowConfig().experiment) -> tuple[MlflowClient, str]:

@@ -10,16 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers import VENV_BIN, prepare_project, tiny_cfg
+from helpers import Process, prepare_project, tiny_cfg
 
 from transferlab.config import write_params
 from transferlab.locks import BusyError, stage_lock
-
-WAIT_S = 300  # the longest the first training below may take to start or to finish
 
 
 def test_a_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:
@@ -64,31 +61,17 @@ def test_two_trainings_in_one_project_the_second_stops_with_one_line(tmp_path: P
     cfg = tiny_cfg("train.epochs=3", "mlflow.log_model=false", "mlflow.system_metrics=false")
     paths = prepare_project(cfg, tmp_path / "project")
     write_params(cfg, paths.root / "params.yaml")
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [str(VENV_BIN / "transferlab"), "train"]
-    log = tmp_path / "first.log"
-    with log.open("w") as out:
-        first = subprocess.Popen(command, cwd=paths.root, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + WAIT_S
-            while "epoch 1/3" not in log.read_text():  # it holds the lock and is writing checkpoints
-                assert first.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "the first training did not reach epoch 1"
-                time.sleep(0.05)
-            first.send_signal(signal.SIGSTOP)  # paused, so it surely still runs while the second starts
-            try:
-                second = subprocess.run(
-                    command, cwd=paths.root, env=env, capture_output=True, text=True, timeout=WAIT_S
-                )
-            finally:
-                first.send_signal(signal.SIGCONT)
-        finally:
-            status = first.wait(timeout=WAIT_S)
-    assert second.returncode == 2, second.stderr
-    assert second.stderr.strip() == (
-        f"BusyError: train is already running in {paths.root} (pid {first.pid} on {os.uname().nodename}); "
+    first = Process(["transferlab", "train"], paths.root)
+    first.wait_for(r"epoch 1/3")  # it holds the lock and is writing checkpoints
+    os.kill(first.popen.pid, signal.SIGSTOP)  # paused, so it surely still runs while the second starts
+    try:
+        second = Process(["transferlab", "train"], paths.root)
+        assert second.finish() == 2, second.output
+    finally:
+        os.kill(first.popen.pid, signal.SIGCONT)
+    assert second.output.strip() == (
+        f"BusyError: train is already running in {paths.root} (pid {first.popen.pid} on {os.uname().nodename}); "
         "two at once would overwrite each other's files: wait for it to end, or stop it"
     )
-    assert status == 0, log.read_text()
-    assert paths.model_file.exists() and "model (epoch 3) saved" in log.read_text()
+    assert first.finish() == 0, first.output
+    assert paths.model_file.exists() and "model (epoch 3) saved" in first.output
