@@ -90,6 +90,26 @@ def test_sigterm_raises_interrupted_in_the_main_thread(stop_handlers: None) -> N
     assert errors.interrupted()
 
 
+def test_an_error_that_a_stop_signal_caused_is_the_stop(
+    stop_handlers: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CI: Ctrl-C while TensorFlow traced a tf.data function came out as a ValueError ("Could not
+    pack sequence"); the command printed a traceback and exited 1 instead of 130."""
+
+    def library_turns_the_interrupt_into_its_own_error() -> int:
+        try:
+            _send(signal.SIGINT)
+        except KeyboardInterrupt:
+            raise ValueError("Could not pack sequence.") from None
+        return 0
+
+    assert run_reporting_errors(library_turns_the_interrupt_into_its_own_error) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "interrupted (SIGINT received)\n"
+    with pytest.raises(Interrupted) as stopped, errors.stops_as_interrupts():
+        raise DataError("a stage's own error after the signal")
+    assert isinstance(stopped.value.__cause__, DataError), "the error it stands for stays in the traceback"
+
+
 def test_deferred_interrupt_is_raised_when_the_block_ends(stop_handlers: None) -> None:
     steps = []
     with pytest.raises(Interrupted, match="SIGINT"), interrupts_deferred():

@@ -13,7 +13,7 @@ import pytest
 from helpers import REPO_ROOT, released_together, tiny_cfg
 from mlflow.tracking import MlflowClient
 
-from transferlab import tracking
+from transferlab import errors, tracking
 from transferlab.config import Config, MlflowConfig
 from transferlab.errors import Interrupted, TransferlabError
 from transferlab.manifests import split_datasets, splits_digest
@@ -90,6 +90,22 @@ def test_interrupted_block_ends_the_run_killed(tmp_path: Path) -> None:
     assert client_for(tmp_path).get_run(run.run_id).info.status == "KILLED"
 
 
+def test_an_error_after_a_stop_signal_ends_the_run_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI: Ctrl-C during TensorFlow's tracing surfaced as a ValueError and ended the run FAILED."""
+    store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
+    monkeypatch.setattr(errors, "_received", [signal.SIGINT])  # the handler ran; TensorFlow raised its own error
+    with pytest.raises(Interrupted), store.start_run(run_name="stopped") as run:
+        raise ValueError("Could not pack sequence.")
+    info = client_for(tmp_path).get_run(run.run_id)
+    assert info.info.status == "KILLED"
+    assert info.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGINT received"
+    with store.start_run(run_name="trained") as trained:
+        pass
+    with pytest.raises(Interrupted), store.killed_if_interrupted(trained.run_id):  # evaluate scoring it
+        raise ValueError("Could not pack sequence.")
+    assert client_for(tmp_path).get_run(trained.run_id).info.status == "KILLED"
+
+
 def test_resumed_run_that_finishes_drops_the_old_error(tmp_path: Path) -> None:
     """Issue 12: a resumed run ended FINISHED but kept `transferlab.error` from its killed attempt."""
     store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
@@ -143,7 +159,7 @@ def test_reopening_a_missing_run_names_the_store(tmp_path: Path) -> None:
 CONFIGURE_SCRIPT = """
 import sys, time
 from pathlib import Path
-from transferlab import tracking
+from transferlab import errors, tracking
 from transferlab.config import MlflowConfig
 Path(sys.argv[1]).touch()  # imported: ready
 go = Path(sys.argv[2])

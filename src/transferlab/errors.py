@@ -88,6 +88,23 @@ def interrupted() -> bool:
 
 
 @contextlib.contextmanager
+def stops_as_interrupts() -> Iterator[None]:
+    """Once SIGINT or SIGTERM has arrived, let any error of the block leave as `Interrupted`.
+
+    Library code can catch the `Interrupted` raised in it and fail with an error of its own:
+    Ctrl-C while TensorFlow traces a `tf.data` function comes out as a `ValueError` ("Could not
+    pack sequence"). The stop is what happened; it must end the run KILLED and exit 130, not
+    look like a crash.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if _received:
+            raise Interrupted(_received[-1]) from exc
+        raise
+
+
+@contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM back until the block ends, for steps that must not stop half way
     (swapping a folder, an MLflow call, closing a run). A signal that arrived meanwhile is
@@ -140,7 +157,8 @@ def run_reporting_errors(task: Callable[[], int]) -> int:
     The one failure wrapper of every entry point (`transferlab ...` and `transferlab-train`).
     """
     try:
-        return int(task())
+        with stops_as_interrupts():
+            return int(task())
     except TransferlabError as exc:
         print(describe(exc), file=sys.stderr)
         return EXIT_USER_ERROR

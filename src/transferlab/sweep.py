@@ -39,6 +39,7 @@ from transferlab.errors import (
     run_reporting_errors,
     stop_on_signals,
     stop_sweep_on_error,
+    stops_as_interrupts,
     strip_ansi,
 )
 from transferlab.job_logs import quiet_job_logs
@@ -290,7 +291,8 @@ def run_job(node: DictConfig) -> float:
     for key in info.keys if info else ():  # one summary column per varied key
         record[key] = tags.get(f"{tracking.TAG_OVERRIDE_PREFIX}{key}")
     try:
-        record.update(_run_or_skip(node, paths, name, parent_id, tags))
+        with stops_as_interrupts():  # an error that a stop signal caused is the stop
+            record.update(_run_or_skip(node, paths, name, parent_id, tags))
     except KeyboardInterrupt:
         global _interrupted
         _interrupted = True

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from transferlab import atomic
 from transferlab.config import Config, MlflowConfig, config_hash, flatten
-from transferlab.errors import TransferlabError, describe, first_line, interrupts_deferred
+from transferlab.errors import TransferlabError, describe, first_line, interrupts_deferred, stops_as_interrupts
 from transferlab.paths import tracking_root
 
 if TYPE_CHECKING:
@@ -482,7 +482,8 @@ class Store:
                 if resumed:
                     run.delete_tag(TAG_ERROR)  # the reason an earlier attempt stopped
             try:
-                yield run
+                with stops_as_interrupts():
+                    yield run
             except BaseException as exc:
                 with interrupts_deferred():
                     if self._reachable():
@@ -498,7 +499,8 @@ class Store:
         test split): Ctrl-C or SIGTERM meanwhile ends the run KILLED with the reason, as if it had
         been open; whatever reopens it later ends it FINISHED again and drops the reason."""
         try:
-            yield
+            with stops_as_interrupts():
+                yield
         except KeyboardInterrupt as exc:
             with interrupts_deferred():
                 if self._reachable():
