@@ -183,6 +183,50 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path: Path) -> No
     assert len({out.strip() for out, _ in outputs}) == 1, "all must see one experiment"
 
 
+DATASETS_SCRIPT = """
+import sys, time
+from pathlib import Path
+import pandas as pd
+from transferlab import tracking
+from transferlab.config import MlflowConfig
+from transferlab.manifests import SplitDataset
+store = tracking.open_store(MlflowConfig(system_metrics=False), Path.cwd())
+frame = pd.DataFrame({"path": ["a.jpg"], "label": ["rose"]})
+with store.start_run(run_name="racer") as run:
+    Path(sys.argv[-2]).touch()  # ready
+    go = Path(sys.argv[-1])
+    while not go.exists():
+        time.sleep(0.005)
+    started = time.time()
+    for dataset in range(DATASETS):  # a new dataset every 0.3 s, at the same moments in every process
+        while time.time() < started + 0.3 * dataset:
+            time.sleep(0.001)
+        split = SplitDataset("train", "flowers-train", "training", f"digest-{dataset}", "train.csv", "folder", frame)
+        run.log_datasets([split])
+print(run.run_id)
+"""
+
+
+@pytest.mark.slow
+def test_runs_logging_the_same_new_dataset_at_once_all_succeed(tmp_path: Path) -> None:
+    """Two `transferlab-train` started together (tests/test_faults.py) failed now and then with
+    "UNIQUE constraint failed: datasets...": MLflow's SQL store looks a dataset up and inserts it
+    if missing, unserialised. Without the retry in `Run.log_datasets`, 3 of 4 processes failed this
+    (3 tries of 3)."""
+    datasets = 6
+    tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)  # the store exists: only the inserts race
+    command = [sys.executable, "-c", DATASETS_SCRIPT.replace("DATASETS", str(datasets))]
+    procs = released_together(
+        [command] * 4, tmp_path, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, [err[-1500:] for _, err in outputs]
+    client = client_for(tmp_path)
+    for out, _ in outputs:
+        logged = client.get_run(out.strip()).inputs.dataset_inputs
+        assert sorted(d.dataset.digest for d in logged) == sorted(f"digest-{i}" for i in range(datasets))
+
+
 @pytest.mark.slow
 def test_failed_job_marks_the_run_its_training_left(tmp_path: Path) -> None:
     """Training finished but evaluate failed: the run must not stay FINISHED (a re-run would skip it)."""

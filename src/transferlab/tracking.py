@@ -75,6 +75,8 @@ HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 HEALTH_TIMEOUT_S = 5
+# Tries at logging a run's datasets when another run inserts the same one meanwhile (`_lost_insert_race`).
+DATASET_LOG_ATTEMPTS = 3
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -348,6 +350,7 @@ class Run:
         """The splits as dataset inputs ("Datasets used" in the UI); MLflow keeps each one once per run."""
         import mlflow
         from mlflow.entities import DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         inputs = []
@@ -360,7 +363,14 @@ class Run:
             tags = [InputTag(MLFLOW_DATASET_CONTEXT, split.context), InputTag(INPUT_TAG_DATA_SOURCE, split.data_source)]
             # `_to_mlflow_entity` is how mlflow.log_input itself turns a dataset into a run input.
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
-        self._client.log_inputs(self.run_id, datasets=inputs)
+        for attempt in range(1, DATASET_LOG_ATTEMPTS + 1):
+            try:
+                self._client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as exc:
+                if attempt == DATASET_LOG_ATTEMPTS or not _lost_insert_race(exc):
+                    raise
+                log.info("another run logged the same dataset at the same moment: logging the inputs again")
 
     @property
     def description(self) -> str:
@@ -630,6 +640,19 @@ def connect(cfg: MlflowConfig, root: Path) -> Store:
         )
     check_reachable(uri)
     return Store(uri, None)
+
+
+def _lost_insert_race(exc: Exception) -> bool:
+    """True for MLflow's SQL store failing a dataset insert on its unique key.
+
+    The store looks a run's datasets up and inserts those it did not find, in one transaction
+    that is not serialised: two runs that log the same new dataset at the same moment (started
+    together, jobs of a parallel sweep) can both insert it, and the second fails (SQLite: "UNIQUE
+    constraint failed", PostgreSQL: "duplicate key value"). Its transaction is rolled back; a retry
+    finds the row the other inserted.
+    """
+    message = str(exc).lower()
+    return "unique constraint" in message or "duplicate key" in message
 
 
 class _Uninterrupted:
