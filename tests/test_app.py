@@ -81,3 +81,24 @@ def test_a_misspelt_key_or_option_is_one_line_and_nothing_is_made(tmp_path: Path
     )
     assert (done.returncode, done.stderr.strip(), done.stdout) == (2, line, "")
     assert list(tmp_path.iterdir()) == []  # no output folder, no MLflow store
+
+
+HYDRA_FAILS_SCRIPT = """
+import signal, sys
+from transferlab import app, errors
+if sys.argv[1] == "stopped":
+    errors._received.append(signal.SIGTERM)  # the handler ran while Hydra composed the job's config
+sys.argv = ["transferlab-train", "hydra.job.chdir=maybe", "data=synthetic"]  # Hydra's own config rejects it
+app.main()
+"""
+
+
+@pytest.mark.parametrize(("moment", "status"), [("stopped", 143), ("running", 1)])
+def test_an_error_hydra_reports_after_a_stop_signal_exits_as_the_stop(tmp_path: Path, moment: str, status: int) -> None:
+    """CI: SIGTERM while Hydra composed a sweep job's config came out of OmegaConf as an
+    AttributeError; Hydra printed it and exited 1, where a stopped sweep exits 143."""
+    done = subprocess.run(
+        [sys.executable, "-c", HYDRA_FAILS_SCRIPT, moment], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == status, done.stderr[-2000:]
+    assert ("interrupted (SIGTERM received)" in done.stderr) == (moment == "stopped"), done.stderr[-2000:]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from transferlab import console
 from transferlab.config import CONFIG_NAME, check_overrides, conf_dir
-from transferlab.errors import report_interrupt, run_reporting_errors
+from transferlab.errors import received_stop, report_interrupt, run_reporting_errors
 from transferlab.process_exit import run_and_exit
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 RUNS_DIR = Path("outputs/runs")
 SWEEPS_DIR = Path("outputs/sweeps")
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
+HYDRA_ERROR_EXIT = 1  # what Hydra exits with after printing an error raised in its own code or a job
 # Hydra options that print something and run no job: they need no output folder.
 _NO_JOB_FLAGS = frozenset(
     {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
@@ -96,6 +97,13 @@ def main() -> None:
         hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_task)()
     except KeyboardInterrupt as exc:  # a sweep stopped (single runs report and exit in run_job)
         sys.exit(report_interrupt(exc))
+    except SystemExit as exc:
+        stop = received_stop()
+        # Hydra prints an error raised in its own code and exits 1: a stop signal that landed while
+        # it composed a job's config can come out of OmegaConf as an AttributeError. The stop wins.
+        if exc.code == HYDRA_ERROR_EXIT and stop is not None:
+            sys.exit(report_interrupt(stop))
+        raise
     from transferlab.sweep import sweep_exit_status  # imported already, by Hydra's callback
 
     sys.exit(sweep_exit_status())  # non-zero after a sweep in which no job finished

@@ -99,9 +99,15 @@ def stops_as_interrupts() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if _received:
-            raise Interrupted(_received[-1]) from exc
+        stop = received_stop()
+        if stop is not None:
+            raise stop from exc
         raise
+
+
+def received_stop() -> Interrupted | None:
+    """The last stop signal this process received, as the `Interrupted` it raised; None before any."""
+    return Interrupted(_received[-1]) if _received else None
 
 
 @contextlib.contextmanager
