@@ -37,8 +37,12 @@ def test_training_description_names_backbone_data_phases_and_best_epoch() -> Non
     assert text.startswith("**small_cnn** (random weights, dropout 0.2) on **synthetic**: 3 classes;")
     assert "20 train, 8 validation, 8 test images (splits `0123456789abcdef`)" in text
     lr = tiny_cfg().train.learning_rate
-    assert f"| head | 1-2 | {lr:g} | backbone frozen, head trained on cached features |" in text
-    finetune = "top 20 backbone layers unfrozen (BatchNorm stays frozen), trained on cached activations at the cut"
+    head = "backbone frozen, head trained on cached features of 2 augmented views"  # the default flips
+    assert f"| head | 1-2 | {lr:g} | {head} |" in text
+    finetune = (
+        "top 20 backbone layers unfrozen (BatchNorm stays frozen), trained on cached activations at the cut "
+        "of 2 augmented views"
+    )
     assert f"| finetune | 3 | 0.0001 | {finetune} |" in text
     assert "**Best epoch** 3 of 3: validation accuracy **0.875**, loss 0.400." in text
 

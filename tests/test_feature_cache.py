@@ -156,12 +156,13 @@ def test_file_with_wrong_row_count_is_stale(prepared_project: StagePaths) -> Non
 @pytest.mark.parametrize(
     ("overrides", "sources"),
     [
-        pytest.param((), [("pool", 1)], id="frozen-no-augmentation"),
+        pytest.param((), [("pool", 2)], id="defaults-two-cached-flipped-views"),
+        pytest.param(("augment=none",), [("pool", 1)], id="frozen-no-augmentation"),
         pytest.param(("augment=light", "augment.cached_views=0"), [("images", 1)], id="fresh-augmentation"),
         pytest.param(("augment=light",), [("pool", 10)], id="cached-augmented-views"),
-        pytest.param(("finetune.unfreeze=20",), [("cut", 1)], id="unfrozen-top-from-the-start"),
+        pytest.param(("augment=none", "finetune.unfreeze=20"), [("cut", 1)], id="unfrozen-top-from-the-start"),
         pytest.param(("finetune.unfreeze=all",), [("images", 1)], id="everything-unfrozen"),
-        pytest.param(("finetune=top20",), [("pool", 1), ("cut", 1)], id="head-then-finetune"),
+        pytest.param(("augment=none", "finetune=top20"), [("pool", 1), ("cut", 1)], id="head-then-finetune"),
         pytest.param(
             ("finetune=top20", "augment=light", "augment.cached_views=0"),
             [("images", 1), ("images", 1)],

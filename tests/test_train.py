@@ -128,9 +128,12 @@ def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths, ca
     assert history["learning_rate"].tolist() == pytest.approx([cfg.train.learning_rate, 0.0001])
     head, finetune = _phase_lines(caplog)
     lr = cfg.train.learning_rate
-    assert head == f"head: backbone frozen, head trained on cached features; epochs 1..1 at learning rate {lr:g}"
+    views = "cached features of 2 augmented views"  # the default flips
+    assert head == f"head: backbone frozen, head trained on {views}; epochs 1..1 at learning rate {lr:g}"
     assert finetune.startswith("finetune: top 20 backbone layers unfrozen (")
     assert finetune.endswith("with weights; BatchNorm stays frozen); epochs 2..2 at learning rate 0.0001")
+    # small_cnn has no frozen layer below its top 20: that phase trains on images, its flips fresh
+    assert "this phase trains on images: fresh augmentation every epoch" in caplog.text
 
 
 def test_augmented_training_bypasses_the_feature_cache(
@@ -267,7 +270,7 @@ def test_cached_augmented_views_train_the_head_at_cache_speed(prepared_project: 
 
 def test_cut_point_cache_trains_the_unfrozen_top_like_the_full_network(prepared_project: StagePaths) -> None:
     """Same seed, data order and weights: cached activations at the cut give the full network's epochs."""
-    common = ("finetune.unfreeze=2", "train.epochs=3", "model.dropout=0.0", "train.deterministic=true")
+    common = ("augment=none", "finetune.unfreeze=2", "train.epochs=3", "model.dropout=0.0", "train.deterministic=true")
     cut = train(tiny_cfg(*common), prepared_project).history
     assert any("cut:" in json.loads(str(np.load(f)["key"]))["tensor"] for f in prepared_project.feature_cache.glob("*"))
     full = train(tiny_cfg(*common, "train.feature_cache=false"), prepared_project).history

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from transferlab.errors import DataError
+from transferlab.errors import DataError, interrupts_deferred
 from transferlab.images import decode_and_resize, first_oversized
 from transferlab.manifests import Manifest
 
@@ -85,13 +85,30 @@ def make_dataset(
     uint8 when they fit, so every epoch after the first skips JPEG decoding; shuffling and
     `augmenter` (training only) run after the cache.
     An image whose header declares more than `images.MAX_IMAGE_PIXELS` stops it before any decode.
-    """
-    import tensorflow as tf
 
+    Building it (tracing its map functions, the augmenter's layers among them: a fraction of a
+    second) holds Ctrl-C and SIGTERM back: a stop that lands inside TensorFlow's tracing comes out
+    as an error of TensorFlow's own ("Could not pack sequence") or as tracebacks it prints.
+    """
     oversized = first_oversized(manifest.absolute_paths)
     if oversized is not None:
         path, problem = oversized
         raise DataError(f"{path}: {problem}; the split stage skips such files: run `dvc repro split`")
+    with interrupts_deferred():
+        return _decoded_batches(manifest, image_size, batch_size, epochs, seed, augmenter, cache)
+
+
+def _decoded_batches(
+    manifest: Manifest,
+    image_size: int,
+    batch_size: int,
+    epochs: tuple[int, int] | None,
+    seed: int,
+    augmenter: keras.Layer | None,
+    cache: bool,
+) -> tf.data.Dataset:
+    """`make_dataset`'s pipeline, built."""
+    import tensorflow as tf
 
     autotune = tf.data.AUTOTUNE
     num_classes = len(manifest.classes)

@@ -34,6 +34,7 @@ from transferlab.checkpoint import Checkpointer, CheckpointState, ModelKind
 from transferlab.config import Config
 from transferlab.console import keras_progress
 from transferlab.descriptions import backbone_state
+from transferlab.errors import interrupts_deferred
 from transferlab.feature_cache import (
     NO_AUGMENTATION,
     POOLED,
@@ -309,7 +310,8 @@ class Trainer:
         count = len(train.labels)
         indices = tf.data.Dataset.range(count)
         batches = epoch_batches(indices, count, (first, first + epochs), self.cfg.train.seed, self.cfg.train.batch_size)
-        return prefetched(batches.map(gather))
+        with interrupts_deferred():  # built whole, as `pipeline.make_dataset` says why
+            return prefetched(batches.map(gather))
 
     def _image_fit(self, model: keras.Model) -> Fit:
         from transferlab.augment import build_augmenter
@@ -318,7 +320,8 @@ class Trainer:
         common = {"image_size": self.image_size, "batch_size": batch}
         augmenter = build_augmenter(self.cfg.augment, seed)
         if self.cfg.augment.enabled and self.cfg.train.feature_cache:
-            log.info("augment.cached_views is 0: fresh augmentation every epoch, through the whole backbone (slow)")
+            why = "augment.cached_views is 0" if not self.cfg.augment.cached_views else "this phase trains on images"
+            log.info("%s: fresh augmentation every epoch, through the whole backbone (slow)", why)
 
         def train(first: int, last: int) -> tf.data.Dataset:
             batches = make_dataset(self.train_set, epochs=(first, last), seed=seed, augmenter=augmenter, **common)
