@@ -121,3 +121,11 @@ def test_deferred_interrupt_is_raised_when_the_block_ends(stop_handlers: None) -
         raise ValueError("own error")
     with interrupts_deferred():  # nothing held over from before
         pass
+
+
+def test_a_received_stop_is_raised_where_work_must_not_go_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(errors, "_received", [])
+    errors.stop_if_received()  # nothing received: nothing happens
+    monkeypatch.setattr(errors, "_received", [signal.SIGTERM])
+    with pytest.raises(Interrupted, match="SIGTERM received"):
+        errors.stop_if_received()

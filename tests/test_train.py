@@ -17,7 +17,7 @@ import pytest
 from helpers import VENV_BIN, tiny_cfg
 from mlflow.tracking import MlflowClient
 
-from transferlab import tracking
+from transferlab import errors, tracking
 from transferlab.config import write_params
 from transferlab.errors import DataError
 from transferlab.paths import StagePaths
@@ -355,3 +355,20 @@ def test_mirrored_strategy_on_two_logical_cpus(prepared_project: StagePaths) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "replicas 2 MirroredStrategy" in done.stdout
     assert paths.model_file.is_file()
+
+
+def test_a_stop_that_a_library_swallowed_still_ends_training_at_the_epoch(
+    prepared_project: StagePaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stress run of test_faults once saw a `transferlab-train` given Ctrl-C train to the end and
+    exit 0: the handler ran, and its exception never reached us. At the end of the epoch the stop
+    wins: the run ends KILLED, nothing is saved and the epoch is not checkpointed."""
+    monkeypatch.setattr(errors, "_received", [signal.SIGINT])  # the handler ran; its Interrupted was lost
+    with pytest.raises(errors.Interrupted):
+        train(tiny_cfg("train.epochs=3"), prepared_project)
+    experiment = tracking.open_store(tiny_cfg().mlflow, prepared_project.root).experiment_id
+    [run] = mlflow_client(prepared_project).search_runs([experiment])
+    assert run.info.status == "KILLED"
+    assert run.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGINT received"
+    assert not run.data.metrics, "no epoch was logged"
+    assert not prepared_project.model_file.exists()

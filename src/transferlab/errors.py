@@ -110,6 +110,19 @@ def received_stop() -> Interrupted | None:
     return Interrupted(_received[-1]) if _received else None
 
 
+def stop_if_received() -> None:
+    """Raise the stop signal this process received, for the points where work must not go on
+    after one (an epoch's end, the model just logged, a sweep job or evaluate about to start).
+
+    Its `Interrupted` normally ends the process where it lands; these points catch one that a
+    library swallowed (raised inside a `__del__`, it is only printed) or that was dropped for an
+    error ending the block that held it back (`interrupts_deferred`).
+    """
+    stop = received_stop()
+    if stop is not None:
+        raise stop
+
+
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM back until the block ends, for steps that must not stop half way

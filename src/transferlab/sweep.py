@@ -37,6 +37,7 @@ from transferlab.errors import (
     describe,
     interrupted,
     run_reporting_errors,
+    stop_if_received,
     stop_on_signals,
     stop_sweep_on_error,
     stops_as_interrupts,
@@ -292,6 +293,7 @@ def run_job(node: DictConfig) -> float:
         record[key] = tags.get(f"{tracking.TAG_OVERRIDE_PREFIX}{key}")
     try:
         with stops_as_interrupts():  # an error that a stop signal caused is the stop
+            stop_if_received()
             record.update(_run_or_skip(node, paths, name, parent_id, tags))
     except KeyboardInterrupt:
         global _interrupted

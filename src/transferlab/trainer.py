@@ -34,7 +34,7 @@ from transferlab.checkpoint import Checkpointer, CheckpointState, ModelKind
 from transferlab.config import Config
 from transferlab.console import keras_progress
 from transferlab.descriptions import backbone_state
-from transferlab.errors import interrupts_deferred
+from transferlab.errors import interrupts_deferred, stop_if_received
 from transferlab.feature_cache import (
     NO_AUGMENTATION,
     POOLED,
@@ -343,6 +343,7 @@ class Trainer:
 
         class EpochMonitor(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+                stop_if_received()  # a stop during the epoch: it is not checkpointed
                 decisions = trainer.finish_epoch(self.model, phase, epoch + 1, dict(logs or {}))
                 row = trainer.state.history[-1]
                 shown = ", ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS[:4])

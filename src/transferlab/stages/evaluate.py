@@ -31,7 +31,7 @@ from transferlab.atomic import replace_dir
 from transferlab.config import Config
 from transferlab.console import keras_progress
 from transferlab.descriptions import with_test_results
-from transferlab.errors import DataError, ModelError
+from transferlab.errors import DataError, ModelError, stop_if_received
 from transferlab.inference import load_image_batch, load_model, model_image_size
 from transferlab.locks import stage_lock
 from transferlab.manifests import Manifest, check_splits_fresh, load_classes, load_manifest, split_datasets
@@ -227,6 +227,7 @@ def _evaluate(
     model: keras.Model,
     features: keras.Model | None,
 ) -> dict[str, float]:
+    stop_if_received()  # one that training's last steps swallowed: the run ends KILLED, unscored
     log.info("evaluating %s on %d test images", paths.model_file, len(test))
     probabilities = predict_from_feature_cache(cfg, paths, model, test, features)
     if probabilities is None:

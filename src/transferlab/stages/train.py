@@ -24,7 +24,7 @@ from transferlab import atomic, tracking
 from transferlab.checkpoint import Checkpointer, CheckpointState
 from transferlab.config import Config, config_hash
 from transferlab.descriptions import training_description
-from transferlab.errors import TransferlabError
+from transferlab.errors import TransferlabError, stop_if_received
 from transferlab.locks import stage_lock
 from transferlab.manifests import SplitDataset, check_splits_fresh, load_classes, split_datasets, splits_digest
 from transferlab.paths import StagePaths
@@ -278,6 +278,7 @@ def _finish(
         if cfg.mlflow.log_model:
             run.discard_logged_models()  # a killed earlier attempt may have logged one (or left it PENDING)
             run.log_model(model_file, list(trainer.classes), trainer.image_size)
+            stop_if_received()  # a stop while the model was logged: models/ stays as it was
         run.record.write(models / paths.run_file.name)
     log.info("model (epoch %d) saved to %s; MLflow run %s", trainer.kept_epoch, paths.model_file, run.run_id)
 
