@@ -90,41 +90,28 @@ def make_dataset(
     second) holds Ctrl-C and SIGTERM back: a stop that lands inside TensorFlow's tracing comes out
     as an error of TensorFlow's own ("Could not pack sequence") or as tracebacks it prints.
     """
+    import tensorflow as tf
+
     oversized = first_oversized(manifest.absolute_paths)
     if oversized is not None:
         path, problem = oversized
         raise DataError(f"{path}: {problem}; the split stage skips such files: run `dvc repro split`")
     with interrupts_deferred():
-        return _decoded_batches(manifest, image_size, batch_size, epochs, seed, augmenter, cache)
-
-
-def _decoded_batches(
-    manifest: Manifest,
-    image_size: int,
-    batch_size: int,
-    epochs: tuple[int, int] | None,
-    seed: int,
-    augmenter: keras.Layer | None,
-    cache: bool,
-) -> tf.data.Dataset:
-    """`make_dataset`'s pipeline, built."""
-    import tensorflow as tf
-
-    autotune = tf.data.AUTOTUNE
-    num_classes = len(manifest.classes)
-    ds = tf.data.Dataset.from_tensor_slices((manifest.absolute_paths, list(manifest.labels)))
-    ds = ds.map(
-        lambda p, y: (decode_and_resize(tf.io.read_file(p), image_size), y),
-        num_parallel_calls=autotune,
-        deterministic=True,
-    )
-    if cache and len(manifest) * image_size * image_size * 3 <= MEMORY_CACHE_BYTES:
-        ds = ds.cache()
-    if epochs is None:
-        ds = ds.batch(batch_size)
-    else:
-        ds = epoch_batches(ds, len(manifest), epochs, seed, batch_size).map(lambda epoch, batch: batch)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)), num_parallel_calls=autotune)
-    if augmenter is not None:
-        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=autotune)
-    return prefetched(ds)
+        autotune = tf.data.AUTOTUNE
+        num_classes = len(manifest.classes)
+        ds = tf.data.Dataset.from_tensor_slices((manifest.absolute_paths, list(manifest.labels)))
+        ds = ds.map(
+            lambda p, y: (decode_and_resize(tf.io.read_file(p), image_size), y),
+            num_parallel_calls=autotune,
+            deterministic=True,
+        )
+        if cache and len(manifest) * image_size * image_size * 3 <= MEMORY_CACHE_BYTES:
+            ds = ds.cache()
+        if epochs is None:
+            ds = ds.batch(batch_size)
+        else:
+            ds = epoch_batches(ds, len(manifest), epochs, seed, batch_size).map(lambda epoch, batch: batch)
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, num_classes)), num_parallel_calls=autotune)
+        if augmenter is not None:
+            ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=autotune)
+        return prefetched(ds)

@@ -308,9 +308,10 @@ class Trainer:
             return (inputs[0] if len(inputs) == 1 else tuple(inputs)), tf.gather(labels, index)
 
         count = len(train.labels)
-        indices = tf.data.Dataset.range(count)
-        batches = epoch_batches(indices, count, (first, first + epochs), self.cfg.train.seed, self.cfg.train.batch_size)
-        with interrupts_deferred():  # built whole, as `pipeline.make_dataset` says why
+        with interrupts_deferred():  # built whole (its maps traced), as `pipeline.make_dataset` says why
+            indices = tf.data.Dataset.range(count)
+            epoch_range = (first, first + epochs)
+            batches = epoch_batches(indices, count, epoch_range, self.cfg.train.seed, self.cfg.train.batch_size)
             return prefetched(batches.map(gather))
 
     def _image_fit(self, model: keras.Model) -> Fit:
