@@ -29,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transferlab.backbones import resolve_image_size
 from transferlab.config import Config, load_params
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
@@ -84,7 +83,7 @@ def probe_pipeline(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict
 
     from transferlab.pipeline import make_dataset
 
-    size = resolve_image_size(cfg.model.backbone, cfg.data.image_size)
+    size = cfg.image_size
     manifest = all_images(args.project, cfg.data.name)
     passes = max(1, math.ceil(MIN_PIPELINE_IMAGES / len(manifest)))
 
@@ -125,7 +124,7 @@ def _classifier(cfg: Config, num_classes: int) -> tuple[Any, int]:
     """A `transferlab.model.Classifier` as the train stage builds it, and its input size."""
     from transferlab.model import build_classifier
 
-    size = resolve_image_size(cfg.model.backbone, cfg.data.image_size)
+    size = cfg.image_size
     return build_classifier(cfg.model, num_classes, size), size
 
 

@@ -48,13 +48,16 @@ class Point:
 
 
 # Cheapest first: the frozen-head points share one feature pass; augmented views and
-# fine-tuning cost minutes per seed.
+# fine-tuning cost minutes per seed. Points marked "at 224 px" keep the size they were measured
+# at before MobileNetV2's default became 288 px.
+AT_224 = "data.image_size=224"
 POINTS = (
-    Point("recipe", "the published recipe (BN head, Adam 1e-2, 2 epochs)", ("+experiment=reference",)),
+    Point("recipe", "the published recipe (BN head, Adam 1e-2, 2 epochs, 224 px)", ("+experiment=reference",)),
     Point(
         "old-defaults",
-        "the previous defaults (BN head, Adam 5e-3, 10 epochs, last epoch kept)",
+        "the first defaults (BN head, Adam 5e-3, 10 epochs, last epoch kept, 224 px)",
         (
+            AT_224,
             "model.head_batchnorm=true",
             "train.learning_rate=0.005",
             "train.epochs=10",
@@ -63,8 +66,11 @@ POINTS = (
             "augment=none",
         ),
     ),
-    Point("defaults", "the defaults: frozen, no BN, Adam 1e-3, early stopping, calibrated, 2 cached flipped views"),
-    Point("no-flips", "the defaults without augmentation (the defaults before the flips)", ("augment=none",)),
+    Point(
+        "defaults",
+        "the defaults: frozen, no BN, Adam 1e-3, early stopping, calibrated, 2 cached flipped views, 288 px",
+    ),
+    Point("no-flips", "the defaults without augmentation", ("augment=none",)),
     Point("uncalibrated", "what temperature scaling buys", ("train.calibrate=false",)),
     Point("smoothing", "label smoothing 0.1 on the defaults", ("train.label_smoothing=0.1",)),
     Point("head-bn", "the recipe's BatchNorm in the head, all else default", ("model.head_batchnorm=true",)),
@@ -78,23 +84,51 @@ POINTS = (
         "more cached views of randomly flipped images (K = 2 is the defaults)",
         ("augment.cached_views=2,4,8",),
     ),
-    Point("views", "augment=light: 10 cached augmented views per image", ("augment=light",)),
-    Point("top60", "fine-tune the top 60 layers at the cut, 10 cached views", ("finetune=top60", "augment=light")),
-    Point("top20", "fine-tune the top 20 layers at the cut, 10 cached views", ("finetune=top20", "augment=light")),
+    Point(
+        "resolution",
+        "the defaults at other input sizes (288 px is the defaults; 224 px the weights' own)",
+        ("data.image_size=224,256,320",),
+    ),
+    Point(
+        "finetune",
+        "the fine-tuning presets on the defaults (2 cached flipped views at the cut, 288 px)",
+        ("finetune=top20,top60",),
+    ),
+    Point(
+        "finetune-lr",
+        "top60 on the defaults at 3 and 10 times the preset's fine-tuning rate of 1e-4",
+        ("finetune=top60", "finetune.learning_rate=0.0003,0.001"),
+    ),
+    Point(
+        "finetune-all",
+        "the whole backbone fine-tuned on the defaults (no cut to cache at: fresh flips every epoch)",
+        ("finetune=all",),
+    ),
+    Point("views", "augment=light: 10 cached augmented views per image, at 224 px", (AT_224, "augment=light")),
+    Point(
+        "top60",
+        "fine-tune the top 60 layers at the cut (Adam 3e-4), 10 cached views, at 224 px",
+        (AT_224, "finetune=top60", "finetune.learning_rate=0.0003", "augment=light"),
+    ),
+    Point(
+        "top20",
+        "fine-tune the top 20 layers at the cut, 10 cached views, at 224 px",
+        (AT_224, "finetune=top20", "augment=light"),
+    ),
     Point(
         "low-lr",
-        "top60 with 10 cached views at 10-30x lower fine-tuning rates",
-        ("finetune=top60", "augment=light", "finetune.learning_rate=0.00001,0.00003"),
+        "top60 with 10 cached views at 10-30x lower fine-tuning rates than its 3e-4, at 224 px",
+        (AT_224, "finetune=top60", "augment=light", "finetune.learning_rate=0.00001,0.00003"),
     ),
     Point(
         "low-lr-plain",
-        "fine-tuning the top 60 layers or all of them at low rates, no augmentation",
-        ("augment=none", "finetune=top60,all", "finetune.learning_rate=0.00001,0.00003"),
+        "fine-tuning the top 60 layers or all of them at low rates, no augmentation, at 224 px",
+        (AT_224, "augment=none", "finetune=top60,all", "finetune.learning_rate=0.00001,0.00003"),
     ),
     Point(
         "fresh",
-        "augment=light with fresh augmentations each epoch (uncached)",
-        ("augment=light", "augment.cached_views=0"),
+        "augment=light with fresh augmentations each epoch (uncached), at 224 px",
+        (AT_224, "augment=light", "augment.cached_views=0"),
     ),
 )
 

@@ -150,3 +150,17 @@ def test_highest_seed_and_limits_match_what_the_libraries_accept() -> None:
         np.random.RandomState(config.MAX_SEED + 1)
     assert config.MAX_PARAM_VALUE_LENGTH == validation.MAX_PARAM_VAL_LENGTH
     assert config.MAX_EXPERIMENT_NAME_LENGTH == validation.MAX_EXPERIMENT_NAME_LENGTH
+
+
+def test_image_size_left_null_is_the_backbones_default_and_is_what_the_hash_covers() -> None:
+    """A run's config hash (sweep skipping, MLflow) covers the size it trains at, also when the
+    config leaves it to the backbone, whose default can change between versions."""
+    from transferlab.config import config_hash
+
+    mobilenet = _compose("model=mobilenet_v2")
+    assert mobilenet.data.image_size is None and mobilenet.image_size == 288
+    assert _compose().image_size == 224  # EfficientNetB0
+    assert _compose("model=mobilenet_v2", "data.image_size=160").image_size == 160
+    assert _compose("model=mobilenet_v2", "+experiment=reference").image_size == 224  # the recipe's 224 px
+    assert config_hash(mobilenet) == config_hash(_compose("model=mobilenet_v2", "data.image_size=288"))
+    assert config_hash(mobilenet) != config_hash(_compose("model=mobilenet_v2", "data.image_size=224"))

@@ -162,6 +162,7 @@ def test_imagenet_filenames_match_keras_cache_names() -> None:
         == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
     )
     assert imagenet_weights_filename("mobilenet", 0.25, 224) == "mobilenet_2_5_224_tf_no_top.h5"
+    assert imagenet_weights_filename("mobilenet", 0.25, 288) == "mobilenet_2_5_224_tf_no_top.h5"  # the default size
     assert imagenet_weights_filename("efficientnet_b0", None, 224) == "efficientnetb0_notop.h5"
 
 
@@ -182,7 +183,7 @@ IMAGENET_SCRIPT = """
 from transferlab.config import ModelConfig
 from transferlab.model import build_classifier
 import sys
-build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights="imagenet"), 5, 224)
+build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights="imagenet"), 5, 288)
 print("loaded")
 """
 
@@ -197,6 +198,9 @@ def test_imagenet_weights_load_from_keras_home_without_download(shared_dir: Path
     done = subprocess.run([sys.executable, "-c", IMAGENET_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "loaded" in done.stdout
+    # 288 px, the MobileNets' default, has no weights of its own: the 224 px file loads, as chosen,
+    # without Keras warning that it does.
+    assert "will be loaded as the default" not in done.stderr
 
 
 OFFLINE_SCRIPT = """

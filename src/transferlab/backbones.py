@@ -26,7 +26,7 @@ class BackboneSpec:
 
     application: str | Callable[..., Any]  # a keras.applications name, or a constructor
     preprocessing: Preprocessing
-    default_image_size: int
+    default_image_size: int  # when data.image_size is null
     alphas: tuple[float, ...] | None = None
     # File name Keras caches ImageNet no-top weights under; `{alpha}` and `{size}` are filled.
     imagenet_file: str | None = None
@@ -37,17 +37,21 @@ BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_b1": BackboneSpec("EfficientNetB1", "builtin", 240, imagenet_file="efficientnetb1_notop.h5"),
     "efficientnet_b2": BackboneSpec("EfficientNetB2", "builtin", 260, imagenet_file="efficientnetb2_notop.h5"),
     "efficientnet_b3": BackboneSpec("EfficientNetB3", "builtin", 300, imagenet_file="efficientnetb3_notop.h5"),
+    # MobileNets: 288, not the 224 their ImageNet weights were trained at. Training crops zoomed
+    # ImageNet objects in; a larger input shows whole photos at that scale. Measured for both
+    # (README, "How the defaults were chosen"); EfficientNet and ResNet could not be, so they keep
+    # their own size.
     "mobilenet_v2": BackboneSpec(
         "MobileNetV2",
         "tf",
-        224,
+        288,
         alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
         imagenet_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5",
     ),
     "mobilenet": BackboneSpec(
         "MobileNet",
         "tf",
-        224,
+        288,
         alphas=(0.25, 0.5, 0.75, 1.0),
         imagenet_file="mobilenet_{alpha_code}_{size}_tf_no_top.h5",
     ),
@@ -68,8 +72,3 @@ def imagenet_weights_filename(backbone: str, alpha: float | None, image_size: in
     alpha_code = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}.get(alpha, str(alpha))
     size = image_size if image_size in (96, 128, 160, 192, 224) else 224
     return spec.imagenet_file.format(alpha=alpha, alpha_code=alpha_code, size=size)
-
-
-def resolve_image_size(backbone: str, configured: int | None) -> int:
-    """The configured input size, or the backbone's native one."""
-    return configured if configured is not None else BACKBONES[backbone].default_image_size

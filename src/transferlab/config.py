@@ -332,6 +332,12 @@ class Config:
             limit = MAX_PARAM_VALUE_LENGTH
             _require(length <= limit, key, f"at most {limit} characters long (MLflow's limit)", length)
 
+    @property
+    def image_size(self) -> int:
+        """The size images are decoded to: `data.image_size`, or the backbone's default when null."""
+        configured = self.data.image_size
+        return configured if configured is not None else BACKBONES[self.model.backbone].default_image_size
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, as written to params.yaml."""
         return dataclasses.asdict(self)
@@ -576,6 +582,7 @@ def write_params(cfg: Config, path: Path) -> None:
 def config_hash(cfg: Config) -> str:
     """Short digest of the sections that determine a training result."""
     payload = {name: dataclasses.asdict(getattr(cfg, name)) for name in TRAINING_SECTIONS}
+    payload["data"]["image_size"] = cfg.image_size  # a backbone's default size can change between versions
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

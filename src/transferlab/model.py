@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,9 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
     if spec.alphas is not None:
         kwargs["alpha"] = cfg.alpha if cfg.alpha is not None else 1.0
     try:
-        return constructor(**kwargs)
+        with warnings.catch_warnings():  # at sizes with no weights of their own (288), the 224 ones: what we want
+            warnings.filterwarnings("ignore", message=".*Weights for input shape .* will be loaded as the default")
+            return constructor(**kwargs)
     except ValueError as exc:
         raise ModelError(f"cannot build {cfg.backbone}: {first_line(exc)}") from exc
     except Exception as exc:  # URL, HTTP and OS errors of Keras' weight download

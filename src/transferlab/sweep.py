@@ -31,7 +31,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab import atomic, sweep_bookkeeping, tracking
-from transferlab.backbones import resolve_image_size
 from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf, validate_section
 from transferlab.errors import (
     describe,
@@ -348,10 +347,9 @@ def _run_or_skip(node: DictConfig, paths: StagePaths, name: str, parent_id: str 
     run_id, val_accuracy = _train_and_evaluate(cfg, paths, name, parent_id, tags)
     record = {"status": "FINISHED", "run_id": run_id, "val_accuracy": val_accuracy}
     if deferred:
-        image_size = resolve_image_size(cfg.model.backbone, cfg.data.image_size)
         record["model_to_log"] = {
             "model_file": str(paths.model_file),
             "classes": load_classes(paths.classes),
-            "image_size": image_size,
+            "image_size": cfg.image_size,
         }
     return record

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from transferlab import tracking
-from transferlab.backbones import resolve_image_size
 from transferlab.checkpoint import Checkpointer, CheckpointState, ModelKind
 from transferlab.config import Config
 from transferlab.console import keras_progress
@@ -142,7 +141,7 @@ class Trainer:
         self.cfg, self.paths, self.run, self.state = cfg, paths, run, state
         self.checkpointer = Checkpointer(paths.checkpoints)
         self.cache = FeatureCache(paths.feature_cache)
-        self.image_size = resolve_image_size(cfg.model.backbone, cfg.data.image_size)
+        self.image_size = cfg.image_size
         self.classes = load_classes(paths.classes)
         raw = paths.raw_dataset(cfg.data.name)
         self.train_set = load_manifest(paths.manifest("train"), raw, self.classes)

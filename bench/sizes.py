@@ -1,0 +1,90 @@
+"""Input size without the test split: `make study-sizes` (README, "How the defaults were chosen").
+
+For each input size, the backbone's pooled features of every training and validation photo of the
+study's scratch project (the project's decode and model code), and of each photo flipped; then
+repeated stratified 5-fold cross-validation over those 1,275 photos: a logistic regression trained
+on the clean and flipped features of four folds scores the fifth (accuracy, log loss). That is
+25 held-out folds per size instead of one score on 225 validation photos, so it separates sizes
+whose validation accuracies differ by less than their noise. Needs `make study` first.
+
+    SIZES_LIST     sizes to compare (default "224 256 288 320 352 384")
+    SIZES_BACKBONE mobilenet_v2 (default) or mobilenet, with STUDY_WEIGHTS for its weights file
+    STUDY_WORKDIR, STUDY_WEIGHTS as for bench/study.py
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from transferlab.config import ModelConfig, load_params
+from transferlab.manifests import Manifest, load_classes, load_manifest
+from transferlab.paths import StagePaths
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+ALPHAS = {"mobilenet_v2": 0.35, "mobilenet": 0.25}  # the backbones ../shared/weights holds
+REGULARISATION = (0.3, 1.0)  # logistic regression's C: both are fitted, their scores averaged
+log = logging.getLogger("sizes")
+
+
+def pooled_features(manifest: Manifest, backbone: str, weights: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features of each image as it is, and flipped left to right."""
+    from transferlab.model import build_classifier
+    from transferlab.pipeline import make_dataset
+
+    model = ModelConfig(backbone=backbone, alpha=ALPHAS[backbone], weights=str(weights))
+    features = build_classifier(model, len(manifest.classes), size).features
+    pixels = make_dataset(manifest, image_size=size, batch_size=32, cache=False).map(lambda x, y: x)
+    clean = features.predict(pixels, verbose=0)
+    flipped = features.predict(pixels.map(lambda x: x[:, :, ::-1, :]), verbose=0)
+    return clean, flipped
+
+
+def cross_validate(clean: np.ndarray, flipped: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Mean accuracy and log loss over 5 folds x 5 repeats."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+    from sklearn.model_selection import RepeatedStratifiedKFold
+
+    accuracies, losses = [], []
+    folds = RepeatedStratifiedKFold(n_splits=5, n_repeats=5, random_state=0)
+    for train, held_out in folds.split(clean, labels):
+        inputs = np.concatenate([clean[train], flipped[train]])
+        targets = np.concatenate([labels[train], labels[train]])
+        for c in REGULARISATION:
+            fitted = LogisticRegression(C=c, max_iter=2000).fit(inputs, targets)
+            probabilities = fitted.predict_proba(clean[held_out])
+            accuracies.append(float((probabilities.argmax(1) == labels[held_out]).mean()))
+            losses.append(log_loss(labels[held_out], probabilities, labels=fitted.classes_))
+    return float(np.mean(accuracies)), float(np.mean(losses))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    workdir = Path(os.environ.get("STUDY_WORKDIR", REPO_ROOT / "build" / "study")).resolve()
+    weights = Path(os.environ.get("STUDY_WEIGHTS", REPO_ROOT.parent / "shared" / "weights" / WEIGHTS_FILE))
+    backbone = os.environ.get("SIZES_BACKBONE", "mobilenet_v2")
+    sizes = [int(size) for size in os.environ.get("SIZES_LIST", "224 256 288 320 352 384").split()]
+    paths = StagePaths(workdir)
+    if not paths.classes.is_file():
+        sys.exit(f"sizes: {paths.classes} not found: run `make study` first (it splits the data)")
+    if backbone not in ALPHAS or not weights.is_file():
+        sys.exit(f"sizes: SIZES_BACKBONE must be one of {sorted(ALPHAS)} with its STUDY_WEIGHTS file")
+    classes = load_classes(paths.classes)
+    raw = paths.raw_dataset(load_params(workdir / "params.yaml").data.name)
+    splits = [load_manifest(paths.manifest(name), raw, classes) for name in ("train", "val")]
+    both = Manifest(raw, splits[0].paths + splits[1].paths, splits[0].labels + splits[1].labels, splits[0].classes)
+    labels = np.asarray(both.labels)
+    log.info("%s on %d photos (train + val of %s), 5-fold CV x 5 repeats", backbone, len(both), workdir)
+    for size in sizes:
+        accuracy, loss = cross_validate(*pooled_features(both, backbone, weights, size), labels)
+        log.info("%d px: accuracy %.1f %%, log loss %.3f", size, 100 * accuracy, loss)
+
+
+if __name__ == "__main__":
+    main()
