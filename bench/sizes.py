@@ -8,8 +8,9 @@ on the clean and flipped features of four folds scores the fifth (accuracy, log 
 whose validation accuracies differ by less than their noise. Needs `make study` first.
 
     SIZES_LIST     sizes to compare (default "224 256 288 320 352 384")
-    SIZES_BACKBONE mobilenet_v2 (default) or mobilenet, with STUDY_WEIGHTS for its weights file
-    STUDY_WORKDIR, STUDY_WEIGHTS as for bench/study.py
+    SIZES_BACKBONE mobilenet_v2 (default: alpha 0.35) or mobilenet (alpha 0.25)
+    STUDY_WEIGHTS  its no-top weights (default: the file of that name in ../shared/weights)
+    STUDY_WORKDIR  as for bench/study.py
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from transferlab.backbones import imagenet_weights_filename
 from transferlab.config import ModelConfig, load_params
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
 ALPHAS = {"mobilenet_v2": 0.35, "mobilenet": 0.25}  # the backbones ../shared/weights holds
 REGULARISATION = (0.3, 1.0)  # logistic regression's C: both are fitted, their scores averaged
 log = logging.getLogger("sizes")
@@ -39,7 +40,7 @@ def pooled_features(manifest: Manifest, backbone: str, weights: Path, size: int)
 
     model = ModelConfig(backbone=backbone, alpha=ALPHAS[backbone], weights=str(weights))
     features = build_classifier(model, len(manifest.classes), size).features
-    pixels = make_dataset(manifest, image_size=size, batch_size=32, cache=False).map(lambda x, y: x)
+    pixels = make_dataset(manifest, image_size=size, batch_size=32).map(lambda x, y: x)  # decoded once, cached
     clean = features.predict(pixels, verbose=0)
     flipped = features.predict(pixels.map(lambda x: x[:, :, ::-1, :]), verbose=0)
     return clean, flipped
@@ -65,16 +66,20 @@ def cross_validate(clean: np.ndarray, flipped: np.ndarray, labels: np.ndarray) -
 
 
 def main() -> None:
+    """Cross-validated accuracy and log loss of each size, logged one line per size."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     workdir = Path(os.environ.get("STUDY_WORKDIR", REPO_ROOT / "build" / "study")).resolve()
-    weights = Path(os.environ.get("STUDY_WEIGHTS", REPO_ROOT.parent / "shared" / "weights" / WEIGHTS_FILE))
     backbone = os.environ.get("SIZES_BACKBONE", "mobilenet_v2")
+    if backbone not in ALPHAS:
+        sys.exit(f"sizes: SIZES_BACKBONE must be one of {sorted(ALPHAS)}, got {backbone!r}")
+    shared_file = str(imagenet_weights_filename(backbone, ALPHAS[backbone], 224))
+    weights = Path(os.environ.get("STUDY_WEIGHTS", REPO_ROOT.parent / "shared" / "weights" / shared_file))
     sizes = [int(size) for size in os.environ.get("SIZES_LIST", "224 256 288 320 352 384").split()]
     paths = StagePaths(workdir)
     if not paths.classes.is_file():
         sys.exit(f"sizes: {paths.classes} not found: run `make study` first (it splits the data)")
-    if backbone not in ALPHAS or not weights.is_file():
-        sys.exit(f"sizes: SIZES_BACKBONE must be one of {sorted(ALPHAS)} with its STUDY_WEIGHTS file")
+    if not weights.is_file():
+        sys.exit(f"sizes: {weights} not found (set STUDY_WEIGHTS)")
     classes = load_classes(paths.classes)
     raw = paths.raw_dataset(load_params(workdir / "params.yaml").data.name)
     splits = [load_manifest(paths.manifest(name), raw, classes) for name in ("train", "val")]

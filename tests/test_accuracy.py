@@ -2,7 +2,7 @@
 
 The default frozen config (no BatchNorm in the head, Adam 1e-3, early stopping on val_loss
 with the best epoch kept, temperature scaling, 2 cached flipped views, 288 px) must keep a floor on the
-sample and beat the published recipe (BN head, Adam 1e-2, 2 epochs) on the same split and seeds. Validation and
+sample and beat the published recipe (BN head, Adam 1e-2, 2 epochs, 224 px) on the same split and seeds. Validation and
 test hold 90 images each, so one image is 1.1 points: both are compared as means over three
 seeds rather than on one lucky or unlucky seed. The study on 1,500 photos (README, "How the
 defaults were chosen") is `make study`; this is its guard rail.
@@ -49,6 +49,7 @@ def test_defaults_keep_their_floor_and_beat_the_published_recipe(shared_dir: Pat
     ]
     paths = StagePaths(tmp_path)
     cfg = compose(base, config_dir=REPO_ROOT / "conf")
+    assert cfg.image_size == 288  # the size the floors were measured at
     download(cfg, paths)
     split(cfg, paths)
 

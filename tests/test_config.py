@@ -161,6 +161,7 @@ def test_image_size_left_null_is_the_backbones_default_and_is_what_the_hash_cove
     assert mobilenet.data.image_size is None and mobilenet.image_size == 288
     assert _compose().image_size == 224  # EfficientNetB0
     assert _compose("model=mobilenet_v2", "data.image_size=160").image_size == 160
-    assert _compose("model=mobilenet_v2", "+experiment=reference").image_size == 224  # the recipe's 224 px
+    reference = _compose("model=mobilenet_v2", "+experiment=reference")
+    assert reference.data.image_size == reference.image_size == 224  # the recipe's 224 px
     assert config_hash(mobilenet) == config_hash(_compose("model=mobilenet_v2", "data.image_size=288"))
     assert config_hash(mobilenet) != config_hash(_compose("model=mobilenet_v2", "data.image_size=224"))

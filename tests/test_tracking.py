@@ -109,11 +109,11 @@ def test_an_error_after_a_stop_signal_ends_the_run_killed(tmp_path: Path, monkey
 def test_config_params_show_the_image_size_a_backbone_default_gives(tmp_path: Path) -> None:
     """`data.image_size: null` is logged as the size the run trains at, so runs compare in MLflow."""
     store = tracking.open_store(MlflowConfig(system_metrics=False), tmp_path)
-    cfg = tiny_cfg("data.image_size=null")
+    cfg = tiny_cfg("data.image_size=null", "model=mobilenet_v2")
     with store.start_run(run_name="sized") as run:
         run.log_config(cfg)
     params = client_for(tmp_path).get_run(run.run_id).data.params
-    assert cfg.data.image_size is None and params["data.image_size"] == str(cfg.image_size) == "64"
+    assert cfg.data.image_size is None and params["data.image_size"] == "288"
 
 
 def test_resumed_run_that_finishes_drops_the_old_error(tmp_path: Path) -> None:
