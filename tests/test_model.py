@@ -163,6 +163,9 @@ def test_imagenet_filenames_match_keras_cache_names() -> None:
     )
     assert imagenet_weights_filename("mobilenet", 0.25, 224) == "mobilenet_2_5_224_tf_no_top.h5"
     assert imagenet_weights_filename("mobilenet", 0.25, 288) == "mobilenet_2_5_224_tf_no_top.h5"  # the default size
+    # Keras has weights at 96 px for MobileNetV2 only (keras.applications' own size checks).
+    assert imagenet_weights_filename("mobilenet_v2", 0.35, 96).endswith("_0.35_96_no_top.h5")
+    assert imagenet_weights_filename("mobilenet", 0.25, 96) == "mobilenet_2_5_224_tf_no_top.h5"
     assert imagenet_weights_filename("efficientnet_b0", None, 224) == "efficientnetb0_notop.h5"
 
 

@@ -30,6 +30,8 @@ class BackboneSpec:
     alphas: tuple[float, ...] | None = None
     # File name Keras caches ImageNet no-top weights under; `{alpha}` and `{size}` are filled.
     imagenet_file: str | None = None
+    # Input sizes Keras has ImageNet weights for (`{size}`); at any other size it loads the 224 ones.
+    imagenet_sizes: tuple[int, ...] = (224,)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -47,6 +49,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         288,
         alphas=(0.35, 0.5, 0.75, 1.0, 1.3, 1.4),
         imagenet_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_{size}_no_top.h5",
+        imagenet_sizes=(96, 128, 160, 192, 224),
     ),
     "mobilenet": BackboneSpec(
         "MobileNet",
@@ -54,6 +57,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         288,
         alphas=(0.25, 0.5, 0.75, 1.0),
         imagenet_file="mobilenet_{alpha_code}_{size}_tf_no_top.h5",
+        imagenet_sizes=(128, 160, 192, 224),
     ),
     "resnet50": BackboneSpec(
         "ResNet50", "caffe", 224, imagenet_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -70,5 +74,5 @@ def imagenet_weights_filename(backbone: str, alpha: float | None, image_size: in
         return None
     alpha = alpha if alpha is not None else 1.0
     alpha_code = {0.25: "2_5", 0.5: "5_0", 0.75: "7_5", 1.0: "1_0"}.get(alpha, str(alpha))
-    size = image_size if image_size in (96, 128, 160, 192, 224) else 224
+    size = image_size if image_size in spec.imagenet_sizes else 224
     return spec.imagenet_file.format(alpha=alpha, alpha_code=alpha_code, size=size)
