@@ -21,13 +21,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from study import SHARED, scratch_project
 
 from transferlab.backbones import imagenet_weights_filename
 from transferlab.config import ModelConfig, load_params
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = {"mobilenet_v2": 0.35, "mobilenet": 0.25}  # the backbones ../shared/weights holds
 REGULARISATION = (0.3, 1.0)  # logistic regression's C: both are fitted, their scores averaged
 log = logging.getLogger("sizes")
@@ -68,12 +68,12 @@ def cross_validate(clean: np.ndarray, flipped: np.ndarray, labels: np.ndarray) -
 def main() -> None:
     """Cross-validated accuracy and log loss of each size, logged one line per size."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    workdir = Path(os.environ.get("STUDY_WORKDIR", REPO_ROOT / "build" / "study")).resolve()
+    workdir = scratch_project()
     backbone = os.environ.get("SIZES_BACKBONE", "mobilenet_v2")
     if backbone not in ALPHAS:
         sys.exit(f"sizes: SIZES_BACKBONE must be one of {sorted(ALPHAS)}, got {backbone!r}")
     shared_file = str(imagenet_weights_filename(backbone, ALPHAS[backbone], 224))
-    weights = Path(os.environ.get("STUDY_WEIGHTS", REPO_ROOT.parent / "shared" / "weights" / shared_file))
+    weights = Path(os.environ.get("STUDY_WEIGHTS", SHARED / "weights" / shared_file))
     sizes = [int(size) for size in os.environ.get("SIZES_LIST", "224 256 288 320 352 384").split()]
     paths = StagePaths(workdir)
     if not paths.classes.is_file():

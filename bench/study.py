@@ -139,7 +139,7 @@ def main() -> None:
     weights = Path(os.environ.get("STUDY_WEIGHTS", SHARED / "weights" / WEIGHTS_FILE)).resolve()
     seeds = os.environ.get("STUDY_SEEDS", "0 1 2").split()
     wanted = os.environ.get("STUDY_POINTS", "").split()
-    workdir = Path(os.environ.get("STUDY_WORKDIR", REPO_ROOT / "build" / "study")).resolve()
+    workdir = scratch_project()
     for path in (data, weights):
         if not path.exists():
             sys.exit(f"study: {path} not found (set STUDY_DATA / STUDY_WEIGHTS)")
@@ -161,6 +161,11 @@ def main() -> None:
         if not wanted or point.name in wanted:
             _run_point(workdir, point, base, seeds)
             _report(workdir, seeds, data)
+
+
+def scratch_project() -> Path:
+    """The study's scratch project: `STUDY_WORKDIR`, else build/study."""
+    return Path(os.environ.get("STUDY_WORKDIR", REPO_ROOT / "build" / "study")).resolve()
 
 
 def _prepare(workdir: Path, base: tuple[str, ...]) -> None:

@@ -338,6 +338,11 @@ class Config:
         configured = self.data.image_size
         return configured if configured is not None else BACKBONES[self.model.backbone].default_image_size
 
+    def resolved(self) -> Config:
+        """This config with what it leaves to code filled in (`data.image_size`), as a run uses it:
+        what its hash and MLflow params describe, since a backbone's default can change between versions."""
+        return dataclasses.replace(self, data=dataclasses.replace(self.data, image_size=self.image_size))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, as written to params.yaml."""
         return dataclasses.asdict(self)
@@ -581,8 +586,8 @@ def write_params(cfg: Config, path: Path) -> None:
 
 def config_hash(cfg: Config) -> str:
     """Short digest of the sections that determine a training result."""
-    payload = {name: dataclasses.asdict(getattr(cfg, name)) for name in TRAINING_SECTIONS}
-    payload["data"]["image_size"] = cfg.image_size  # a backbone's default size can change between versions
+    resolved = cfg.resolved()
+    payload = {name: dataclasses.asdict(getattr(resolved, name)) for name in TRAINING_SECTIONS}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

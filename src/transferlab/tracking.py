@@ -290,7 +290,7 @@ class Run:
         from mlflow.entities import Param
 
         existing = self.params()
-        values = {**flatten(cfg), "data.image_size": cfg.image_size}  # the size trained at, also when left null
+        values = flatten(cfg.resolved())  # data.image_size: the size trained at, also when left null
         params = [Param(k, "None" if v is None else str(v)) for k, v in values.items() if k not in existing]
         for start in range(0, len(params), 100):  # MLflow's batch limit
             self._client.log_batch(self.run_id, params=params[start : start + 100])
