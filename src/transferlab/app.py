@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from transferlab import console
 from transferlab.config import CONFIG_NAME, check_overrides, conf_dir
@@ -96,17 +96,26 @@ def main() -> None:
     try:
         hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_task)()
     except KeyboardInterrupt as exc:  # a sweep stopped (single runs report and exit in run_job)
-        sys.exit(report_interrupt(exc))
+        _stopped(exc)
     except SystemExit as exc:
         stop = received_stop()
         # Hydra prints an error raised in its own code and exits 1: a stop signal that landed while
         # it composed a job's config can come out of OmegaConf as an AttributeError. The stop wins.
         if exc.code == HYDRA_ERROR_EXIT and stop is not None:
-            sys.exit(report_interrupt(stop))
+            _stopped(stop)
         raise
     from transferlab.sweep import sweep_exit_status  # imported already, by Hydra's callback
 
     sys.exit(sweep_exit_status())  # non-zero after a sweep in which no job finished
+
+
+def _stopped(stop: KeyboardInterrupt) -> NoReturn:
+    """Say that the sweep stopped and exit 130 / 143. A Ray sweep leaves its cluster first: its
+    jobs end there, and no line of theirs comes after this one."""
+    from transferlab.ray_launcher import leave_cluster
+
+    leave_cluster()
+    sys.exit(report_interrupt(stop))
 
 
 if __name__ == "__main__":

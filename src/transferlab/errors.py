@@ -74,6 +74,26 @@ def stop_on_signals() -> None:
             signal.signal(signum, _on_stop_signal)
 
 
+@contextlib.contextmanager
+def stops_handled() -> Iterator[None]:
+    """`stop_on_signals` for the block, then the SIGINT/SIGTERM handlers it found back.
+
+    A launcher's worker process runs a job inside code of its own: a Ray worker's SIGTERM handler
+    ends the worker when it idles between jobs, as Ray means it to. Outside the main thread, as
+    `stop_on_signals`, it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    found = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    stop_on_signals()
+    try:
+        yield
+    finally:
+        for signum, handler in found.items():
+            signal.signal(signum, handler)
+
+
 def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
     if _defer_depth and not _deferred:  # a second signal does not wait
@@ -186,9 +206,14 @@ def run_reporting_errors(task: Callable[[], int]) -> int:
 
 
 def report_interrupt(exc: KeyboardInterrupt) -> int:
-    """Print `interrupted (SIGTERM received)` (or just `interrupted`); return the exit status."""
-    print(f"interrupted ({exc})" if str(exc) else "interrupted", file=sys.stderr)
-    return exc.exit_status if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+    """Print `interrupted (SIGTERM received)` (or just `interrupted`); return the exit status.
+
+    A plain `KeyboardInterrupt` after a stop signal is that stop: Ray's `ray.get` turns the
+    `Interrupted` raised while it waits into a `KeyboardInterrupt` of its own.
+    """
+    stop = exc if isinstance(exc, Interrupted) else received_stop()
+    print(f"interrupted ({stop})" if stop else "interrupted", file=sys.stderr)
+    return stop.exit_status if stop else EXIT_INTERRUPTED
 
 
 def stop_sweep_on_error(task: Callable[[], T]) -> T:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from transferlab import console
-from transferlab.errors import ConfigError, TransferlabError, stop_sweep_on_error
+from transferlab.errors import ConfigError, TransferlabError, received_stop, stop_on_signals, stop_sweep_on_error
 from transferlab.paths import project_root
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ class RaySweepSetup(Callback):
         address = init.get("address") or "(local)"
         if not ray.is_initialized():
             ray.init(**init)
+            # ray.init makes SIGTERM exit the driver at once (and its C++ core prints the signal):
+            # the sweep's parent would end FAILED, exit 1. Stop the sweep as on Ctrl-C instead.
+            stop_on_signals()
         reason = unfit_reason(job_request(settings.get("remote") or {}), ray.nodes())
         if reason:
             raise ConfigError(
@@ -133,14 +137,46 @@ def enter_project() -> None:
     os.chdir(project)
 
 
+def _in_ray_worker() -> bool:
+    """True in a Ray worker process (running a job), false in the driver and outside Ray."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+
+
 def placement_tags() -> dict[str, str]:
     """The Ray node running this job; nothing outside a Ray worker."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    if not _in_ray_worker():
         return {}
-    context = ray.get_runtime_context()
-    if context.worker.mode != ray.WORKER_MODE:
-        return {}
-    node_id = context.get_node_id()
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
     ips = [node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id]
     return {TAG_RAY_NODE_ID: node_id, **({TAG_RAY_NODE_IP: ips[0]} if ips else {})}
+
+
+def leave_cluster() -> None:
+    """Disconnect this process from Ray if it is a sweep's driver (no-op in a worker or without Ray).
+
+    Ray then ends the workers still running the sweep's jobs, at once and without clean-up, so
+    those jobs cannot close their MLflow runs: a sweep that stopped leaves first, then closes them
+    (`sweep_bookkeeping.close_running_children`), and no job trains on in a run closed KILLED.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and not _in_ray_worker():
+        ray.shutdown()
+
+
+def exit_worker_on_sigterm(job: str) -> None:
+    """In a Ray worker whose job SIGTERM stopped (its run already ended KILLED): end the worker as
+    Ray's own SIGTERM handler does, with `SystemExit`.
+
+    Left as the stop's `KeyboardInterrupt`, the task would count as cancelled: the launcher then
+    raises on the driver and the whole sweep ends. A worker that exits is a failure Ray retries
+    (the job's `max_retries`, 3 by default) in another worker, where the job resumes from its
+    checkpoint in the same MLflow run. Ctrl-C (SIGINT, also how `ray.cancel` stops a task) stays
+    a cancellation.
+    """
+    stop = received_stop()
+    if stop is not None and stop.signum == signal.SIGTERM and _in_ray_worker():
+        log.warning("job %s stopped (%s): its Ray worker exits; Ray retries the job from its checkpoint", job, stop)
+        raise SystemExit(stop.exit_status) from stop

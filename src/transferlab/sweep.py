@@ -37,15 +37,15 @@ from transferlab.errors import (
     interrupted,
     run_reporting_errors,
     stop_if_received,
-    stop_on_signals,
     stop_sweep_on_error,
     stops_as_interrupts,
+    stops_handled,
     strip_ansi,
 )
 from transferlab.job_logs import quiet_job_logs
 from transferlab.manifests import load_classes
 from transferlab.paths import StagePaths, project_root
-from transferlab.ray_launcher import placement_tags
+from transferlab.ray_launcher import exit_worker_on_sigterm, leave_cluster, placement_tags
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,7 @@ def _close_unfinished(sweep_dir: Path) -> None:
     """atexit: the sweep stopped before `on_multirun_end` (Ctrl-C, SIGTERM, a crash): close its parent."""
     status = "KILLED" if _interrupted or interrupted() else "FAILED"
     try:
+        leave_cluster()  # a Ray sweep's jobs end first: nothing runs on in a run closed here
         _close_parent(sweep_dir, status)
     except Exception as exc:  # the interpreter is shutting down; never mask the original error
         print(f"could not close the sweep's MLflow parent run: {exc}", file=sys.stderr)
@@ -265,11 +266,15 @@ def _rss_mb() -> float | None:
 
 def run_job(node: DictConfig) -> float:
     """Task of every Hydra job; returns the validation accuracy (the Optuna objective)."""
+    quiet_job_logs()
+    with stops_handled():  # also in launcher worker processes (joblib, Ray), which start elsewhere
+        return _run_job(node)
+
+
+def _run_job(node: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    quiet_job_logs()
-    stop_on_signals()  # also in launcher worker processes (joblib), which start elsewhere
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -297,6 +302,7 @@ def run_job(node: DictConfig) -> float:
     except KeyboardInterrupt:
         global _interrupted
         _interrupted = True
+        exit_worker_on_sigterm(name)
         raise
     except Exception as exc:  # one failing job (bad value, out of memory) must not end the sweep
         message = describe(exc)
