@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -14,14 +15,18 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
+from transferlab import tracking
 from transferlab.config import Config, EvaluateConfig, MlflowConfig, compose, write_params
 from transferlab.paths import StagePaths
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -388,18 +393,22 @@ PROCESS_WAIT_S = 300  # the longest a `Process` may take to reach a moment or to
 class Process:
     """A `transferlab` or `transferlab-train` process; its output lines are collected as they come."""
 
-    def __init__(self, command: Sequence[str], cwd: Path) -> None:
-        env = {
+    def __init__(
+        self, command: Sequence[str], cwd: Path, prefix: Sequence[str] = (), env: Mapping[str, str] | None = None
+    ) -> None:
+        """`prefix`: what runs the command (`nsenter` into a network namespace); `env`: more environment
+        (the project's own MLflow store unless it names `MLFLOW_TRACKING_URI`)."""
+        environment = {
             **os.environ,
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
             "PYTHONUNBUFFERED": "1",
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
-        env.pop("MLFLOW_TRACKING_URI", None)
+        environment.pop("MLFLOW_TRACKING_URI", None)
         self.popen = subprocess.Popen(
-            [str(VENV_BIN / command[0]), *command[1:]],
+            [*prefix, str(VENV_BIN / command[0]), *command[1:]],
             cwd=cwd,
-            env=env,
+            env={**environment, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -453,3 +462,41 @@ class Process:
         """Send `signum` to the process, as Ctrl-C or a scheduler would; its exit status."""
         os.kill(self.popen.pid, signum)
         return self.finish()
+
+
+# --- what a stopped run left: its checkpoint, its MLflow runs, its folder ----------------------
+
+
+def epochs_done(state_file: Path) -> int:
+    """Epochs a training checkpoint records (0 while there is none)."""
+    try:
+        return int(json.loads(state_file.read_text())["epochs_done"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def running_runs(client: MlflowClient, experiment: str = MlflowConfig().experiment) -> list:
+    """The runs of `experiment` that are RUNNING now (none while the experiment does not exist)."""
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'")
+
+
+def job_outputs(paths: StagePaths, client: MlflowClient) -> str | None:
+    """The run whose results a run's folder holds, None while it holds none; fails on a mix: the
+    history and curves must be the ones that run logged, the evaluation the test metrics it logged."""
+    if not paths.models.exists():
+        left = [p for p in (paths.history, paths.training_curves, paths.evaluation) if p.exists()]
+        assert not left, f"{left} without models/"
+        return None
+    assert sorted(p.name for p in paths.models.iterdir()) == ["model.keras", "run.json"]
+    run_id = tracking.RunRecord.read(paths.run_file).run_id
+    logged_files = ((paths.history, "history.csv"), (paths.training_curves, "figures/training_curves.png"))
+    with tempfile.TemporaryDirectory() as fetched:
+        for on_disk, artifact in logged_files:
+            logged = Path(client.download_artifacts(run_id, artifact, fetched)).read_bytes()
+            assert on_disk.read_bytes() == logged, f"{on_disk.name} is not run {run_id}'s"
+    if paths.evaluation.exists():
+        on_disk = {k: v for k, v in json.loads(paths.metrics.read_text()).items() if k.startswith("test_")}
+        logged = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("test_")}
+        assert on_disk and logged == pytest.approx(on_disk), f"{paths.evaluation} is not run {run_id}'s evaluation"
+    return run_id

@@ -27,12 +27,12 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import VENV_BIN, unavailable
+from helpers import VENV_BIN, Process, unavailable
 
 from transferlab.errors import TransferlabError
 from transferlab.tracking_server import postgres_bin, stop_process_group
@@ -111,6 +111,11 @@ class LoopbackNamespace:
             **kwargs.pop("env", {}),
         }
         return subprocess.Popen([*self.prefix, *args], env=env, start_new_session=True, **kwargs)
+
+    def process(self, command: Sequence[str], cwd: Path, env: Mapping[str, str]) -> Process:
+        """A `transferlab` command run inside, its output lines read as they come (`helpers.Process`);
+        its pid is the command's own (`nsenter` runs it in its place)."""
+        return Process(command, cwd, prefix=self.prefix, env={**QUIET_ENV, **env})
 
     @contextmanager
     def entered(self) -> Iterator[None]:

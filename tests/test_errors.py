@@ -129,3 +129,29 @@ def test_a_received_stop_is_raised_where_work_must_not_go_on(monkeypatch: pytest
     monkeypatch.setattr(errors, "_received", [signal.SIGTERM])
     with pytest.raises(Interrupted, match="SIGTERM received"):
         errors.stop_if_received()
+
+
+def test_a_job_handles_stops_while_it_runs_and_gives_back_the_handlers_it_found(stop_handlers: None) -> None:
+    """A Ray worker's own SIGTERM handler (it ends the worker between jobs) is back after a job."""
+
+    def workers_own(signum: int, frame: object) -> None:
+        raise AssertionError("not while the job runs")
+
+    signal.signal(signal.SIGTERM, workers_own)
+    with pytest.raises(Interrupted, match="SIGTERM"), errors.stops_handled():
+        _send(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is workers_own
+    assert signal.getsignal(signal.SIGINT) is errors._on_stop_signal  # what it found: the fixture's
+
+
+def test_a_plain_keyboard_interrupt_after_a_stop_is_reported_as_that_stop(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ray's ray.get turns the Interrupted of a SIGTERM into a KeyboardInterrupt of its own: the
+    driver of a Ray sweep said `interrupted` (and exited 130) instead of naming SIGTERM (143)."""
+    monkeypatch.setattr(errors, "_received", [signal.SIGTERM])
+    assert errors.report_interrupt(KeyboardInterrupt()) == 143
+    assert capsys.readouterr().err == "interrupted (SIGTERM received)\n"
+    monkeypatch.setattr(errors, "_received", [])
+    assert errors.report_interrupt(KeyboardInterrupt()) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "interrupted\n"

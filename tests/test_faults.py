@@ -32,7 +32,10 @@ from helpers import (
     Process,
     colour_config,
     declared_png,
+    epochs_done,
+    job_outputs,
     make_project,
+    running_runs,
     tiny_cfg,
 )
 from mlflow.tracking import MlflowClient
@@ -49,14 +52,6 @@ QUIET = ("mlflow.system_metrics=false",)
 def client_for(root: Path, experiment: str = MlflowConfig().experiment) -> tuple[MlflowClient, str]:
     client = MlflowClient(tracking_uri=tracking.tracking_uri(MlflowConfig(), root))
     return client, client.get_experiment_by_name(experiment).experiment_id
-
-
-def epochs_done(state_file: Path) -> int:
-    """Epochs a training checkpoint records (0 while there is none)."""
-    try:
-        return int(json.loads(state_file.read_text())["epochs_done"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 @pytest.fixture
@@ -189,31 +184,6 @@ def test_kills_while_training_leave_the_old_model_and_run_or_the_new(project: St
 # --- 7: Ctrl-C and SIGTERM on `transferlab-train`, one run and a sweep ---------------------
 
 LONG_RUN = (*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=50", *QUIET)
-
-
-def running_runs(client: MlflowClient, experiment: str = MlflowConfig().experiment) -> list:
-    """The runs of `experiment` that are RUNNING now (none while the experiment does not exist)."""
-    found = client.get_experiment_by_name(experiment)
-    return [] if found is None else client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'")
-
-
-def job_outputs(paths: StagePaths, client: MlflowClient) -> str | None:
-    """The run whose results a run's folder holds, None while it holds none; fails on a mix: the
-    history and curves must be the ones that run logged, the evaluation the test metrics it logged."""
-    if not paths.models.exists():
-        left = [p for p in (paths.history, paths.training_curves, paths.evaluation) if p.exists()]
-        assert not left, f"{left} without models/"
-        return None
-    assert sorted(p.name for p in paths.models.iterdir()) == ["model.keras", "run.json"]
-    run_id = tracking.RunRecord.read(paths.run_file).run_id
-    artifacts = Path(urllib.parse.urlparse(client.get_run(run_id).info.artifact_uri).path)
-    for on_disk, artifact in ((paths.history, "history.csv"), (paths.training_curves, "figures/training_curves.png")):
-        assert on_disk.read_bytes() == (artifacts / artifact).read_bytes(), f"{on_disk.name} is not run {run_id}'s"
-    if paths.evaluation.exists():
-        on_disk = {k: v for k, v in json.loads(paths.metrics.read_text()).items() if k.startswith("test_")}
-        logged = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("test_")}
-        assert on_disk and logged == pytest.approx(on_disk), f"{paths.evaluation} is not run {run_id}'s evaluation"
-    return run_id
 
 
 Moment = str | Callable[[], bool]

@@ -6,17 +6,35 @@ namespace, beside PostgreSQL and `mlflow server` (conftest: `tracking_server`). 
 from `/`, not from the project, as on a real node. One 4-job sweep runs once; the tests read it
 back from the server. The same command again (on Ray, then with the local launcher) must skip
 every job. Only the driver is given MLFLOW_TRACKING_URI: the jobs get it through the launcher.
+
+Stop signals (issue 12): SIGTERM and Ctrl-C to the sweep's driver, and SIGTERM to the Ray worker
+running a job, each while a job trains; the moments come from the jobs' checkpoints and log lines.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import REPO_ROOT, chatter, prepare_project, quick_job_overrides
+from helpers import (
+    REPO_ROOT,
+    SYNTHETIC_OVERRIDES,
+    TINY_MODEL,
+    Process,
+    chatter,
+    epochs_done,
+    job_outputs,
+    prepare_project,
+    quick_job_overrides,
+    running_runs,
+)
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -24,6 +42,7 @@ from services import LoopbackNamespace, RayCluster, TrackingService
 
 from transferlab import ray_launcher, tracking
 from transferlab.config import Config
+from transferlab.paths import StagePaths
 
 EXPERIMENT = "ray-sweep"
 TINY = quick_job_overrides(EXPERIMENT)
@@ -269,3 +288,168 @@ def test_a_job_no_node_can_hold_fails_before_any_job_starts(
     assert "no node offers what one job asks for (CPU 1, GPU 1): 127.0.0.1 has CPU 1, GPU 0" in sweep.output
     assert sweep.summary is None
     assert time.monotonic() - started < 120
+
+
+# --- stop signals: the sweep's driver, and a job's Ray worker (issue 12) -------------------
+
+STOPS_EXPERIMENT = "ray-stops"
+LONG_JOBS = (
+    *SYNTHETIC_OVERRIDES,
+    *TINY_MODEL,
+    "train.early_stopping=null",  # every epoch runs: a job trains for seconds, long enough to stop it in
+    "mlflow.log_model=false",
+    "mlflow.system_metrics=false",
+    f"mlflow.experiment={STOPS_EXPERIMENT}",
+)
+# The driver closes the runs of the jobs Ray ended when it left; a job whose worker got Ray's
+# SIGTERM before that closes its own.
+STOPPED_CHILD_REASONS = {"stopped with its sweep (KILLED)", "Interrupted: SIGTERM received"}
+
+
+@dataclass
+class StoppableSweep:
+    """One `transferlab-train -m hydra/launcher=ray` command of the stop tests, run as often as a test needs."""
+
+    namespace: LoopbackNamespace
+    project: Path
+    server: TrackingService
+    cluster: RayCluster
+    name: str
+    grid: tuple[str, ...]
+
+    @property
+    def folder(self) -> Path:
+        return self.project / "outputs" / "sweeps" / self.name
+
+    def job(self, number: int) -> StagePaths:
+        return StagePaths(self.project, self.folder / str(number))
+
+    def start(self) -> Process:
+        command = ["transferlab-train", "-m", *LONG_JOBS, f"hydra.sweep.dir={self.folder}"]
+        # RAY_DEDUP_LOGS=0: Ray would print one of the lines of two jobs that differ only in numbers.
+        env = {"MLFLOW_TRACKING_URI": self.server.url, "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_DEDUP_LOGS": "0"}
+        return self.namespace.process([*command, *on_ray(self.cluster), *self.grid], self.project, env)
+
+    def summary(self) -> pd.DataFrame:
+        return pd.read_csv(self.folder / "sweep_summary.csv")
+
+
+def checkpointed_run(job: StagePaths) -> str:
+    """The MLflow run a job's checkpoint belongs to."""
+    return json.loads((job.checkpoints / "state.json").read_text())["run_id"]
+
+
+def assert_stopped(process: Process, signum: int, stopped: list[str], client: MlflowClient, finished: int) -> None:
+    """`signum` to the driver: it exits 128 + signum with one line, the parent ends KILLED after the
+    `finished` jobs, the children that were running KILLED with a reason and nothing logged to them
+    after that, no run left RUNNING, each job's folder empty or holding one run's whole results."""
+    name = signal.Signals(signum).name
+    assert process.stop(signum) == 128 + signum, process.output[-3000:]
+    assert f"interrupted ({name} received)" in [line.strip() for line in process.lines], process.output[-3000:]
+    assert "Traceback" not in process.output, process.output[-3000:]
+    for run in (client.get_run(run_id) for run_id in stopped):
+        assert run.info.status == "KILLED", f"{run.info.run_name} is {run.info.status} after {name}"
+        if run.data.tags[tracking.TAG_SWEEP] == "parent":
+            assert run.data.tags[tracking.TAG_ERROR] == f"sweep stopped early (KILLED) after {finished} jobs"
+            continue
+        assert run.data.tags[tracking.TAG_ERROR] in STOPPED_CHILD_REASONS, run.data.tags[tracking.TAG_ERROR]
+        logged = [metric.timestamp for metric in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert max(logged, default=0) <= run.info.end_time, f"{run.info.run_name} trained on after it was closed"
+    assert not running_runs(client, STOPS_EXPERIMENT), f"runs left RUNNING after {name}"
+
+
+@pytest.mark.slow
+def test_sigterm_and_ctrl_c_to_a_ray_sweep_driver_kill_its_runs_and_the_rerun_finishes(
+    loopback_namespace: LoopbackNamespace, ray_project: Path, tracking_server: TrackingService, ray_cluster: RayCluster
+) -> None:
+    """SIGTERM to the driver while job 0 trains; then Ctrl-C to the same command, which resumed
+    both jobs, once job 0 has finished and job 1 trains again. Each time as promised for a local
+    sweep (`assert_stopped`); the summary holds the finished job. The same command then skips job 0,
+    resumes job 1 from its checkpoint in its run and finishes. Before: ray.init's own SIGTERM
+    handler ended the driver at once (exit 1, the parent FAILED, Ray's C++ core printing the
+    signal), and after Ctrl-C the jobs trained on in runs the parent had already closed."""
+    sweep = StoppableSweep(
+        loopback_namespace, ray_project, tracking_server, ray_cluster, "stopped-driver", ("train.epochs=40,220",)
+    )
+    jobs = [sweep.job(0), sweep.job(1)]
+    with loopback_namespace.entered():
+        client = MlflowClient(tracking_server.url)
+        process = sweep.start()
+        process.wait_for(lambda: epochs_done(jobs[0].checkpoints / "state.json") >= 1)  # job 0 mid-training
+        stopped = [run.info.run_id for run in running_runs(client, STOPS_EXPERIMENT)]
+        assert_stopped(process, signal.SIGTERM, stopped, client, finished=0)
+        assert [job_outputs(job, client) for job in jobs] == [None, None]
+        trained = epochs_done(jobs[1].checkpoints / "state.json")
+
+        def job_0_finished_and_job_1_trains_on() -> bool:
+            done = (sweep.folder / "0" / "job_result.json").exists()
+            return done and epochs_done(jobs[1].checkpoints / "state.json") > trained
+
+        process = sweep.start()
+        process.wait_for(job_0_finished_and_job_1_trains_on)
+        stopped = [run.info.run_id for run in running_runs(client, STOPS_EXPERIMENT)]
+        assert_stopped(process, signal.SIGINT, stopped, client, finished=1)
+        assert list(sweep.summary()["status"]) == ["FINISHED"]
+        assert job_outputs(jobs[0], client) == sweep.summary()["run_id"][0] and job_outputs(jobs[1], client) is None
+        stopped_job = checkpointed_run(jobs[1])
+        assert stopped_job in stopped
+
+        process = sweep.start()
+        assert process.finish() == 0, process.output[-3000:]
+        assert "skipping train.epochs=40" in process.output and "resuming after epoch" in process.output
+        summary = sweep.summary()
+        assert list(summary["status"]) == ["SKIPPED", "FINISHED"]
+        assert summary["run_id"][1] == stopped_job, "job 1 resumed in the run its stop left KILLED"
+        parent = client.get_run(client.get_run(stopped_job).data.tags[tracking.TAG_PARENT_RUN])
+        assert parent.info.status == "FINISHED" and tracking.TAG_ERROR not in parent.data.tags
+        for job, run_id in zip(jobs, summary["run_id"], strict=True):
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED" and tracking.TAG_ERROR not in run.data.tags
+            assert job_outputs(job, client) == run_id
+        assert not running_runs(client, STOPS_EXPERIMENT)
+
+
+def worker_pid(process: Process, job_line: str) -> int:
+    """The pid of the Ray worker that printed the line matching `job_line` (Ray prefixes the lines
+    it forwards from a worker with `(<task> pid=<pid>)`)."""
+    pattern = rf"\(_run_job pid=(\d+)\).*{job_line}"
+    process.wait_for(pattern)
+    return int(next(found for line in process.lines if (found := re.search(pattern, line))).group(1))
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_ray_worker_of_a_job_kills_its_run_and_ray_retries_it_from_its_checkpoint(
+    loopback_namespace: LoopbackNamespace, ray_project: Path, tracking_server: TrackingService, ray_cluster: RayCluster
+) -> None:
+    """SIGTERM, what Ray and schedulers send a worker, to the Ray worker running job 0 while it
+    trains: the job's run ends KILLED with the reason, and the worker exits as Ray's own SIGTERM
+    handler would have it. Ray retries the job in a new worker, which resumes from the job's
+    checkpoint in the same run; the sweep finishes. Before: the stop reached Ray as a cancelled
+    task, and the launcher ended the whole sweep with a traceback (exit 1, the parent FAILED, the
+    other job's run FAILED)."""
+    grid = ("train.learning_rate=0.01,0.001", "train.epochs=100")
+    sweep = StoppableSweep(loopback_namespace, ray_project, tracking_server, ray_cluster, "stopped-worker", grid)
+    job = sweep.job(0)
+    with loopback_namespace.entered():
+        client = MlflowClient(tracking_server.url)
+        process = sweep.start()
+        pid = worker_pid(process, r"at learning rate 0\.01$")
+        process.wait_for(lambda: epochs_done(job.checkpoints / "state.json") >= 1)
+        os.kill(pid, signal.SIGTERM)
+        process.wait_for(r"job train\.learning_rate=0\.01 stopped \(SIGTERM received\)")
+        stopped = client.get_run(checkpointed_run(job))  # a new worker takes seconds to reopen it
+        assert stopped.info.status == "KILLED"
+        assert stopped.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGTERM received"
+
+        assert process.finish() == 0, process.output[-3000:]
+        assert "Traceback" not in process.output, process.output[-3000:]
+        assert not Path(f"/proc/{pid}").exists(), "the stopped worker exited"
+        assert worker_pid(process, r"resuming after epoch \d+") != pid
+        summary = sweep.summary()
+        assert list(summary["status"]) == ["FINISHED", "FINISHED"]
+        assert summary["run_id"][0] == stopped.info.run_id, "resumed in the run the stop left KILLED"
+        for number, run_id in enumerate(summary["run_id"]):
+            run = client.get_run(run_id)
+            assert run.info.status == "FINISHED" and tracking.TAG_ERROR not in run.data.tags
+            assert job_outputs(sweep.job(number), client) == run_id
+        assert not running_runs(client, STOPS_EXPERIMENT)
