@@ -173,10 +173,10 @@ def exit_worker_on_sigterm(job: str) -> None:
     Left as the stop's `KeyboardInterrupt`, the task would count as cancelled: the launcher then
     raises on the driver and the whole sweep ends. A worker that exits is a failure Ray retries
     (the job's `max_retries`, 3 by default) in another worker, where the job resumes from its
-    checkpoint in the same MLflow run. Ctrl-C (SIGINT, also how `ray.cancel` stops a task) stays
-    a cancellation.
+    checkpoint in the same MLflow run (stopped during evaluate, it trains a new run). Ctrl-C
+    (SIGINT, also how `ray.cancel` stops a task) stays a cancellation.
     """
     stop = received_stop()
     if stop is not None and stop.signum == signal.SIGTERM and _in_ray_worker():
-        log.warning("job %s stopped (%s): its Ray worker exits; Ray retries the job from its checkpoint", job, stop)
+        log.warning("job %s stopped (%s): its Ray worker exits, and Ray retries the job", job, stop)
         raise SystemExit(stop.exit_status) from stop
