@@ -366,8 +366,8 @@ def test_sigterm_and_ctrl_c_to_a_ray_sweep_driver_kill_its_runs_and_the_rerun_fi
     both jobs, once job 0 has finished and job 1 trains again. Each time as promised for a local
     sweep (`assert_stopped`); the summary holds the finished job. The same command then skips job 0,
     resumes job 1 from its checkpoint in its run and finishes. Before: ray.init's own SIGTERM
-    handler ended the driver at once (exit 1, the parent FAILED, Ray's C++ core printing the
-    signal), and after Ctrl-C the jobs trained on in runs the parent had already closed."""
+    handler ended the driver at once (exit 1 or SIGABRT, the parent FAILED, Ray's C++ core printing
+    the signal), and after Ctrl-C the jobs trained on in runs the parent had already closed."""
     sweep = StoppableSweep(
         loopback_namespace, ray_project, tracking_server, ray_cluster, "stopped-driver", ("train.epochs=40,220",)
     )
@@ -409,6 +409,14 @@ def test_sigterm_and_ctrl_c_to_a_ray_sweep_driver_kill_its_runs_and_the_rerun_fi
         assert not running_runs(client, STOPS_EXPERIMENT)
 
 
+def running(pid: int) -> bool:
+    """The process `pid` exists and has not ended (a zombie not yet reaped has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def worker_pid(process: Process, job_line: str) -> int:
     """The pid of the Ray worker that printed the line matching `job_line` (Ray prefixes the lines
     it forwards from a worker with `(<task> pid=<pid>)`)."""
@@ -443,7 +451,7 @@ def test_sigterm_to_the_ray_worker_of_a_job_kills_its_run_and_ray_retries_it_fro
 
         assert process.finish() == 0, process.output[-3000:]
         assert "Traceback" not in process.output, process.output[-3000:]
-        assert not Path(f"/proc/{pid}").exists(), "the stopped worker exited"
+        assert not running(pid), "the stopped worker exited"
         assert worker_pid(process, r"resuming after epoch \d+") != pid
         summary = sweep.summary()
         assert list(summary["status"]) == ["FINISHED", "FINISHED"]
