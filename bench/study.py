@@ -68,8 +68,10 @@ POINTS = (
     ),
     Point(
         "defaults",
-        "the defaults: frozen, no BN, Adam 1e-3, early stopping, calibrated, 2 cached flipped views, 288 px",
+        "the defaults: frozen, no BN, Adam 1e-3, early stopping, calibrated, 2 cached flipped views, 288 px, "
+        "test-time flipping",
     ),
+    Point("no-test-time-flip", "the defaults without test-time flipping", ("model.test_time_flip=false",)),
     Point("no-flips", "the defaults without augmentation", ("augment=none",)),
     Point("uncalibrated", "what temperature scaling buys", ("train.calibrate=false",)),
     Point("smoothing", "label smoothing 0.1 on the defaults", ("train.label_smoothing=0.1",)),

@@ -57,16 +57,21 @@ def test_output_dir_is_added_unless_given(tmp_path: Path, monkeypatch: pytest.Mo
         assert with_output_dir(given) == given
 
 
+MISSPELT_KEY_LINE = (
+    "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, test_time_flip, weights)"
+)
+
+
 @pytest.mark.parametrize(
     ("args", "line"),
     [
         (
             ["model.dropuot=0.3"],
-            "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, weights)",
+            MISSPELT_KEY_LINE,
         ),
         (
             ["-m", "model.dropuot=0.3,0.4"],
-            "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, weights)",
+            MISSPELT_KEY_LINE,
         ),
         (
             ["-m", "data=synthetic,sinthetic"],

@@ -77,7 +77,8 @@ def test_every_group_has_options() -> None:
         # Hydra said only "Could not override 'model.dropuot'" for these (no `+`).
         pytest.param(
             ["model.dropuot=0.3"],
-            r"^unknown key model\.dropuot \(known: alpha, backbone, dropout, head_batchnorm, weights\)$",
+            r"^unknown key model\.dropuot \(known: alpha, backbone, dropout, head_batchnorm, test_time_flip, "
+            r"weights\)$",
             id="misspelt-key",
         ),
         pytest.param(

@@ -240,21 +240,26 @@ def test_dvc_repro_end_to_end_on_synthetic_data(
 
 
 @pytest.mark.slow
-def test_scoring_from_cached_features_gives_the_full_models_metrics(prepared_project: StagePaths, caplog) -> None:
-    """A frozen backbone: only the head runs on cached test features, and the metrics do not change."""
+@pytest.mark.parametrize("flip", [True, False], ids=["test-time-flip", "no-flip"])
+def test_scoring_from_cached_features_gives_the_full_models_metrics(
+    prepared_project: StagePaths, caplog, flip: bool
+) -> None:
+    """A frozen backbone: only the head runs on cached test features (and, with test-time
+    flipping, on their mirror images'), and the metrics do not change."""
     import logging
 
     from helpers import tiny_cfg
 
     from transferlab.stages.train import train
 
-    cfg = tiny_cfg("train.epochs=2", "mlflow.log_model=false")
+    cfg = tiny_cfg("train.epochs=2", "mlflow.log_model=false", f"model.test_time_flip={str(flip).lower()}")
     result = train(cfg, prepared_project)
     with caplog.at_level(logging.INFO, logger="transferlab"):
         from_memory = evaluate(cfg, prepared_project, model=result.classifier.model)
         from_disk = evaluate(cfg, prepared_project)  # the DVC stage: loads models/model.keras
     assert "test features from the cache (computed once)" in caplog.text
     assert "test features from the cache (hit)" in caplog.text
+    assert ("of the mirror images of" in caplog.text) == flip
     shutil.rmtree(prepared_project.feature_cache)
     full = evaluate(cfg, prepared_project)  # no cached features: the whole model on the images
     assert not prepared_project.feature_cache.exists(), "the full path does not fill the cache"

@@ -12,7 +12,9 @@ from transferlab.metrics import (
     calibration,
     classification_report,
     confusion_matrix,
+    fit_temperature,
     log_loss,
+    softmax,
     top_k_accuracy,
 )
 
@@ -135,3 +137,17 @@ def test_agrees_with_scikit_learn_on_random_predictions() -> None:
     assert report.weighted_f1 == pytest.approx(sklearn_metrics.f1_score(y, pred, average="weighted"))
     assert report.log_loss == pytest.approx(sklearn_metrics.log_loss(y, p, labels=range(5)))
     assert report.top_k_accuracy == pytest.approx(sklearn_metrics.top_k_accuracy_score(y, p, k=3, labels=range(5)))
+
+
+def test_temperature_of_several_views_minimises_the_log_loss_of_their_mean() -> None:
+    """Logits shaped (views, images, classes): softmax averages the views' probabilities, and the
+    fitted temperature minimises the log loss of that mean (checked against a fine grid)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 300)
+    logits = rng.normal(0, 2, (2, 300, 4)) + 3.0 * np.eye(4)[labels]  # two views
+    one = softmax(logits[0])
+    np.testing.assert_allclose(softmax(logits), (one + softmax(logits[1])) / 2)
+    fitted = fit_temperature(labels, logits)
+    grid = np.geomspace(0.05, 20.0, 3000)  # fit_temperature's bounds
+    best = grid[np.argmin([log_loss(labels, softmax(logits, t)) for t in grid])]
+    assert 0.1 < best < 10 and fitted == pytest.approx(best, rel=0.005)

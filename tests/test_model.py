@@ -14,8 +14,10 @@ from transferlab.backbones import BACKBONES, imagenet_weights_filename
 from transferlab.config import ModelConfig
 from transferlab.errors import ConfigError, ModelError
 from transferlab.model import (
+    attach_head,
     build_backbone,
     build_classifier,
+    flips_at_test_time,
     forget_classifiers,
     set_trainable_layers,
     weights_digest,
@@ -65,6 +67,26 @@ def test_resnet_preprocessing_matches_keras_caffe_mode() -> None:
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     expected = keras.applications.resnet50.preprocess_input(pixels.copy())
     assert np.asarray(layer(pixels)) == pytest.approx(expected, abs=1e-3)
+
+
+def test_test_time_flipping_averages_the_image_and_its_mirror_image_and_survives_saving(tmp_path: Path) -> None:
+    """The saved model's output is the mean of the classifier on each image and on it flipped
+    left to right; it loads back in safe mode with the same output (layers.py registers the flip)."""
+    from transferlab.inference import load_model
+
+    cfg = ModelConfig(backbone="small_cnn", alpha=None, weights=None)
+    classifier = build_classifier(cfg, num_classes=3, image_size=32, seed=0)
+    flipping = attach_head(classifier, classifier.head, test_time_flip=True)
+    plain = attach_head(classifier, classifier.head, test_time_flip=False)
+    assert flips_at_test_time(flipping) and not flips_at_test_time(plain)
+    images = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    expected = (plain(images).numpy() + plain(images[:, :, ::-1]).numpy()) / 2
+    assert not np.allclose(plain(images).numpy(), expected, atol=1e-4), "these images are not symmetric"
+    np.testing.assert_allclose(flipping(images).numpy(), expected, atol=1e-6)
+    flipping.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")  # safe mode
+    assert flips_at_test_time(loaded) and len(loaded.weights) == len(plain.weights)  # layers shared, not copied
+    np.testing.assert_allclose(loaded(images).numpy(), expected, atol=1e-6)
 
 
 def test_unfreeze_top_layers_keeps_batchnorm_frozen() -> None:

@@ -292,6 +292,34 @@ def test_calibration_puts_a_fitted_temperature_inside_the_saved_model(prepared_p
     assert loss == pytest.approx(logged["val_loss_calibrated"], abs=2e-3)
 
 
+def test_test_time_flipping_goes_into_the_saved_model_and_its_validation_accuracy(prepared_project: StagePaths) -> None:
+    """On (the default), the saved model flips and `final_val_accuracy` is that model's on the
+    validation images; off (and uncalibrated), the trained classifier is saved as it is."""
+    from transferlab.inference import load_model
+    from transferlab.manifests import load_classes, load_manifest
+    from transferlab.model import flips_at_test_time
+
+    paths = prepared_project
+    result = train(tiny_cfg("train.epochs=2", "train.calibrate=false", "mlflow.log_model=false"), paths)
+    assert flips_at_test_time(load_model(paths.model_file))
+    _, probabilities = _validation_loss(paths.model_file, paths)
+    val = load_manifest(paths.manifest("val"), paths.raw_dataset("synthetic"), load_classes(paths.classes))
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == np.asarray(val.labels)))
+    logged = mlflow_client(paths).get_run(result.run_id).data.metrics
+    assert logged["final_val_accuracy"] == pytest.approx(accuracy)
+    assert "temperature" not in logged
+    mirrored = [
+        f for f in paths.feature_cache.glob("*.npz") if json.loads(str(np.load(f)["key"]))["augmentation"] == "mirror"
+    ]
+    assert len(mirrored) == 1, "the validation images' mirror features are cached"
+
+    train(
+        tiny_cfg("train.epochs=2", "train.calibrate=false", "model.test_time_flip=false", "mlflow.log_model=false"),
+        paths,
+    )
+    assert not flips_at_test_time(load_model(paths.model_file))
+
+
 def test_missing_splits_name_the_stage_to_run(tmp_path: Path) -> None:
     paths = StagePaths(tmp_path)
     with pytest.raises(DataError, match=r"dvc repro split"):

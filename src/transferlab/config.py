@@ -102,6 +102,8 @@ class ModelConfig:
     weights: str | None = "imagenet"
     dropout: float = 0.2
     head_batchnorm: bool = False
+    # The saved model averages the class probabilities of each image and its mirror image.
+    test_time_flip: bool = True
 
     def check(self) -> None:
         known = ", ".join(sorted(BACKBONES))

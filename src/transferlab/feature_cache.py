@@ -7,7 +7,8 @@ cached: the pooled features the head trains on (`tensor="pool"`), and the tensor
 the cut of a partially unfrozen backbone (`tensor="cut:<first trainable layer>"`, see cut.py).
 
 With augmentation, the activations of a fixed number of augmented views of every image are
-cached (`views`): a fixed sample of augmentations, not fresh ones each epoch.
+cached (`views`): a fixed sample of augmentations, not fresh ones each epoch. For test-time
+flipping, those of every image's mirror image (`augmentation="mirror"`).
 
 Files are keyed by everything the activations depend on (backbone, alpha, weight values,
 image size, tensor, augmentation, manifest contents), written atomically, and verified on
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 POOLED = "pool"
 NO_AUGMENTATION = "none"
+MIRRORED = "mirror"  # every image flipped left to right (test-time flipping)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class FeatureKey:
     image_size: int
     manifest_digest: str
     tensor: str = POOLED
-    augmentation: str = NO_AUGMENTATION  # or a digest of the augmentation config, seed and view count
+    augmentation: str = NO_AUGMENTATION  # MIRRORED, or a digest of the augmentation config, seed and view count
 
     @property
     def digest(self) -> str:
@@ -149,7 +151,8 @@ class FeatureCache:
         cached = self.load(key, len(manifest))
         if cached is not None:
             return Activations(*cached, hit=True)
-        what = f"{views} augmented views of " if augmenter is not None else ""
+        what = "the mirror images of " if key.augmentation == MIRRORED else f"{views} augmented views of "
+        what = what if augmenter is not None else ""
         described = describe_tensor(key.tensor)
         log.info("computing %s of %s%d images (cached for later runs)", described, what, len(manifest))
         layers = augmenter() if augmenter is not None else None

@@ -36,6 +36,8 @@ def load_model(path: Path) -> keras.Model:
     """A trained `.keras` classifier, or a `ModelError` that says what to do."""
     import keras
 
+    import transferlab.layers  # noqa: F401  (registers the layers a saved model may hold)
+
     if not path.is_file():
         raise ModelError(f"{path} not found: run `dvc repro train` (or `transferlab train`) first")
     try:

@@ -140,17 +140,24 @@ def calibration(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 10) -
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of `logits / temperature`, computed stably."""
+    """Softmax of `logits / temperature` over the last axis, computed stably.
+
+    Logits shaped (views, images, classes) give the mean of the views' probabilities, as a
+    model with test-time flipping outputs.
+    """
     z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
+    z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    probabilities = e / e.sum(axis=-1, keepdims=True)
+    return probabilities.mean(axis=0) if probabilities.ndim == 3 else probabilities
 
 
 def fit_temperature(y_true: np.ndarray, logits: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
     """The temperature T that minimises the log loss of softmax(logits / T) (Guo et al., 2017).
 
-    The log loss is convex in 1/T, so a golden-section search over 1/T finds the optimum.
+    With one view the log loss is convex in 1/T, so a golden-section search over 1/T finds the
+    optimum; with several (their probabilities averaged) convexity is not guaranteed, and the
+    search finds a local optimum within `bounds`.
     """
     y = np.asarray(y_true, dtype=np.int64)
 

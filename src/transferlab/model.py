@@ -8,6 +8,8 @@ the input pipeline, `predict` and the served model never need to know which back
 
 The temperature is 1 while training; calibration (`with_temperature`) sets it from the
 validation split, inside the saved model, so every consumer gets calibrated probabilities.
+With test-time flipping (`attach_head`), the saved model runs the same layers on the image and
+on its mirror image and averages the two probability vectors.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ POOL_LAYER = "pool"
 HEAD_MODEL = "head"
 LOGITS_LAYER = "logits"
 TEMPERATURE_LAYER = "temperature"
+MIRROR_LAYER = "mirror"  # in a saved model with test-time flipping
 # A warm-up starts at this fraction of the phase's learning rate.
 WARMUP_START = 0.01
 
@@ -268,11 +271,28 @@ def build_classifier(
     return Classifier(model=model, backbone=backbone, features=features, head=head, preprocess=preprocess)
 
 
-def attach_head(features: keras.Model, head: keras.Model, name: str) -> keras.Model:
-    """The full classifier from a feature extractor and a (trained) head."""
+def attach_head(classifier: Classifier, head: keras.Model, *, test_time_flip: bool) -> keras.Model:
+    """The full classifier: `classifier`'s features and a (trained) head.
+
+    With `test_time_flip`, the same layers also run on the mirror image, and the model outputs
+    the mean of the two probability vectors.
+    """
     import keras
 
-    return keras.Model(features.input, head(features.output), name=name)
+    from transferlab.layers import MirrorImage
+
+    features = classifier.features
+    probabilities = head(features.output)
+    if test_time_flip:
+        mirrored = classifier.preprocess(MirrorImage(name=MIRROR_LAYER)(features.input))
+        pooled = features.get_layer(POOL_LAYER)(classifier.backbone(mirrored, training=False))
+        probabilities = keras.layers.Average(name="test_time_flip")([probabilities, head(pooled)])
+    return keras.Model(features.input, probabilities, name=classifier.model.name)
+
+
+def flips_at_test_time(model: keras.Model) -> bool:
+    """True when `model` averages each image's prediction with its mirror image's."""
+    return any(layer.name == MIRROR_LAYER for layer in model.layers)
 
 
 def local_copy(classifier: Classifier, cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:

@@ -13,8 +13,9 @@ mode) and continues at its own learning rate. Each phase is fed the cheapest exa
 With augmentation and `augment.cached_views: K > 0`, the cached phases train on the
 activations of K augmented views of every training image, cycling through one view per epoch.
 Every epoch is judged (progress.py) and checkpointed; at the end the best epoch's weights are
-restored (with early stopping) and, with `train.calibrate`, a temperature fitted on the
-validation split goes into the model.
+restored (with early stopping). Then what the saved model adds goes in (`finish`): with
+`train.calibrate`, a temperature fitted on the validation split; with `model.test_time_flip`,
+the mirror image's prediction averaged in.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from transferlab.console import keras_progress
 from transferlab.descriptions import backbone_state
 from transferlab.errors import interrupts_deferred, stop_if_received
 from transferlab.feature_cache import (
+    MIRRORED,
     NO_AUGMENTATION,
     POOLED,
     Activations,
@@ -124,11 +126,12 @@ class Fit:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """Temperature scaling fitted on the validation split."""
+class Finish:
+    """What `finish` put into the saved model, and how the validation split fares before and after."""
 
-    temperature: float
-    val_ece_before: float
+    temperature: float | None  # fitted on the validation split; None: not calibrated
+    val_accuracy: float  # the saved model's (with test-time flipping, if on)
+    val_ece_before: float  # the trained head alone (with flipping, if on), before any temperature
     val_ece_after: float
     val_loss_before: float
     val_loss_after: float
@@ -253,17 +256,9 @@ class Trainer:
 
         augmented = views > 1 or (manifest is self.train_set and self.cfg.augment.enabled)
         settings = dataclasses.asdict(self.cfg.augment)
-        key = FeatureKey(
-            self.cfg.model.backbone,
-            self.cfg.model.alpha,
-            self.weights_digest,
-            self.image_size,
-            manifest_digest(manifest),
-            tensor=tensor,
-            augmentation=augmentation_digest(settings, self.cfg.train.seed, views) if augmented else NO_AUGMENTATION,
-        )
+        augmentation = augmentation_digest(settings, self.cfg.train.seed, views) if augmented else NO_AUGMENTATION
         activations = self.cache.activations_for(
-            key,
+            self._key(manifest, tensor, augmentation),
             extractor,
             manifest,
             image_size=self.image_size,
@@ -275,6 +270,19 @@ class Trainer:
             "%s: cache %s for %d images", describe_tensor(tensor), "hit" if activations.hit else "miss", len(manifest)
         )
         return activations
+
+    def _key(self, manifest: Manifest, tensor: str, augmentation: str) -> FeatureKey:
+        """The cache key of `manifest`'s activations at `tensor` under the backbone's initial weights."""
+        cfg = self.cfg.model
+        return FeatureKey(
+            cfg.backbone,
+            cfg.alpha,
+            self.weights_digest,
+            self.image_size,
+            manifest_digest(manifest),
+            tensor=tensor,
+            augmentation=augmentation,
+        )
 
     def _cached_fit(self, model: keras.Model, train: Activations, val: Activations, phase: Phase) -> Fit:
         import tensorflow as tf
@@ -411,34 +419,53 @@ class Trainer:
             self.last_fit = self._prepare(classifier, self.phases[-1])
         return self.last_fit
 
-    # --- calibration --------------------------------------------------------------------------------
+    # --- the saved model ---------------------------------------------------------------------------
 
-    def calibrate(self, classifier: Classifier) -> Calibration:
-        """Fit a temperature on the validation split and put it inside the classifier."""
+    def finish(self, classifier: Classifier) -> Finish | None:
+        """Put into the classifier what the saved model adds to the trained one, as configured: a
+        temperature fitted on the validation split (`train.calibrate`), test-time flipping
+        (`model.test_time_flip`). None when neither is on: the trained model is saved as it is.
+        """
         from transferlab.metrics import calibration, fit_temperature, log_loss, softmax
         from transferlab.model import attach_head, head_logits, run_head, with_temperature
 
-        logits = run_head(head_logits(classifier.head), self._validation_pooled(classifier))
+        calibrate, flip = self.cfg.train.calibrate, self.cfg.model.test_time_flip
+        if not (calibrate or flip):
+            return None
+        to_logits = head_logits(classifier.head)
+        logits = np.stack([run_head(to_logits, pooled) for pooled in self._validation_views(classifier, flip)])
         labels = np.asarray(self.val_set.labels)
-        temperature = fit_temperature(labels, logits)
+        temperature = fit_temperature(labels, logits) if calibrate else 1.0
+        before, after = softmax(logits), softmax(logits, temperature)  # views averaged
+        if calibrate:
+            classifier.head = with_temperature(classifier.head, temperature)
+        classifier.model = attach_head(classifier, classifier.head, test_time_flip=flip)
         bins = self.cfg.evaluate.calibration_bins
-        before, after = softmax(logits), softmax(logits, temperature)
-        classifier.head = with_temperature(classifier.head, temperature)
-        classifier.model = attach_head(classifier.features, classifier.head, classifier.model.name)
-        result = Calibration(
-            temperature,
+        result = Finish(
+            temperature if calibrate else None,
+            float(np.mean(after.argmax(axis=1) == labels)),
             calibration(labels, before, bins).ece,
             calibration(labels, after, bins).ece,
             log_loss(labels, before),
             log_loss(labels, after),
         )
-        log.info(
-            "calibrated: temperature %.3f, validation ECE %.4f -> %.4f",
-            temperature,
-            result.val_ece_before,
-            result.val_ece_after,
-        )
+        if flip:
+            unflipped = float(np.mean(logits[0].argmax(axis=1) == labels))
+            log.info("test-time flipping: validation accuracy %.4f (unflipped %.4f)", result.val_accuracy, unflipped)
+        if calibrate:
+            log.info(
+                "calibrated: temperature %.3f, validation ECE %.4f -> %.4f",
+                temperature,
+                result.val_ece_before,
+                result.val_ece_after,
+            )
         return result
+
+    def _validation_views(self, classifier: Classifier, flip: bool) -> list[np.ndarray]:
+        """Pooled features of the validation images under the final weights; with `flip`, of
+        their mirror images too."""
+        clean = self._validation_pooled(classifier)
+        return [clean, self._mirrored_validation_pooled(classifier)] if flip else [clean]
 
     def _validation_pooled(self, classifier: Classifier) -> np.ndarray:
         """Pooled backbone features of the validation images under the final weights."""
@@ -448,6 +475,23 @@ class Trainer:
         if fit.cut is not None:
             return np.asarray(fit.cut.to_pooled.predict(fit.val_inputs, verbose=0))
         dataset = make_dataset(self.val_set, image_size=self.image_size, batch_size=self.cfg.train.batch_size)
+        return np.asarray(classifier.features.predict(dataset.map(lambda x, y: x), verbose=0))
+
+    def _mirrored_validation_pooled(self, classifier: Classifier) -> np.ndarray:
+        """Pooled features of the validation images flipped left to right, under the final weights:
+        cached like the clean ones when the backbone stayed frozen, else computed."""
+        from transferlab.layers import MirrorImage
+
+        fit = self._final_fit(classifier)
+        batch_size = self.cfg.train.batch_size
+        if fit.cut is None and fit.val_inputs is not None:
+            key = self._key(self.val_set, POOLED, MIRRORED)
+            size = self.image_size
+            found = self.cache.activations_for(
+                key, classifier.features, self.val_set, image_size=size, batch_size=batch_size, augmenter=MirrorImage
+            )
+            return np.asarray(found.arrays[0][0])
+        dataset = make_dataset(self.val_set, image_size=self.image_size, batch_size=batch_size, augmenter=MirrorImage())
         return np.asarray(classifier.features.predict(dataset.map(lambda x, y: x), verbose=0))
 
 

@@ -18,6 +18,7 @@ whole (and MLflow holding the previous metrics, or all the new ones), never a mi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -77,10 +78,13 @@ def predict_from_feature_cache(
     digest): the backbone was frozen, so only the head needs to run. The test features are
     computed once on a miss and cached for later evaluations of the same backbone, by
     `features` when given (the trained classifier's extractor, whose predict function training
-    already traced), else by an extractor cut out of `model`.
+    already traced), else by an extractor cut out of `model`. A model with test-time flipping
+    gets the mean of the head's probabilities on the test images' features and on their mirror
+    images' (cached the same way).
     """
-    from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
-    from transferlab.model import HEAD_MODEL, POOL_LAYER, run_head, weights_digest
+    from transferlab.feature_cache import MIRRORED, FeatureCache, FeatureKey, manifest_digest
+    from transferlab.layers import MirrorImage
+    from transferlab.model import HEAD_MODEL, POOL_LAYER, flips_at_test_time, run_head, weights_digest
 
     backbones = [layer for layer in model.layers if hasattr(layer, "layers") and layer.name != HEAD_MODEL]
     if len(backbones) != 1 or POOL_LAYER not in {layer.name for layer in model.layers}:
@@ -98,10 +102,20 @@ def predict_from_feature_cache(
         return None
     import keras
 
+    # The pooling layer's first call is on the image itself (a flipping model's second: its mirror image).
     extractor = features if features is not None else keras.Model(model.input, model.get_layer(POOL_LAYER).output)
-    found = cache.activations_for(key(test), extractor, test, image_size=image_size, batch_size=cfg.train.batch_size)
+    head = model.get_layer(HEAD_MODEL)
+    batch_size = cfg.train.batch_size
+    found = cache.activations_for(key(test), extractor, test, image_size=image_size, batch_size=batch_size)
     log.info("test features from the cache (%s): only the head runs", "hit" if found.hit else "computed once")
-    return run_head(model.get_layer(HEAD_MODEL), found.arrays[0][0])
+    probabilities = run_head(head, found.arrays[0][0])
+    if not flips_at_test_time(model):
+        return probabilities
+    mirrored = dataclasses.replace(key(test), augmentation=MIRRORED)
+    flipped = cache.activations_for(
+        mirrored, extractor, test, image_size=image_size, batch_size=batch_size, augmenter=MirrorImage
+    )
+    return (probabilities + run_head(head, flipped.arrays[0][0])) / 2
 
 
 def metrics_dict(report: ClassificationReport, reliability: Calibration, images: int) -> dict[str, float]:

@@ -29,7 +29,7 @@ from transferlab.locks import stage_lock
 from transferlab.manifests import SplitDataset, check_splits_fresh, load_classes, split_datasets, splits_digest
 from transferlab.paths import StagePaths
 from transferlab.registry import register_run_model
-from transferlab.trainer import EPOCH_METRICS, HISTORY_COLUMNS, Trainer
+from transferlab.trainer import EPOCH_METRICS, HISTORY_COLUMNS, Finish, Trainer
 
 if TYPE_CHECKING:
     from transferlab.model import Classifier
@@ -162,13 +162,14 @@ def _train_as_chief(
         if workers > 1:  # its variables are the workers' collectives: the chief goes on alone, with a copy
             classifier = local_copy(classifier, cfg.model, len(trainer.classes), trainer.image_size)
             strategy = tf.distribute.get_strategy()
-        if cfg.train.calibrate:
-            with strategy.scope():
-                _calibrate(run, trainer, classifier)
+        with strategy.scope():
+            finish = trainer.finish(classifier)
+        if finish is not None and finish.temperature is not None:
+            _log_calibration(run, finish)
         if resume is not None and _saved_by(paths, run.run_id):
             log.info("%s already holds run %s (saved before a kill): closing the run", paths.models, run.run_id)
         else:
-            _finish(cfg, paths, run, trainer, classifier, state, datasets)
+            _save_outputs(cfg, paths, run, trainer, classifier, state, datasets, finish)
         if register_model and cfg.mlflow.log_model and cfg.mlflow.registered_model:
             _register(run, cfg.mlflow.registered_model)
     checkpointer.clear()
@@ -176,15 +177,14 @@ def _train_as_chief(
     return TrainResult(run.run_id, history, resume is not None, trainer.kept_epoch, classifier)
 
 
-def _calibrate(run: tracking.Run, trainer: Trainer, classifier: Classifier) -> None:
-    """Fit a temperature on the validation split into `classifier`; log it."""
-    calibration = trainer.calibrate(classifier)
+def _log_calibration(run: tracking.Run, finish: Finish) -> None:
+    """The temperature and what it did on the validation split."""
     run.log_metrics(
         {
-            "temperature": calibration.temperature,
-            "val_ece_uncalibrated": calibration.val_ece_before,
-            "val_ece": calibration.val_ece_after,
-            "val_loss_calibrated": calibration.val_loss_after,
+            "temperature": finish.temperature,
+            "val_ece_uncalibrated": finish.val_ece_before,
+            "val_ece": finish.val_ece_after,
+            "val_loss_calibrated": finish.val_loss_after,
         }
     )
 
@@ -235,7 +235,7 @@ def _peer_state(chief: Path, own: Path, cfg_hash: str, epochs_done: int) -> Chec
     return state
 
 
-def _finish(
+def _save_outputs(
     cfg: Config,
     paths: StagePaths,
     run: tracking.Run,
@@ -243,9 +243,11 @@ def _finish(
     classifier: Classifier,
     state: CheckpointState,
     datasets: list[SplitDataset],
+    finish: Finish | None,
 ) -> None:
     """Write the model, its run record, the history and the curves as one unit; log them and
-    describe the run.
+    describe the run. `final_val_accuracy` is the saved model's (`finish`: with test-time
+    flipping, the averaged prediction's), `final_val_loss` the kept epoch's.
 
     `models/` (model.keras + run.json), `reports/history.csv` and `reports/training_curves.png`
     are built aside and replaced together as the very last step, so they always hold one run's
@@ -265,7 +267,7 @@ def _finish(
         run.log_metrics(
             {
                 "best_epoch": trainer.kept_epoch,
-                "final_val_accuracy": kept["val_accuracy"],
+                "final_val_accuracy": finish.val_accuracy if finish is not None else kept["val_accuracy"],
                 "final_val_loss": kept["val_loss"],
             }
         )
