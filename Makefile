@@ -77,7 +77,7 @@ bench: setup           ## benchmark figures; writes reports/bench.json
 study: setup           ## rerun the study that chose the defaults (../shared data, about an hour); reports/study.md
 	$(BIN)/python bench/study.py
 
-study-sizes: setup     ## cross-validate input sizes on the study's train + val photos (after `make study`)
+study-sizes: setup     ## cross-validate input sizes and test-time flipping on the study's train + val photos (after `make study`)
 	$(BIN)/python bench/sizes.py
 
 params: setup          ## save OVERRIDES="a=b c=d" as project settings, rewrite params.yaml from conf/

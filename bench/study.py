@@ -64,6 +64,7 @@ POINTS = (
             "train.early_stopping=null",
             "train.calibrate=false",
             "augment=none",
+            "model.test_time_flip=false",
         ),
     ),
     Point(
