@@ -306,7 +306,7 @@ def test_test_time_flipping_goes_into_the_saved_model_and_its_validation_accurac
     val = load_manifest(paths.manifest("val"), paths.raw_dataset("synthetic"), load_classes(paths.classes))
     accuracy = float(np.mean(probabilities.argmax(axis=1) == np.asarray(val.labels)))
     logged = mlflow_client(paths).get_run(result.run_id).data.metrics
-    assert logged["final_val_accuracy"] == pytest.approx(accuracy)
+    assert logged["final_val_accuracy"] == pytest.approx(accuracy) == result.val_accuracy  # what sweeps rank by
     assert "temperature" not in logged
     mirrored = [
         f for f in paths.feature_cache.glob("*.npz") if json.loads(str(np.load(f)["key"]))["augmentation"] == "mirror"

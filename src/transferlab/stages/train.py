@@ -46,10 +46,14 @@ class TrainResult:
     resumed: bool
     best_epoch: int  # the epoch whose weights the model holds
     classifier: Classifier | None = field(default=None, compare=False, repr=False)  # the trained model, in memory
+    saved_val_accuracy: float | None = None  # measured after calibration and test-time flipping went in
 
     @property
     def val_accuracy(self) -> float:
-        """Validation accuracy of the kept epoch."""
+        """The saved model's validation accuracy (`final_val_accuracy`): the kept epoch's, unless
+        test-time flipping or calibration measured the finished model."""
+        if self.saved_val_accuracy is not None:
+            return self.saved_val_accuracy
         return float(kept_row(self.history, self.best_epoch)["val_accuracy"])
 
 
@@ -174,7 +178,8 @@ def _train_as_chief(
             _register(run, cfg.mlflow.registered_model)
     checkpointer.clear()
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
-    return TrainResult(run.run_id, history, resume is not None, trainer.kept_epoch, classifier)
+    saved_accuracy = finish.val_accuracy if finish is not None else None
+    return TrainResult(run.run_id, history, resume is not None, trainer.kept_epoch, classifier, saved_accuracy)
 
 
 def _log_calibration(run: tracking.Run, finish: Finish) -> None:
