@@ -47,6 +47,19 @@ def test_training_description_names_backbone_data_phases_and_best_epoch() -> Non
     assert "**Best epoch** 3 of 3: validation accuracy **0.875**, loss 0.400." in text
 
 
+def test_a_flipping_model_adds_its_own_validation_accuracy() -> None:
+    cfg = tiny_cfg("train.epochs=2")
+    history = pd.DataFrame(
+        {"epoch": [1, 2], "phase": ["head", "head"], "val_accuracy": [0.5, 0.75], "val_loss": [1.0, 0.7]}
+    )
+    images = {"train": 20, "val": 8, "test": 8}
+    text = training_description(cfg, plan_phases(cfg), history, kept_row(history, 2), images, 3, "0123", 0.875)
+    assert text.endswith(
+        "**Best epoch** 2 of 2: validation accuracy **0.750**, loss 0.700. "
+        "With test-time flipping (the saved model): validation accuracy **0.875**."
+    )
+
+
 def test_test_results_are_added_once_and_replaced_by_a_new_evaluation() -> None:
     trained = two_phase_description()
     evaluated = with_test_results(trained, TEST_METRICS, top_k=2)

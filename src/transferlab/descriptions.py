@@ -8,7 +8,8 @@ Train writes what was trained on what data and how it went; evaluate adds the te
     | phase | epochs | learning rate | backbone |
     ...
 
-    **Best epoch** 10 of 10: validation accuracy **0.917**, loss 0.308.
+    **Best epoch** 10 of 10: validation accuracy **0.917**, loss 0.308. With test-time flipping
+    (the saved model): validation accuracy **0.958**.
 
     **Test**: accuracy **0.833**, top-2 accuracy 1.000, macro F1 0.817 on 24 images.
 """
@@ -76,8 +77,10 @@ def training_description(
     images: Mapping[str, int],
     classes: int,
     digest: str,
+    flipped_val_accuracy: float | None = None,
 ) -> str:
-    """Backbone, data, phases and the best epoch of a finished training run."""
+    """Backbone, data, phases and the best epoch of a finished training run; with
+    `flipped_val_accuracy`, the saved model's, which flips at test time."""
     counts = ", ".join(f"{n} {split.replace('val', 'validation')}" for split, n in images.items())
     data = f"**{cfg.data.name}**: {classes} classes; {counts} images (splits `{digest}`)."
     lines = [f"{_backbone(cfg)} on {data}", "", *_phase_rows(phases, history), ""]
@@ -85,6 +88,8 @@ def training_description(
         f"**Best epoch** {int(best['epoch'])} of {len(history)}: validation accuracy "
         f"**{best['val_accuracy']:.3f}**, loss {best['val_loss']:.3f}."
     )
+    if flipped_val_accuracy is not None:
+        lines[-1] += f" With test-time flipping (the saved model): validation accuracy **{flipped_val_accuracy:.3f}**."
     return "\n".join(lines)
 
 

@@ -279,7 +279,10 @@ def _save_outputs(
         images = {dataset.split: len(dataset.frame) for dataset in datasets}
         digest = datasets[0].digest
         phases = trainer.phases
-        run.description = training_description(cfg, phases, history, kept, images, len(trainer.classes), digest)
+        flipped = finish.val_accuracy if finish is not None and cfg.model.test_time_flip else None
+        run.description = training_description(
+            cfg, phases, history, kept, images, len(trainer.classes), digest, flipped_val_accuracy=flipped
+        )
         model_file = models / paths.model_file.name
         classifier.model.save(model_file)
         if cfg.mlflow.log_model:
