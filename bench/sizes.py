@@ -72,14 +72,12 @@ def cross_validate(clean: np.ndarray, flipped: np.ndarray, labels: np.ndarray) -
 
 
 def describe(scores: dict[str, list[tuple[float, float]]]) -> str:
-    """Mean accuracy and log loss of each way, and in how many folds flipping did better."""
-    means = "; ".join(
-        f"{name}: accuracy {100 * np.mean(values, axis=0)[0]:.1f} %, log loss {np.mean(values, axis=0)[1]:.3f}"
-        for name, values in scores.items()
-    )
+    """Mean accuracy and log loss of each way, and in how many fold scores (folds x regularisations)
+    flipping did better."""
+    averages = {name: np.mean(values, axis=0) for name, values in scores.items()}
+    means = "; ".join(f"{name}: accuracy {100 * a:.1f} %, log loss {loss:.3f}" for name, (a, loss) in averages.items())
     plain, flipped = np.asarray(scores["plain"]), np.asarray(scores["test-time flip"])
-    folds = len(plain)
-    better = f"flipping better in {np.sum(flipped[:, 0] > plain[:, 0])} of {folds} folds (accuracy), "
+    better = f"flipping better in {np.sum(flipped[:, 0] > plain[:, 0])} of {len(plain)} fold scores (accuracy), "
     better += f"{np.sum(flipped[:, 1] < plain[:, 1])} (log loss)"
     return f"{means}; {better}"
 

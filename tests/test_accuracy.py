@@ -5,8 +5,8 @@ with the best epoch kept, temperature scaling, 2 cached flipped views, 288 px, t
 flipping) must keep a floor on the sample and beat the published recipe (BN head, Adam 1e-2,
 2 epochs, 224 px) on the same split and seeds. Validation and test hold 90 images each, so one
 image is 1.1 points: both are compared as means over three seeds rather than on one lucky or
-unlucky seed. The study on 1,500 photos (README, "How the
-defaults were chosen") is `make study`; this is its guard rail.
+unlucky seed. The study on 1,500 photos (README, "How the defaults were chosen") is
+`make study`; this is its guard rail.
 """
 
 from __future__ import annotations

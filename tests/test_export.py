@@ -89,14 +89,16 @@ def test_cli_export(colour_model: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_tflite_export_of_a_real_transfer_model(tmp_path: Path) -> None:
-    """The train stage's architecture (MobileNetV2 backbone, BatchNorm/Dropout head), random weights."""
+    """The train stage's saved architecture (MobileNetV2 backbone, Dropout head, test-time flipping), random weights."""
     from transferlab.config import ModelConfig
-    from transferlab.model import build_classifier
+    from transferlab.model import attach_head, build_classifier, flips_at_test_time
 
     classifier = build_classifier(ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights=None), 4, 64)
+    model = attach_head(classifier, classifier.head, test_time_flip=True)
     model_file = tmp_path / "model.keras"
-    classifier.model.save(model_file)
+    model.save(model_file)
     (tmp_path / "classes.json").write_text(json.dumps(["a", "b", "c", "d"]))
     out = export_model(model_file, tmp_path / "model.tflite", "tflite")
     image = probe_image(64)
-    np.testing.assert_allclose(run_tflite(out, image), classifier.model.predict(image, verbose=0), atol=1e-3)
+    assert flips_at_test_time(model) and not np.allclose(image, image[:, :, ::-1])
+    np.testing.assert_allclose(run_tflite(out, image), model.predict(image, verbose=0), atol=1e-3)

@@ -14,6 +14,7 @@ from transferlab.metrics import (
     confusion_matrix,
     fit_temperature,
     log_loss,
+    mean_probabilities,
     softmax,
     top_k_accuracy,
 )
@@ -140,14 +141,15 @@ def test_agrees_with_scikit_learn_on_random_predictions() -> None:
 
 
 def test_temperature_of_several_views_minimises_the_log_loss_of_their_mean() -> None:
-    """Logits shaped (views, images, classes): softmax averages the views' probabilities, and the
-    fitted temperature minimises the log loss of that mean (checked against a fine grid)."""
+    """Logits shaped (views, images, classes): `mean_probabilities` averages the views'
+    probabilities, and the fitted temperature minimises the log loss of that mean (checked
+    against a fine grid)."""
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 300)
     logits = rng.normal(0, 2, (2, 300, 4)) + 3.0 * np.eye(4)[labels]  # two views
-    one = softmax(logits[0])
-    np.testing.assert_allclose(softmax(logits), (one + softmax(logits[1])) / 2)
+    np.testing.assert_allclose(mean_probabilities(logits), (softmax(logits[0]) + softmax(logits[1])) / 2)
+    np.testing.assert_allclose(mean_probabilities(logits[0], 2.0), softmax(logits[0], 2.0))
     fitted = fit_temperature(labels, logits)
     grid = np.geomspace(0.05, 20.0, 3000)  # fit_temperature's bounds
-    best = grid[np.argmin([log_loss(labels, softmax(logits, t)) for t in grid])]
+    best = grid[np.argmin([log_loss(labels, mean_probabilities(logits, t)) for t in grid])]
     assert 0.1 < best < 10 and fitted == pytest.approx(best, rel=0.005)

@@ -72,6 +72,8 @@ def test_resnet_preprocessing_matches_keras_caffe_mode() -> None:
 def test_test_time_flipping_averages_the_image_and_its_mirror_image_and_survives_saving(tmp_path: Path) -> None:
     """The saved model's output is the mean of the classifier on each image and on it flipped
     left to right; it loads back in safe mode with the same output (layers.py registers the flip)."""
+    import keras
+
     from transferlab.inference import load_model
 
     cfg = ModelConfig(backbone="small_cnn", alpha=None, weights=None)
@@ -87,6 +89,9 @@ def test_test_time_flipping_averages_the_image_and_its_mirror_image_and_survives
     loaded = load_model(tmp_path / "model.keras")  # safe mode
     assert flips_at_test_time(loaded) and len(loaded.weights) == len(plain.weights)  # layers shared, not copied
     np.testing.assert_allclose(loaded(images).numpy(), expected, atol=1e-6)
+    # evaluate's cached path cuts its extractor at the pooling layer's first call: the image, not its mirror
+    extractor = keras.Model(loaded.input, loaded.get_layer("pool").output)
+    np.testing.assert_allclose(extractor(images).numpy(), classifier.features(images).numpy(), atol=1e-6)
 
 
 def test_unfreeze_top_layers_keeps_batchnorm_frozen() -> None:

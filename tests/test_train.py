@@ -182,8 +182,10 @@ def test_early_stopping_keeps_the_best_epoch_in_the_model_mlflow_and_evaluate(
     from transferlab.stages.evaluate import evaluate
 
     paths = prepared_project
-    # Uncalibrated: the saved model's validation loss is then the best epoch's (calibration has its own test).
-    cfg = tiny_cfg("train.epochs=12", "train.learning_rate=0.05", STOP_EARLY, "train.calibrate=false")
+    # Uncalibrated and unflipped: the saved model's validation loss is then the best epoch's (calibration and
+    # test-time flipping have their own tests).
+    plain = ("train.calibrate=false", "model.test_time_flip=false")
+    cfg = tiny_cfg("train.epochs=12", "train.learning_rate=0.05", STOP_EARLY, *plain)
     with caplog.at_level(logging.INFO, logger="transferlab.trainer"):
         result = train(cfg, paths)
     history = result.history
@@ -296,20 +298,25 @@ def test_calibration_puts_a_fitted_temperature_inside_the_saved_model(prepared_p
 
 
 def test_test_time_flipping_goes_into_the_saved_model_and_its_validation_accuracy(prepared_project: StagePaths) -> None:
-    """On (the default), the saved model flips and `final_val_accuracy` is that model's on the
-    validation images; off (and uncalibrated), the trained classifier is saved as it is."""
+    """On (the default), the saved model flips and `final_val_accuracy` and `final_val_loss` are that
+    model's on the validation images (the loss differs from the kept epoch's, which did not flip);
+    off (and uncalibrated), the trained classifier is saved as it is."""
     from transferlab.inference import load_model
     from transferlab.manifests import load_classes, load_manifest
     from transferlab.model import flips_at_test_time
 
     paths = prepared_project
-    result = train(tiny_cfg("train.epochs=2", "train.calibrate=false", "mlflow.log_model=false"), paths)
+    trained = ("train.epochs=5", "train.learning_rate=0.05", "train.calibrate=false", "mlflow.log_model=false")
+    result = train(tiny_cfg(*trained), paths)
     assert flips_at_test_time(load_model(paths.model_file))
-    _, probabilities = _validation_loss(paths.model_file, paths)
+    loss, probabilities = _validation_loss(paths.model_file, paths)
     val = load_manifest(paths.manifest("val"), paths.raw_dataset("synthetic"), load_classes(paths.classes))
     accuracy = float(np.mean(probabilities.argmax(axis=1) == np.asarray(val.labels)))
     logged = mlflow_client(paths).get_run(result.run_id).data.metrics
     assert logged["final_val_accuracy"] == pytest.approx(accuracy) == result.val_accuracy  # what sweeps rank by
+    assert logged["final_val_loss"] == pytest.approx(loss, abs=2e-3)
+    kept = result.history.loc[result.history["epoch"] == result.best_epoch, "val_loss"].iloc[0]
+    assert abs(kept - loss) > 2e-3, f"the flipped model's loss, not the kept epoch's ({loss} vs {kept})"
     assert "temperature" not in logged
     mirrored = [
         f for f in paths.feature_cache.glob("*.npz") if json.loads(str(np.load(f)["key"]))["augmentation"] == "mirror"

@@ -17,6 +17,7 @@ read: a corrupt or stale file is rebuilt, never trusted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -151,8 +152,12 @@ class FeatureCache:
         cached = self.load(key, len(manifest))
         if cached is not None:
             return Activations(*cached, hit=True)
-        what = "the mirror images of " if key.augmentation == MIRRORED else f"{views} augmented views of "
-        what = what if augmenter is not None else ""
+        if augmenter is None:
+            what = ""
+        elif key.augmentation == MIRRORED:
+            what = "the mirror images of "
+        else:
+            what = f"{views} augmented views of "
         described = describe_tensor(key.tensor)
         log.info("computing %s of %s%d images (cached for later runs)", described, what, len(manifest))
         layers = augmenter() if augmenter is not None else None
@@ -169,3 +174,15 @@ class FeatureCache:
         labels = np.asarray(manifest.labels, dtype="int32")
         self.store(key, arrays, labels)
         return Activations(arrays, labels, hit=False)
+
+    def mirrored_activations_for(
+        self, key: FeatureKey, extractor: keras.Model, manifest: Manifest, *, image_size: int, batch_size: int
+    ) -> Activations:
+        """`activations_for` the mirror images (flipped left to right) of `key`'s images, under
+        `key` with augmentation `MIRRORED`: what test-time flipping needs."""
+        from transferlab.layers import MirrorImage
+
+        mirrored = dataclasses.replace(key, augmentation=MIRRORED)
+        return self.activations_for(
+            mirrored, extractor, manifest, image_size=image_size, batch_size=batch_size, augmenter=MirrorImage
+        )

@@ -6,6 +6,8 @@ imported by paths that must not pay for it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
 
@@ -17,5 +19,5 @@ class MirrorImage(keras.layers.Layer):
     each image and its mirror image.
     """
 
-    def call(self, images: keras.KerasTensor) -> keras.KerasTensor:
+    def call(self, images: Any) -> Any:  # a backend tensor, or a KerasTensor while a model is built
         return keras.ops.flip(images, axis=-2)

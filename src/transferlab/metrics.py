@@ -140,29 +140,32 @@ def calibration(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 10) -
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Softmax of `logits / temperature` over the last axis, computed stably.
-
-    Logits shaped (views, images, classes) give the mean of the views' probabilities, as a
-    model with test-time flipping outputs.
-    """
+    """Softmax of `logits / temperature` over the last axis, computed stably."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    probabilities = e / e.sum(axis=-1, keepdims=True)
-    return probabilities.mean(axis=0) if probabilities.ndim == 3 else probabilities
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def mean_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The mean over views of softmax(logits / temperature), as a model with test-time flipping
+    outputs: `logits` shaped (views, images, classes), or (images, classes) for one view."""
+    logits = np.asarray(logits)
+    return softmax(logits, temperature).mean(axis=0) if logits.ndim == 3 else softmax(logits, temperature)
 
 
 def fit_temperature(y_true: np.ndarray, logits: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """The temperature T that minimises the log loss of softmax(logits / T) (Guo et al., 2017).
+    """The temperature T that minimises the log loss of softmax(logits / T) (Guo et al., 2017);
+    with logits of several views, of the mean of their probabilities (`mean_probabilities`).
 
     With one view the log loss is convex in 1/T, so a golden-section search over 1/T finds the
-    optimum; with several (their probabilities averaged) convexity is not guaranteed, and the
-    search finds a local optimum within `bounds`.
+    optimum; with several, convexity is not guaranteed, and the search finds a local optimum
+    within `bounds`.
     """
     y = np.asarray(y_true, dtype=np.int64)
 
     def loss(inverse: float) -> float:
-        return log_loss(y, softmax(logits, 1.0 / inverse))
+        return log_loss(y, mean_probabilities(logits, 1.0 / inverse))
 
     low, high = 1.0 / bounds[1], 1.0 / bounds[0]
     ratio = (np.sqrt(5.0) - 1.0) / 2.0

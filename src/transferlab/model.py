@@ -286,13 +286,17 @@ def attach_head(classifier: Classifier, head: keras.Model, *, test_time_flip: bo
     if test_time_flip:
         mirrored = classifier.preprocess(MirrorImage(name=MIRROR_LAYER)(features.input))
         pooled = features.get_layer(POOL_LAYER)(classifier.backbone(mirrored, training=False))
-        probabilities = keras.layers.Average(name="test_time_flip")([probabilities, head(pooled)])
+        # float32, as the head's output: under a mixed_float16 policy the mean would be float16.
+        mean = keras.layers.Average(dtype="float32", name="test_time_flip")
+        probabilities = mean([probabilities, head(pooled)])
     return keras.Model(features.input, probabilities, name=classifier.model.name)
 
 
 def flips_at_test_time(model: keras.Model) -> bool:
     """True when `model` averages each image's prediction with its mirror image's."""
-    return any(layer.name == MIRROR_LAYER for layer in model.layers)
+    from transferlab.layers import MirrorImage
+
+    return any(isinstance(layer, MirrorImage) for layer in model.layers)
 
 
 def local_copy(classifier: Classifier, cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:

@@ -13,7 +13,7 @@ mode) and continues at its own learning rate. Each phase is fed the cheapest exa
 With augmentation and `augment.cached_views: K > 0`, the cached phases train on the
 activations of K augmented views of every training image, cycling through one view per epoch.
 Every epoch is judged (progress.py) and checkpointed; at the end the best epoch's weights are
-restored (with early stopping). Then what the saved model adds goes in (`finish`): with
+restored (with early stopping). Then what the saved model adds goes in (`finish_model`): with
 `train.calibrate`, a temperature fitted on the validation split; with `model.test_time_flip`,
 the mirror image's prediction averaged in.
 """
@@ -36,7 +36,6 @@ from transferlab.console import keras_progress
 from transferlab.descriptions import backbone_state
 from transferlab.errors import interrupts_deferred, stop_if_received
 from transferlab.feature_cache import (
-    MIRRORED,
     NO_AUGMENTATION,
     POOLED,
     Activations,
@@ -126,15 +125,15 @@ class Fit:
 
 
 @dataclass(frozen=True)
-class Finish:
-    """What `finish` put into the saved model, and how the validation split fares before and after."""
+class SavedModelReport:
+    """The saved model on the validation split, after `finish_model` put calibration and test-time
+    flipping into it."""
 
     temperature: float | None  # fitted on the validation split; None: not calibrated
-    val_accuracy: float  # the saved model's (with test-time flipping, if on)
-    val_ece_before: float  # the trained head alone (with flipping, if on), before any temperature
-    val_ece_after: float
-    val_loss_before: float
-    val_loss_after: float
+    val_accuracy: float
+    val_loss: float
+    val_ece: float
+    val_ece_uncalibrated: float  # the same model with temperature 1
 
 
 class Trainer:
@@ -421,77 +420,65 @@ class Trainer:
 
     # --- the saved model ---------------------------------------------------------------------------
 
-    def finish(self, classifier: Classifier) -> Finish | None:
+    def finish_model(self, classifier: Classifier) -> SavedModelReport | None:
         """Put into the classifier what the saved model adds to the trained one, as configured: a
         temperature fitted on the validation split (`train.calibrate`), test-time flipping
         (`model.test_time_flip`). None when neither is on: the trained model is saved as it is.
         """
-        from transferlab.metrics import calibration, fit_temperature, log_loss, softmax
+        from transferlab.metrics import calibration, fit_temperature, log_loss, mean_probabilities
         from transferlab.model import attach_head, head_logits, run_head, with_temperature
 
         calibrate, flip = self.cfg.train.calibrate, self.cfg.model.test_time_flip
         if not (calibrate or flip):
             return None
         to_logits = head_logits(classifier.head)
-        logits = np.stack([run_head(to_logits, pooled) for pooled in self._validation_views(classifier, flip)])
+        views = [False, True] if flip else [False]
+        logits = np.stack([run_head(to_logits, self._validation_pooled(classifier, mirrored)) for mirrored in views])
         labels = np.asarray(self.val_set.labels)
         temperature = fit_temperature(labels, logits) if calibrate else 1.0
-        before, after = softmax(logits), softmax(logits, temperature)  # views averaged
         if calibrate:
             classifier.head = with_temperature(classifier.head, temperature)
         classifier.model = attach_head(classifier, classifier.head, test_time_flip=flip)
+        probabilities = mean_probabilities(logits, temperature)
         bins = self.cfg.evaluate.calibration_bins
-        result = Finish(
+        report = SavedModelReport(
             temperature if calibrate else None,
-            float(np.mean(after.argmax(axis=1) == labels)),
-            calibration(labels, before, bins).ece,
-            calibration(labels, after, bins).ece,
-            log_loss(labels, before),
-            log_loss(labels, after),
+            val_accuracy=float(np.mean(probabilities.argmax(axis=1) == labels)),
+            val_loss=log_loss(labels, probabilities),
+            val_ece=calibration(labels, probabilities, bins).ece,
+            val_ece_uncalibrated=calibration(labels, mean_probabilities(logits), bins).ece,
         )
         if flip:
             unflipped = float(np.mean(logits[0].argmax(axis=1) == labels))
-            log.info("test-time flipping: validation accuracy %.4f (unflipped %.4f)", result.val_accuracy, unflipped)
+            log.info("test-time flipping: validation accuracy %.4f (unflipped %.4f)", report.val_accuracy, unflipped)
         if calibrate:
             log.info(
                 "calibrated: temperature %.3f, validation ECE %.4f -> %.4f",
                 temperature,
-                result.val_ece_before,
-                result.val_ece_after,
+                report.val_ece_uncalibrated,
+                report.val_ece,
             )
-        return result
+        return report
 
-    def _validation_views(self, classifier: Classifier, flip: bool) -> list[np.ndarray]:
-        """Pooled features of the validation images under the final weights; with `flip`, of
-        their mirror images too."""
-        clean = self._validation_pooled(classifier)
-        return [clean, self._mirrored_validation_pooled(classifier)] if flip else [clean]
-
-    def _validation_pooled(self, classifier: Classifier) -> np.ndarray:
-        """Pooled backbone features of the validation images under the final weights."""
+    def _validation_pooled(self, classifier: Classifier, mirrored: bool = False) -> np.ndarray:
+        """Pooled backbone features of the validation images (or of their mirror images) under the
+        final weights: from the cache while the backbone stayed frozen, else computed."""
         fit = self._final_fit(classifier)
+        size, batch_size = self.image_size, self.cfg.train.batch_size
         if fit.cut is None and fit.val_inputs is not None:  # pooled features, cached
-            return np.asarray(fit.val_inputs)
-        if fit.cut is not None:
-            return np.asarray(fit.cut.to_pooled.predict(fit.val_inputs, verbose=0))
-        dataset = make_dataset(self.val_set, image_size=self.image_size, batch_size=self.cfg.train.batch_size)
-        return np.asarray(classifier.features.predict(dataset.map(lambda x, y: x), verbose=0))
-
-    def _mirrored_validation_pooled(self, classifier: Classifier) -> np.ndarray:
-        """Pooled features of the validation images flipped left to right, under the final weights:
-        cached like the clean ones when the backbone stayed frozen, else computed."""
-        from transferlab.layers import MirrorImage
-
-        fit = self._final_fit(classifier)
-        batch_size = self.cfg.train.batch_size
-        if fit.cut is None and fit.val_inputs is not None:
-            key = self._key(self.val_set, POOLED, MIRRORED)
-            size = self.image_size
-            found = self.cache.activations_for(
-                key, classifier.features, self.val_set, image_size=size, batch_size=batch_size, augmenter=MirrorImage
+            if not mirrored:
+                return np.asarray(fit.val_inputs)
+            key = self._key(self.val_set, POOLED, NO_AUGMENTATION)
+            found = self.cache.mirrored_activations_for(
+                key, classifier.features, self.val_set, image_size=size, batch_size=batch_size
             )
             return np.asarray(found.arrays[0][0])
-        dataset = make_dataset(self.val_set, image_size=self.image_size, batch_size=batch_size, augmenter=MirrorImage())
+        if fit.cut is not None and not mirrored:
+            return np.asarray(fit.cut.to_pooled.predict(fit.val_inputs, verbose=0))
+        from transferlab.layers import MirrorImage
+
+        flip = MirrorImage() if mirrored else None
+        dataset = make_dataset(self.val_set, image_size=size, batch_size=batch_size, augmenter=flip)
         return np.asarray(classifier.features.predict(dataset.map(lambda x, y: x), verbose=0))
 
 

@@ -18,7 +18,6 @@ whole (and MLflow holding the previous metrics, or all the new ones), never a mi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -82,8 +81,7 @@ def predict_from_feature_cache(
     gets the mean of the head's probabilities on the test images' features and on their mirror
     images' (cached the same way).
     """
-    from transferlab.feature_cache import MIRRORED, FeatureCache, FeatureKey, manifest_digest
-    from transferlab.layers import MirrorImage
+    from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
     from transferlab.model import HEAD_MODEL, POOL_LAYER, flips_at_test_time, run_head, weights_digest
 
     backbones = [layer for layer in model.layers if hasattr(layer, "layers") and layer.name != HEAD_MODEL]
@@ -111,10 +109,7 @@ def predict_from_feature_cache(
     probabilities = run_head(head, found.arrays[0][0])
     if not flips_at_test_time(model):
         return probabilities
-    mirrored = dataclasses.replace(key(test), augmentation=MIRRORED)
-    flipped = cache.activations_for(
-        mirrored, extractor, test, image_size=image_size, batch_size=batch_size, augmenter=MirrorImage
-    )
+    flipped = cache.mirrored_activations_for(key(test), extractor, test, image_size=image_size, batch_size=batch_size)
     return (probabilities + run_head(head, flipped.arrays[0][0])) / 2
 
 

@@ -29,7 +29,7 @@ from transferlab.locks import stage_lock
 from transferlab.manifests import SplitDataset, check_splits_fresh, load_classes, split_datasets, splits_digest
 from transferlab.paths import StagePaths
 from transferlab.registry import register_run_model
-from transferlab.trainer import EPOCH_METRICS, HISTORY_COLUMNS, Finish, Trainer
+from transferlab.trainer import EPOCH_METRICS, HISTORY_COLUMNS, SavedModelReport, Trainer
 
 if TYPE_CHECKING:
     from transferlab.model import Classifier
@@ -46,20 +46,25 @@ class TrainResult:
     resumed: bool
     best_epoch: int  # the epoch whose weights the model holds
     classifier: Classifier | None = field(default=None, compare=False, repr=False)  # the trained model, in memory
-    saved_val_accuracy: float | None = None  # measured after calibration and test-time flipping went in
+    saved_model: SavedModelReport | None = None  # calibration and test-time flipping, when on
 
     @property
     def val_accuracy(self) -> float:
-        """The saved model's validation accuracy (`final_val_accuracy`): the kept epoch's, unless
-        test-time flipping or calibration measured the finished model."""
-        if self.saved_val_accuracy is not None:
-            return self.saved_val_accuracy
-        return float(kept_row(self.history, self.best_epoch)["val_accuracy"])
+        """The saved model's validation accuracy (`final_val_accuracy`)."""
+        return final_validation(self.saved_model, kept_row(self.history, self.best_epoch))[0]
 
 
 def kept_row(history: pd.DataFrame, epoch: int) -> pd.Series:
     """The history row of the epoch whose weights the saved model holds."""
     return history.loc[history["epoch"] == epoch].iloc[0]
+
+
+def final_validation(saved_model: SavedModelReport | None, kept: pd.Series) -> tuple[float, float]:
+    """The saved model's validation accuracy and loss (`final_val_accuracy`, `final_val_loss`):
+    measured after calibration and test-time flipping went in, else the kept epoch's."""
+    if saved_model is not None:
+        return saved_model.val_accuracy, saved_model.val_loss
+    return float(kept["val_accuracy"]), float(kept["val_loss"])
 
 
 def _relog_missing_epochs(run: tracking.Run, state: CheckpointState) -> None:
@@ -167,29 +172,28 @@ def _train_as_chief(
             classifier = local_copy(classifier, cfg.model, len(trainer.classes), trainer.image_size)
             strategy = tf.distribute.get_strategy()
         with strategy.scope():
-            finish = trainer.finish(classifier)
-        if finish is not None and finish.temperature is not None:
-            _log_calibration(run, finish)
+            saved_model = trainer.finish_model(classifier)
+        if saved_model is not None and saved_model.temperature is not None:
+            _log_calibration(run, saved_model)
         if resume is not None and _saved_by(paths, run.run_id):
             log.info("%s already holds run %s (saved before a kill): closing the run", paths.models, run.run_id)
         else:
-            _save_outputs(cfg, paths, run, trainer, classifier, state, datasets, finish)
+            _save_outputs(cfg, paths, run, trainer, classifier, state, datasets, saved_model)
         if register_model and cfg.mlflow.log_model and cfg.mlflow.registered_model:
             _register(run, cfg.mlflow.registered_model)
     checkpointer.clear()
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
-    saved_accuracy = finish.val_accuracy if finish is not None else None
-    return TrainResult(run.run_id, history, resume is not None, trainer.kept_epoch, classifier, saved_accuracy)
+    return TrainResult(run.run_id, history, resume is not None, trainer.kept_epoch, classifier, saved_model)
 
 
-def _log_calibration(run: tracking.Run, finish: Finish) -> None:
+def _log_calibration(run: tracking.Run, saved_model: SavedModelReport) -> None:
     """The temperature and what it did on the validation split."""
     run.log_metrics(
         {
-            "temperature": finish.temperature,
-            "val_ece_uncalibrated": finish.val_ece_before,
-            "val_ece": finish.val_ece_after,
-            "val_loss_calibrated": finish.val_loss_after,
+            "temperature": saved_model.temperature,
+            "val_ece_uncalibrated": saved_model.val_ece_uncalibrated,
+            "val_ece": saved_model.val_ece,
+            "val_loss_calibrated": saved_model.val_loss,
         }
     )
 
@@ -248,11 +252,10 @@ def _save_outputs(
     classifier: Classifier,
     state: CheckpointState,
     datasets: list[SplitDataset],
-    finish: Finish | None,
+    saved_model: SavedModelReport | None,
 ) -> None:
     """Write the model, its run record, the history and the curves as one unit; log them and
-    describe the run. `final_val_accuracy` is the saved model's (`finish`: with test-time
-    flipping, the averaged prediction's), `final_val_loss` the kept epoch's.
+    describe the run.
 
     `models/` (model.keras + run.json), `reports/history.csv` and `reports/training_curves.png`
     are built aside and replaced together as the very last step, so they always hold one run's
@@ -269,17 +272,18 @@ def _save_outputs(
         run.log_artifact(curves_png, "figures")
         run.log_artifact(paths.classes)
         kept = kept_row(history, trainer.kept_epoch)
+        final_accuracy, final_loss = final_validation(saved_model, kept)
         run.log_metrics(
             {
                 "best_epoch": trainer.kept_epoch,
-                "final_val_accuracy": finish.val_accuracy if finish is not None else kept["val_accuracy"],
-                "final_val_loss": kept["val_loss"],
+                "final_val_accuracy": final_accuracy,
+                "final_val_loss": final_loss,
             }
         )
         images = {dataset.split: len(dataset.frame) for dataset in datasets}
         digest = datasets[0].digest
         phases = trainer.phases
-        flipped = finish.val_accuracy if finish is not None and cfg.model.test_time_flip else None
+        flipped = final_accuracy if cfg.model.test_time_flip else None
         run.description = training_description(
             cfg, phases, history, kept, images, len(trainer.classes), digest, flipped_val_accuracy=flipped
         )
