@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from transferlab import atomic
+from transferlab.config import ModelConfig
 from transferlab.console import keras_progress
 from transferlab.images import DECODE
 from transferlab.manifests import Manifest
@@ -57,6 +58,29 @@ class FeatureKey:
     manifest_digest: str
     tensor: str = POOLED
     augmentation: str = NO_AUGMENTATION  # MIRRORED, or a digest of the augmentation config, seed and view count
+
+    @classmethod
+    def of_split(
+        cls,
+        model: ModelConfig,
+        weights_digest: str,
+        image_size: int,
+        manifest: Manifest,
+        *,
+        tensor: str = POOLED,
+        augmentation: str = NO_AUGMENTATION,
+    ) -> FeatureKey:
+        """The key of `manifest`'s activations through `model`'s backbone with the weights of
+        `weights_digest`: one place for training, which writes the cache, and evaluate, which reads it."""
+        return cls(
+            model.backbone,
+            model.alpha,
+            weights_digest,
+            image_size,
+            manifest_digest(manifest),
+            tensor=tensor,
+            augmentation=augmentation,
+        )
 
     @property
     def digest(self) -> str:

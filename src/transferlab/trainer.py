@@ -43,7 +43,6 @@ from transferlab.feature_cache import (
     FeatureKey,
     augmentation_digest,
     describe_tensor,
-    manifest_digest,
 )
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
@@ -257,7 +256,9 @@ class Trainer:
         settings = dataclasses.asdict(self.cfg.augment)
         augmentation = augmentation_digest(settings, self.cfg.train.seed, views) if augmented else NO_AUGMENTATION
         activations = self.cache.activations_for(
-            self._key(manifest, tensor, augmentation),
+            FeatureKey.of_split(
+                self.cfg.model, self.weights_digest, self.image_size, manifest, tensor=tensor, augmentation=augmentation
+            ),
             extractor,
             manifest,
             image_size=self.image_size,
@@ -269,19 +270,6 @@ class Trainer:
             "%s: cache %s for %d images", describe_tensor(tensor), "hit" if activations.hit else "miss", len(manifest)
         )
         return activations
-
-    def _key(self, manifest: Manifest, tensor: str, augmentation: str) -> FeatureKey:
-        """The cache key of `manifest`'s activations at `tensor` under the backbone's initial weights."""
-        cfg = self.cfg.model
-        return FeatureKey(
-            cfg.backbone,
-            cfg.alpha,
-            self.weights_digest,
-            self.image_size,
-            manifest_digest(manifest),
-            tensor=tensor,
-            augmentation=augmentation,
-        )
 
     def _cached_fit(self, model: keras.Model, train: Activations, val: Activations, phase: Phase) -> Fit:
         import tensorflow as tf
@@ -468,7 +456,7 @@ class Trainer:
         if fit.cut is None and fit.val_inputs is not None:  # pooled features, cached
             if not mirrored:
                 return np.asarray(fit.val_inputs)
-            key = self._key(self.val_set, POOLED, NO_AUGMENTATION)
+            key = FeatureKey.of_split(self.cfg.model, self.weights_digest, size, self.val_set)
             found = self.cache.mirrored_activations_for(
                 key, classifier.features, self.val_set, image_size=size, batch_size=batch_size
             )

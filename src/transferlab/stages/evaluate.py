@@ -81,7 +81,7 @@ def predict_from_feature_cache(
     gets the mean of the head's probabilities on the test images' features and on their mirror
     images' (cached the same way).
     """
-    from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
+    from transferlab.feature_cache import FeatureCache, FeatureKey
     from transferlab.model import HEAD_MODEL, POOL_LAYER, flips_at_test_time, run_head, weights_digest
 
     backbones = [layer for layer in model.layers if hasattr(layer, "layers") and layer.name != HEAD_MODEL]
@@ -94,7 +94,7 @@ def predict_from_feature_cache(
     digest = weights_digest(backbones[0])
 
     def key(manifest: Manifest) -> FeatureKey:
-        return FeatureKey(cfg.model.backbone, cfg.model.alpha, digest, image_size, manifest_digest(manifest))
+        return FeatureKey.of_split(cfg.model, digest, image_size, manifest)
 
     if not cache.path(key(val)).is_file():
         return None
