@@ -475,6 +475,11 @@ def epochs_done(state_file: Path) -> int:
         return 0
 
 
+def checkpointed_run(state_file: Path) -> str:
+    """The MLflow run a training checkpoint belongs to."""
+    return json.loads(state_file.read_text())["run_id"]
+
+
 def running_runs(client: MlflowClient, experiment: str = MlflowConfig().experiment) -> list:
     """The runs of `experiment` that are RUNNING now (none while the experiment does not exist)."""
     found = client.get_experiment_by_name(experiment)

@@ -30,6 +30,7 @@ from helpers import (
     TINY_MODEL,
     ModelServer,
     Process,
+    checkpointed_run,
     colour_config,
     declared_png,
     epochs_done,
@@ -127,7 +128,7 @@ def test_kills_while_training_leave_the_old_model_and_run_or_the_new(project: St
     state_file = project.checkpoints / "state.json"
 
     def new() -> str:
-        return json.loads(state_file.read_text())["run_id"]
+        return checkpointed_run(state_file)
 
     def stopped_at(moment: str | Callable[[], bool], signum: int = signal.SIGKILL) -> Process:
         process = Process(["transferlab", "train"], project.root)

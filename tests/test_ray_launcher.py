@@ -13,7 +13,6 @@ running a job, each while a job trains; the moments come from the jobs' checkpoi
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -29,6 +28,7 @@ from helpers import (
     TINY_MODEL,
     Process,
     chatter,
+    checkpointed_run,
     epochs_done,
     job_outputs,
     prepare_project,
@@ -334,11 +334,6 @@ class StoppableSweep:
         return pd.read_csv(self.folder / "sweep_summary.csv")
 
 
-def checkpointed_run(job: StagePaths) -> str:
-    """The MLflow run a job's checkpoint belongs to."""
-    return json.loads((job.checkpoints / "state.json").read_text())["run_id"]
-
-
 def assert_stopped(process: Process, signum: int, stopped: list[str], client: MlflowClient, finished: int) -> None:
     """`signum` to the driver: it exits 128 + signum with one line, the parent ends KILLED after the
     `finished` jobs, the children that were running KILLED with a reason and nothing logged to them
@@ -391,7 +386,7 @@ def test_sigterm_and_ctrl_c_to_a_ray_sweep_driver_kill_its_runs_and_the_rerun_fi
         assert_stopped(process, signal.SIGINT, stopped, client, finished=1)
         assert list(sweep.summary()["status"]) == ["FINISHED"]
         assert job_outputs(jobs[0], client) == sweep.summary()["run_id"][0] and job_outputs(jobs[1], client) is None
-        stopped_job = checkpointed_run(jobs[1])
+        stopped_job = checkpointed_run(jobs[1].checkpoints / "state.json")
         assert stopped_job in stopped
 
         process = sweep.start()
@@ -445,7 +440,9 @@ def test_sigterm_to_the_ray_worker_of_a_job_kills_its_run_and_ray_retries_it_fro
         process.wait_for(lambda: epochs_done(job.checkpoints / "state.json") >= 1)
         os.kill(pid, signal.SIGTERM)
         process.wait_for(r"job train\.learning_rate=0\.01 stopped \(SIGTERM received\)")
-        stopped = client.get_run(checkpointed_run(job))  # a new worker takes seconds to reopen it
+        stopped = client.get_run(
+            checkpointed_run(job.checkpoints / "state.json")
+        )  # a new worker takes seconds to reopen it
         assert stopped.info.status == "KILLED"
         assert stopped.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGTERM received"
 
