@@ -36,7 +36,8 @@ log = logging.getLogger("sizes")
 
 
 def pooled_features(manifest: Manifest, backbone: str, weights: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features of each image as it is, and flipped left to right."""
+    """Features of each image as it is, and flipped left to right (the saved model's own flip)."""
+    from transferlab.layers import MirrorImage
     from transferlab.model import build_classifier
     from transferlab.pipeline import make_dataset
 
@@ -44,7 +45,7 @@ def pooled_features(manifest: Manifest, backbone: str, weights: Path, size: int)
     features = build_classifier(model, len(manifest.classes), size).features
     pixels = make_dataset(manifest, image_size=size, batch_size=32).map(lambda x, y: x)  # decoded once, cached
     clean = features.predict(pixels, verbose=0)
-    flipped = features.predict(pixels.map(lambda x: x[:, :, ::-1, :]), verbose=0)
+    flipped = features.predict(pixels.map(MirrorImage()), verbose=0)
     return clean, flipped
 
 
