@@ -19,7 +19,7 @@ export DVC_NO_ANALYTICS := 1
 # Nor does MLflow (its UI server and clients) call home; `transferlab` commands set the same default.
 export MLFLOW_DISABLE_TELEMETRY ?= true
 
-.PHONY: help setup test test-fast run demo sweep exps ui bench study study-sizes params lint format lock clean tracking-server tracking-server-stop
+.PHONY: help setup test test-fast run demo sweep exps ui bench study study-sizes study-cv params lint format lock clean tracking-server tracking-server-stop
 
 help:                  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 24
@@ -79,6 +79,9 @@ study: setup           ## rerun the study that chose the defaults (../shared dat
 
 study-sizes: setup     ## cross-validate input sizes and test-time flipping on the study's train + val photos (after `make study`)
 	$(BIN)/python bench/sizes.py
+
+study-cv: setup        ## the study's settings and fine-tuning presets on 6 re-splits of its train + val photos (after `make study`)
+	$(BIN)/python bench/crossval.py
 
 params: setup          ## save OVERRIDES="a=b c=d" as project settings, rewrite params.yaml from conf/
 	$(BIN)/transferlab compose $(OVERRIDES)

@@ -23,12 +23,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from study import SHARED, scratch_project
+from study import SHARED, scratch_project, train_and_val
 
 from transferlab.backbones import imagenet_weights_filename
-from transferlab.config import ModelConfig, load_params
-from transferlab.manifests import Manifest, load_classes, load_manifest
-from transferlab.paths import StagePaths
+from transferlab.config import ModelConfig
+from transferlab.manifests import Manifest
 
 ALPHAS = {"mobilenet_v2": 0.35, "mobilenet": 0.25}  # the backbones ../shared/weights holds
 REGULARISATION = (0.3, 1.0)  # logistic regression's C: both are fitted, their scores averaged
@@ -93,15 +92,9 @@ def main() -> None:
     shared_file = str(imagenet_weights_filename(backbone, ALPHAS[backbone], 224))
     weights = Path(os.environ.get("STUDY_WEIGHTS", SHARED / "weights" / shared_file))
     sizes = [int(size) for size in os.environ.get("SIZES_LIST", "224 256 288 320 352 384").split()]
-    paths = StagePaths(workdir)
-    if not paths.classes.is_file():
-        sys.exit(f"sizes: {paths.classes} not found: run `make study` first (it splits the data)")
     if not weights.is_file():
         sys.exit(f"sizes: {weights} not found (set STUDY_WEIGHTS)")
-    classes = load_classes(paths.classes)
-    raw = paths.raw_dataset(load_params(workdir / "params.yaml").data.name)
-    splits = [load_manifest(paths.manifest(name), raw, classes) for name in ("train", "val")]
-    both = Manifest(raw, splits[0].paths + splits[1].paths, splits[0].labels + splits[1].labels, splits[0].classes)
+    both = train_and_val(workdir)
     labels = np.asarray(both.labels)
     log.info("%s on %d photos (train + val of %s), 5-fold CV x 5 repeats", backbone, len(both), workdir)
     for size in sizes:

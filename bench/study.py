@@ -30,6 +30,9 @@ from pathlib import Path
 import pandas as pd
 
 from transferlab import tracking
+from transferlab.config import load_params
+from transferlab.manifests import Manifest, load_classes, load_manifest
+from transferlab.paths import StagePaths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -77,6 +80,11 @@ POINTS = (
     Point("uncalibrated", "what temperature scaling buys", ("train.calibrate=false",)),
     Point("smoothing", "label smoothing 0.1 on the defaults", ("train.label_smoothing=0.1",)),
     Point("head-bn", "the recipe's BatchNorm in the head, all else default", ("model.head_batchnorm=true",)),
+    Point(
+        "weight-decay",
+        "AdamW's decoupled weight decay on the defaults' head",
+        ("train.optimizer=adamw", "train.weight_decay=0.01,0.1"),
+    ),
     Point(
         "grid",
         "dropout x learning rate around the defaults",
@@ -139,31 +147,46 @@ POINTS = (
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     data = Path(os.environ.get("STUDY_DATA", SHARED / "data" / "flower_photos_dev")).resolve()
-    weights = Path(os.environ.get("STUDY_WEIGHTS", SHARED / "weights" / WEIGHTS_FILE)).resolve()
+    weights = study_weights()
     seeds = os.environ.get("STUDY_SEEDS", "0 1 2").split()
     wanted = os.environ.get("STUDY_POINTS", "").split()
     workdir = scratch_project()
     for path in (data, weights):
         if not path.exists():
             sys.exit(f"study: {path} not found (set STUDY_DATA / STUDY_WEIGHTS)")
+    check_point_names(wanted, "study")
+    base = base_overrides(data, "flower_photos_dev", weights)
+    prepare(workdir, base)
+    for point in POINTS:
+        if not wanted or point.name in wanted:
+            run_point(workdir, point, base, seeds)
+            _report(workdir, seeds, data)
+
+
+def study_weights() -> Path:
+    """The backbone weights of the study: `STUDY_WEIGHTS`, else MobileNetV2-0.35's in ../shared."""
+    return Path(os.environ.get("STUDY_WEIGHTS", SHARED / "weights" / WEIGHTS_FILE)).resolve()
+
+
+def check_point_names(wanted: list[str], command: str) -> None:
+    """Exit with one line when a wanted point is not one of the study's."""
     unknown = set(wanted) - {point.name for point in POINTS}
     if unknown:
-        sys.exit(f"study: unknown points {sorted(unknown)}; known: {[point.name for point in POINTS]}")
-    base = (
+        sys.exit(f"{command}: unknown points {sorted(unknown)}; known: {[point.name for point in POINTS]}")
+
+
+def base_overrides(data: Path, name: str, weights: Path) -> tuple[str, ...]:
+    """What every run of the study overrides: its data, MobileNetV2-0.35 with the given weights, MLflow."""
+    return (
         "data=folder",
         f"data.source='{data}'",
-        "data.name=flower_photos_dev",
+        f"data.name={name}",
         "model=mobilenet_v2",
         "model.alpha=0.35",
         f"model.weights='{weights}'",
         "mlflow.experiment=study",
         "mlflow.system_metrics=false",
     )
-    _prepare(workdir, base)
-    for point in POINTS:
-        if not wanted or point.name in wanted:
-            _run_point(workdir, point, base, seeds)
-            _report(workdir, seeds, data)
 
 
 def scratch_project() -> Path:
@@ -171,7 +194,18 @@ def scratch_project() -> Path:
     return Path(os.environ.get("STUDY_WORKDIR", REPO_ROOT / "build" / "study")).resolve()
 
 
-def _prepare(workdir: Path, base: tuple[str, ...]) -> None:
+def train_and_val(workdir: Path) -> Manifest:
+    """The training and validation photos of the study's split as one manifest (never its test photos)."""
+    paths = StagePaths(workdir)
+    if not paths.classes.is_file():
+        sys.exit(f"{paths.classes} not found: run `make study` first (it splits the data)")
+    classes = load_classes(paths.classes)
+    raw = paths.raw_dataset(load_params(workdir / "params.yaml").data.name)
+    train, val = (load_manifest(paths.manifest(name), raw, classes) for name in ("train", "val"))
+    return Manifest(raw, train.paths + val.paths, train.labels + val.labels, classes)
+
+
+def prepare(workdir: Path, base: tuple[str, ...]) -> None:
     """The scratch project: its params.yaml, data copied in and split (once)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if (workdir / "data" / "splits" / "test.csv").is_file():
@@ -183,28 +217,36 @@ def _prepare(workdir: Path, base: tuple[str, ...]) -> None:
         subprocess.run([BIN / "transferlab", stage], cwd=workdir, check=True)
 
 
-def _run_point(workdir: Path, point: Point, base: tuple[str, ...], seeds: list[str]) -> None:
+def run_point(workdir: Path, point: Point, base: tuple[str, ...], seeds: list[str]) -> None:
     overrides = [*base, *point.overrides, f"train.seed={','.join(seeds)}"]
     log.info("point %s: %s", point.name, point.question)
     sweep_dir = f"hydra.sweep.dir={workdir / 'sweeps' / point.name}"
     subprocess.run([BIN / "transferlab-train", "-m", *overrides, sweep_dir], cwd=workdir, check=False)
 
 
-def _summarise(workdir: Path, point: Point, summary_csv: Path) -> list[dict]:
-    """One row per combination of the point's swept values (one row for most points), over the seeds."""
-    from transferlab.config import MlflowConfig
+def finished_groups(point: Point, summary_csv: Path) -> list[tuple[str, pd.DataFrame]]:
+    """The finished runs of a point's sweep, grouped by the values it swept (seeds aside): one group
+    for most points, each with all the overrides that make it, as text."""
     from transferlab.sweep_bookkeeping import SUMMARY_COLUMNS
 
     table = pd.read_csv(summary_csv)
     swept = [key for key in table.columns[1 : table.columns.get_loc(SUMMARY_COLUMNS[1])] if key != "train.seed"]
     done = table[table["status"].isin(["FINISHED", "SKIPPED"])]
-    store = tracking.open_store(MlflowConfig(experiment="study"), workdir)
     if not swept:
-        return [_row(store, point, " ".join(point.overrides) or "(none)", done)]
+        return [(" ".join(point.overrides) or "(none)", done)]
+    fixed = [override for override in point.overrides if "," not in override]
     return [
-        _row(store, point, " ".join(f"{k}={v}" for k, v in zip(swept, values, strict=True)), group)
+        (" ".join([*fixed, *(f"{k}={v}" for k, v in zip(swept, values, strict=True))]), group)
         for values, group in done.groupby(swept, sort=True)
     ]
+
+
+def _summarise(workdir: Path, point: Point, summary_csv: Path) -> list[dict]:
+    """One row per combination of the point's swept values (one row for most points), over the seeds."""
+    from transferlab.config import MlflowConfig
+
+    store = tracking.open_store(MlflowConfig(experiment="study"), workdir)
+    return [_row(store, point, overrides, runs) for overrides, runs in finished_groups(point, summary_csv)]
 
 
 def _row(store: tracking.Store, point: Point, overrides: str, runs: pd.DataFrame) -> dict:
