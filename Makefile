@@ -80,7 +80,7 @@ study: setup           ## rerun the study that chose the defaults (../shared dat
 study-sizes: setup     ## cross-validate input sizes and test-time flipping on the study's train + val photos (after `make study`)
 	$(BIN)/python bench/sizes.py
 
-study-cv: setup        ## the study's settings and fine-tuning presets on 6 re-splits of its train + val photos (after `make study`)
+study-cv: setup        ## the study's settings and fine-tuning presets on 6 re-splits of its train + val photos
 	$(BIN)/python bench/crossval.py
 
 params: setup          ## save OVERRIDES="a=b c=d" as project settings, rewrite params.yaml from conf/

@@ -146,14 +146,10 @@ POINTS = (
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    data = Path(os.environ.get("STUDY_DATA", SHARED / "data" / "flower_photos_dev")).resolve()
-    weights = study_weights()
+    data, weights = study_inputs("study")
     seeds = os.environ.get("STUDY_SEEDS", "0 1 2").split()
     wanted = os.environ.get("STUDY_POINTS", "").split()
     workdir = scratch_project()
-    for path in (data, weights):
-        if not path.exists():
-            sys.exit(f"study: {path} not found (set STUDY_DATA / STUDY_WEIGHTS)")
     check_point_names(wanted, "study")
     base = base_overrides(data, "flower_photos_dev", weights)
     prepare(workdir, base)
@@ -163,9 +159,15 @@ def main() -> None:
             _report(workdir, seeds, data)
 
 
-def study_weights() -> Path:
-    """The backbone weights of the study: `STUDY_WEIGHTS`, else MobileNetV2-0.35's in ../shared."""
-    return Path(os.environ.get("STUDY_WEIGHTS", SHARED / "weights" / WEIGHTS_FILE)).resolve()
+def study_inputs(command: str) -> tuple[Path, Path]:
+    """The study's photos and backbone weights (`STUDY_DATA`, `STUDY_WEIGHTS`, else ../shared's);
+    exits with one line if either is missing."""
+    data = Path(os.environ.get("STUDY_DATA", SHARED / "data" / "flower_photos_dev")).resolve()
+    weights = Path(os.environ.get("STUDY_WEIGHTS", SHARED / "weights" / WEIGHTS_FILE)).resolve()
+    for path in (data, weights):
+        if not path.exists():
+            sys.exit(f"{command}: {path} not found (set STUDY_DATA / STUDY_WEIGHTS)")
+    return data, weights
 
 
 def check_point_names(wanted: list[str], command: str) -> None:
@@ -218,6 +220,7 @@ def prepare(workdir: Path, base: tuple[str, ...]) -> None:
 
 
 def run_point(workdir: Path, point: Point, base: tuple[str, ...], seeds: list[str]) -> None:
+    """The point's sweep over the seeds in `workdir` (sweeps/<point>/); a failing job is the sweep's to report."""
     overrides = [*base, *point.overrides, f"train.seed={','.join(seeds)}"]
     log.info("point %s: %s", point.name, point.question)
     sweep_dir = f"hydra.sweep.dir={workdir / 'sweeps' / point.name}"
@@ -234,7 +237,7 @@ def finished_groups(point: Point, summary_csv: Path) -> list[tuple[str, pd.DataF
     done = table[table["status"].isin(["FINISHED", "SKIPPED"])]
     if not swept:
         return [(" ".join(point.overrides) or "(none)", done)]
-    fixed = [override for override in point.overrides if "," not in override]
+    fixed = [override for override in point.overrides if override.split("=")[0] not in swept]
     return [
         (" ".join([*fixed, *(f"{k}={v}" for k, v in zip(swept, values, strict=True))]), group)
         for values, group in done.groupby(swept, sort=True)
