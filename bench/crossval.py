@@ -18,8 +18,8 @@ it finished. Splits the study's photos in its scratch project first if `make stu
 Writes reports/study_cv.md, .json and .png.
 
     CV_SPLITS      re-split seeds (default "1 2 3 4 5 6")
-    CV_POINTS      the study's points to compare (default: the frozen settings of DEFAULT_POINTS and the
-                   fine-tuning presets, about 45 minutes on 2 cores)
+    CV_POINTS      the study's points to compare (default: DEFAULT_POINTS, the frozen settings and the
+                   fine-tuning presets, about 55 minutes on 2 cores)
     STUDY_WORKDIR  the study's scratch project; the re-splits go to its cv/ folder
     STUDY_DATA, STUDY_WEIGHTS  as for bench/study.py
 """
@@ -51,7 +51,9 @@ from study import (
 from transferlab import tracking
 from transferlab.config import MlflowConfig
 
-DEFAULT_POINTS = "defaults no-test-time-flip no-flips smoothing weight-decay grid flips finetune finetune-all"
+DEFAULT_POINTS = (
+    "defaults no-test-time-flip no-flips smoothing head-bn weight-decay grid flips resolution finetune finetune-all"
+)
 POOL_NAME = "flower_photos_cv"
 SCORES = ("final_val_accuracy", "test_accuracy", "test_log_loss", "test_ece")
 COLUMNS = (
@@ -81,6 +83,7 @@ class Setting:
 
 
 def resplit_project(workdir: Path, seed: str) -> Path:
+    """The scratch project of the re-split with this split seed."""
     return workdir / "cv" / f"split-{seed}"
 
 
