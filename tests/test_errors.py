@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -67,6 +69,7 @@ def stop_handlers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """`stop_on_signals` installed for one test; the process's own handlers and state restored after."""
     saved = {signum: signal.getsignal(signum) for signum in errors.STOP_SIGNALS}
     monkeypatch.setattr(errors, "_received", [])
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # put back after the test
     stop_on_signals()
     yield
     for signum, handler in saved.items():
@@ -121,6 +124,28 @@ def test_deferred_interrupt_is_raised_when_the_block_ends(stop_handlers: None) -
         raise ValueError("own error")
     with interrupts_deferred():  # nothing held over from before
         pass
+
+
+def test_a_stop_python_cannot_raise_prints_no_traceback() -> None:
+    """A SIGTERM that lands in a finaliser (a sweep job's models being freed) was printed as
+    "Exception ignored in ..." with a traceback; the stop itself is raised again later
+    (`stop_if_received`). Other errors in finalisers are still printed."""
+    script = """
+import signal
+from transferlab.errors import Interrupted, stop_on_signals
+stop_on_signals()
+class Stopped:
+    def __del__(self):
+        raise Interrupted(signal.SIGTERM)
+class Broken:
+    def __del__(self):
+        raise ValueError("a bug in a finaliser")
+Stopped()
+Broken()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert "Interrupted" not in done.stderr and "SIGTERM" not in done.stderr, done.stderr
+    assert "ValueError: a bug in a finaliser" in done.stderr
 
 
 def test_a_received_stop_is_raised_where_work_must_not_go_on(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import shutil
 import signal
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -200,13 +201,19 @@ def stop_at(
 ) -> list[str]:
     """Start `command`, send `signum` at `moment`; check it stopped cleanly and that the runs it had
     open, and the run it was `evaluating` (training done: the run ended), end KILLED with the
-    reason, none left RUNNING. Returns those runs."""
+    reason, none left RUNNING. Returns those runs.
+
+    An evaluation can end in the fraction of a second between its first line and the signal (the
+    runs open are read in between): a run of `evaluating` that MLflow records as FINISHED before
+    the signal was sent is then whole, and the stop is one between jobs (moment 4 of a sweep)."""
     process = Process(command, root)
     process.wait_for(moment)
     stopped = [run.info.run_id for run in running_runs(client)]
-    if evaluating is not None:
-        stopped.append(tracking.RunRecord.read(evaluating.run_file).run_id)
+    evaluated = tracking.RunRecord.read(evaluating.run_file).run_id if evaluating is not None else None
+    if evaluated is not None:
+        stopped.append(evaluated)
     name = signal.Signals(signum).name
+    signal_sent_ms = time.time() * 1000
     assert process.stop(signum) == 128 + signum, f"at {moment!r}:\n{process.output[-3000:]}"
     # the last line of a run; a sweep's summary follows it
     assert f"interrupted ({name} received)" in [line.strip() for line in process.lines], process.output[-3000:]
@@ -214,6 +221,9 @@ def stop_at(
     assert stopped, f"no MLflow run was open at {moment!r}"
     for run_id in stopped:
         run = client.get_run(run_id)
+        if run_id == evaluated and run.info.status == "FINISHED" and run.info.end_time < signal_sent_ms:
+            assert evaluating is not None and job_outputs(evaluating, client) == evaluated, "a whole evaluation"
+            continue
         assert run.info.status == "KILLED", f"{run.info.run_name} is {run.info.status} after a stop at {moment!r}"
         expected = f"Interrupted: {name} received"
         if run.data.tags.get(tracking.TAG_SWEEP) == "parent":
@@ -272,15 +282,20 @@ def test_ctrl_c_at_five_moments_of_a_transferlab_train_run(project: StagePaths) 
     assert not running_runs(client)
 
 
+def two_job_sweep(project: StagePaths) -> tuple[list[str], Path, list[StagePaths]]:
+    """The command of a sweep of two long jobs (learning rates 0.01 and 0.001), its folder, its jobs' paths."""
+    sweep_dir = project.root / "outputs" / "sweeps" / "stopped"
+    jobs = [StagePaths(project.root, sweep_dir / str(job)) for job in (0, 1)]
+    sweep = ["-m", *LONG_RUN, "mlflow.log_model=false", "train.learning_rate=0.01,0.001"]
+    return ["transferlab-train", *sweep, f"hydra.sweep.dir={sweep_dir}"], sweep_dir, jobs
+
+
 def test_sigterm_at_five_moments_of_a_sweep(project: StagePaths) -> None:
     """SIGTERM at five moments of a two-job sweep, each attempt resuming the one before. After
     each: the parent and the running child KILLED with the reason, none RUNNING, each job's
     folder empty or whole; the last attempt skips the finished job, resumes the other in its run
     and finishes the sweep."""
-    sweep_dir = project.root / "outputs" / "sweeps" / "stopped"
-    jobs = [StagePaths(project.root, sweep_dir / str(job)) for job in (0, 1)]
-    sweep = ["-m", *LONG_RUN, "mlflow.log_model=false", "train.learning_rate=0.01,0.001"]
-    command = ["transferlab-train", *sweep, f"hydra.sweep.dir={sweep_dir}"]
+    command, sweep_dir, jobs = two_job_sweep(project)
     client = store_client(project.root)
     moments: list[tuple[Moment, StagePaths | None]] = [
         (lambda: (sweep_dir / "mlflow_parent_run.json").exists(), None),  # 1: the parent made, no job started
@@ -306,6 +321,25 @@ def test_sigterm_at_five_moments_of_a_sweep(project: StagePaths) -> None:
     assert len(set(results)) == 2 and set(results) <= set(finished_children(client, parent.info.run_id))
     assert results[1] in stopped, "job 1 resumed in the run its stop left KILLED"
     assert not running_runs(client)
+
+
+def test_sigterm_as_a_finished_sweep_job_is_freed(project: StagePaths) -> None:
+    """SIGTERM just after a sweep job's run has ended, as the job's models are freed: landing in a
+    finaliser, the stop was printed as "Exception ignored in ..." with a traceback. Now the sweep
+    stops with its one line, the job stays FINISHED and whole, and the rerun skips it."""
+    command, _, jobs = two_job_sweep(project)
+    client = store_client(project.root)
+
+    def job_0_evaluated() -> bool:
+        if not jobs[0].run_file.exists():
+            return False
+        run = client.get_run(tracking.RunRecord.read(jobs[0].run_file).run_id)
+        return run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+
+    stop_at(command, project.root, job_0_evaluated, signal.SIGTERM, client, jobs[0])
+    process = Process(command, project.root)
+    assert process.finish() == 0, process.output[-3000:]
+    assert "skipping train.learning_rate=0.01" in process.output, "job 0 finished before: skipped"
 
 
 def finished_children(client: MlflowClient, parent_id: str) -> list[str]:

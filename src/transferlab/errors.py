@@ -72,6 +72,27 @@ def stop_on_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for signum in STOP_SIGNALS:
             signal.signal(signum, _on_stop_signal)
+        _hide_swallowed_stops()
+
+
+def _hide_swallowed_stops() -> None:
+    """Keep Python from printing a traceback for an `Interrupted` it cannot propagate.
+
+    A stop signal can land while a `__del__` or a weakref callback runs (garbage collection, as a
+    sweep job's models are freed): Python prints "Exception ignored in ..." with a traceback and
+    drops the exception. `stop_if_received` raises the stop again at the next point that checks,
+    so that traceback tells the user nothing; other unraisable errors go to the hook found here.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "hides_swallowed_stops", False):
+        return
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):
+            previous(unraisable)
+
+    hook.hides_swallowed_stops = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
