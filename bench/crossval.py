@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from study import (
+    DATA_NAME,
     POINTS,
     REPO_ROOT,
     Point,
@@ -268,7 +269,7 @@ def main() -> None:
     check_point_names(wanted, "crossval")
     points = [point for point in POINTS if point.name in wanted]
     data, weights = study_inputs("crossval")
-    prepare(workdir, base_overrides(data, "flower_photos_dev", weights))  # the study's split, if `make study` has not
+    prepare(workdir, base_overrides(data, DATA_NAME, weights))  # the study's split, if `make study` has not
     pool = pool_photos(workdir)
     for seed in seeds:
         log.info("re-split %s of %s", seed, seeds)

@@ -37,6 +37,7 @@ from transferlab.paths import StagePaths
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+DATA_NAME = "flower_photos_dev"  # `data.name` of the study's scratch project, whatever STUDY_DATA holds
 BIN = Path(sys.executable).parent
 log = logging.getLogger("study")
 
@@ -151,7 +152,7 @@ def main() -> None:
     wanted = os.environ.get("STUDY_POINTS", "").split()
     workdir = scratch_project()
     check_point_names(wanted, "study")
-    base = base_overrides(data, "flower_photos_dev", weights)
+    base = base_overrides(data, DATA_NAME, weights)
     prepare(workdir, base)
     for point in POINTS:
         if not wanted or point.name in wanted:
@@ -162,7 +163,7 @@ def main() -> None:
 def study_inputs(command: str) -> tuple[Path, Path]:
     """The study's photos and backbone weights (`STUDY_DATA`, `STUDY_WEIGHTS`, else ../shared's);
     exits with one line if either is missing."""
-    data = Path(os.environ.get("STUDY_DATA", SHARED / "data" / "flower_photos_dev")).resolve()
+    data = Path(os.environ.get("STUDY_DATA", SHARED / "data" / DATA_NAME)).resolve()
     weights = Path(os.environ.get("STUDY_WEIGHTS", SHARED / "weights" / WEIGHTS_FILE)).resolve()
     for path in (data, weights):
         if not path.exists():
