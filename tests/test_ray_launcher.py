@@ -440,9 +440,8 @@ def test_sigterm_to_the_ray_worker_of_a_job_kills_its_run_and_ray_retries_it_fro
         process.wait_for(lambda: epochs_done(job.checkpoints / "state.json") >= 1)
         os.kill(pid, signal.SIGTERM)
         process.wait_for(r"job train\.learning_rate=0\.01 stopped \(SIGTERM received\)")
-        stopped = client.get_run(
-            checkpointed_run(job.checkpoints / "state.json")
-        )  # a new worker takes seconds to reopen it
+        # read now: a new worker takes seconds to reopen the run
+        stopped = client.get_run(checkpointed_run(job.checkpoints / "state.json"))
         assert stopped.info.status == "KILLED"
         assert stopped.data.tags[tracking.TAG_ERROR] == "Interrupted: SIGTERM received"
 
