@@ -87,7 +87,11 @@ def declare_rows(results: Results, s: BenchSettings, p: Prepared) -> None:
         ("cut_acc", "  val accuracy after phase 2, cut cache", "accuracy"),
         ("images_acc", "  val accuracy after phase 2, uncached", "accuracy"),
         ("cut_acc_diff", "  cut cache - uncached", "points", CUT_ACCURACY_TARGET),
-        ("defaults_s", "8 transferlab train, our defaults, val features cached, train's flipped views computed", "s"),
+        (
+            "defaults_s",
+            "8 transferlab train, our defaults, val features cached, train's views and val's other views computed",
+            "s",
+        ),
         ("defaults_acc", "  val accuracy, our defaults", "accuracy"),
     ]
     for key, label, unit, *target in rows:

@@ -73,10 +73,20 @@ POINTS = (
     ),
     Point(
         "defaults",
-        "the defaults: frozen, no BN, Adam 1e-3, early stopping, calibrated, 2 cached flipped views, 288 px, "
-        "test-time flipping",
+        "the defaults: frozen, no BN, Adam 1e-3, early stopping, calibrated, 288 px, 3 cached flipped views at the "
+        "3 squares along the long side, test-time flipping and 3 crops",
+    ),
+    Point(
+        "no-crops",
+        "the previous defaults: central squares only (2 cached flipped views, no test-time crops)",
+        ("model.test_time_crops=1", "augment.crops=1", "augment.cached_views=2"),
     ),
     Point("no-test-time-flip", "the defaults without test-time flipping", ("model.test_time_flip=false",)),
+    Point(
+        "test-time-crops",
+        "2 or 3 test-time crops on the previous defaults (cached views of central squares only)",
+        ("augment.crops=1", "augment.cached_views=2", "model.test_time_crops=2,3"),
+    ),
     Point("no-flips", "the defaults without augmentation", ("augment=none",)),
     Point("uncalibrated", "what temperature scaling buys", ("train.calibrate=false",)),
     Point("smoothing", "label smoothing 0.1 on the defaults", ("train.label_smoothing=0.1",)),
@@ -93,8 +103,13 @@ POINTS = (
     ),
     Point(
         "flips",
-        "more cached views of randomly flipped images (K = 2 is the defaults)",
-        ("augment.cached_views=2,4,8",),
+        "more cached flipped views, taken in turn at the 3 squares (K = 3 is the defaults)",
+        ("augment.cached_views=6,9",),
+    ),
+    Point(
+        "flips-central",
+        "more cached flipped views on the previous defaults (central squares only; K = 2 is theirs)",
+        ("model.test_time_crops=1", "augment.crops=1", "augment.cached_views=4,8"),
     ),
     Point(
         "resolution",
@@ -103,7 +118,7 @@ POINTS = (
     ),
     Point(
         "finetune",
-        "the fine-tuning presets on the defaults (2 cached flipped views at the cut, 288 px)",
+        "the fine-tuning presets on the defaults (3 cached flipped views at the cut, one per square, 288 px)",
         ("finetune=top20,top60",),
     ),
     Point(

@@ -97,6 +97,20 @@ def prepare_project(cfg: Config, root: Path, *, conf: bool = False) -> StagePath
     return paths
 
 
+def widen_photos(paths: StagePaths) -> None:
+    """Make every synthetic photo 96 x 64 (its own 64 px square, then the mirror image of its left
+    half), and split again: squares at different places along the long side now differ."""
+    import numpy as np
+    from PIL import Image
+
+    from transferlab.stages.split import split
+
+    for photo in paths.raw_dataset("synthetic").rglob("*.jpg"):
+        square = np.asarray(Image.open(photo).convert("RGB"))
+        Image.fromarray(np.concatenate([square, square[:, :32][:, ::-1]], axis=1)).save(photo, quality=95)
+    split(tiny_cfg(), paths)
+
+
 def declared_outputs(root: Path) -> dict[str, list[Path]]:
     """Per stage of `root/dvc.yaml`, the paths it declares as `outs` or `metrics`."""
     import yaml

@@ -58,7 +58,8 @@ def test_output_dir_is_added_unless_given(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 MISSPELT_KEY_LINE = (
-    "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, test_time_flip, weights)"
+    "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, test_time_crops, "
+    "test_time_flip, weights)"
 )
 
 

@@ -63,6 +63,13 @@ def test_every_group_has_options() -> None:
         pytest.param(["train.batch_size=1.5"], r"train\.batch_size must be int", id="float-for-int"),
         pytest.param(["train.learning_rate=-0.001"], r"train\.learning_rate must be in \(0, 10\]", id="negative-lr"),
         pytest.param(["model.dropout=1.0"], r"model\.dropout must be in \[0, 1\)", id="dropout-one"),
+        pytest.param(["model.test_time_crops=0"], r"model\.test_time_crops must be 1 to 9, got 0$", id="no-crops"),
+        pytest.param(["model.test_time_crops=10"], r"model\.test_time_crops must be 1 to 9, got 10$", id="ten-crops"),
+        pytest.param(
+            ["augment.cached_views=2"],
+            r"^augment\.crops=3 needs at least that many cached views \(augment\.cached_views, got 2\)",
+            id="crops-without-views",
+        ),
         pytest.param(["model.dropout=-0.1"], r"model\.dropout must be in \[0, 1\)", id="dropout-negative"),
         pytest.param(
             ["data.val_fraction=0.5", "data.test_fraction=0.5"],
@@ -77,8 +84,8 @@ def test_every_group_has_options() -> None:
         # Hydra said only "Could not override 'model.dropuot'" for these (no `+`).
         pytest.param(
             ["model.dropuot=0.3"],
-            r"^unknown key model\.dropuot \(known: alpha, backbone, dropout, head_batchnorm, test_time_flip, "
-            r"weights\)$",
+            r"^unknown key model\.dropuot \(known: alpha, backbone, dropout, head_batchnorm, test_time_crops, "
+            r"test_time_flip, weights\)$",
             id="misspelt-key",
         ),
         pytest.param(

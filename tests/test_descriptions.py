@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from helpers import tiny_cfg
 
 from transferlab.descriptions import training_description, with_test_results
@@ -37,18 +38,26 @@ def test_training_description_names_backbone_data_phases_and_best_epoch() -> Non
     assert text.startswith("**small_cnn** (random weights, dropout 0.2) on **synthetic**: 3 classes;")
     assert "20 train, 8 validation, 8 test images (splits `0123456789abcdef`)" in text
     lr = tiny_cfg().train.learning_rate
-    head = "backbone frozen, head trained on cached features of 2 augmented views"  # the default flips
+    head = "backbone frozen, head trained on cached features of 3 augmented views"  # the default flips
     assert f"| head | 1-2 | {lr:g} | {head} |" in text
     finetune = (
         "top 20 backbone layers unfrozen (BatchNorm stays frozen), trained on cached activations at the cut "
-        "of 2 augmented views"
+        "of 3 augmented views"
     )
     assert f"| finetune | 3 | 0.0001 | {finetune} |" in text
     assert "**Best epoch** 3 of 3: validation accuracy **0.875**, loss 0.400." in text
 
 
-def test_a_flipping_model_adds_its_own_validation_accuracy() -> None:
-    cfg = tiny_cfg("train.epochs=2")
+@pytest.mark.parametrize(
+    ("overrides", "views"),
+    [
+        ((), "crops (3) and flipping"),
+        (("model.test_time_crops=1",), "flipping"),
+        (("model.test_time_flip=false", "model.test_time_crops=2"), "crops (2)"),
+    ],
+)
+def test_a_model_with_test_time_views_adds_its_own_validation_accuracy(overrides: tuple[str, ...], views: str) -> None:
+    cfg = tiny_cfg("train.epochs=2", *overrides)
     history = pd.DataFrame(
         {"epoch": [1, 2], "phase": ["head", "head"], "val_accuracy": [0.5, 0.75], "val_loss": [1.0, 0.7]}
     )
@@ -56,7 +65,7 @@ def test_a_flipping_model_adds_its_own_validation_accuracy() -> None:
     text = training_description(cfg, plan_phases(cfg), history, kept_row(history, 2), images, 3, "0123", 0.875)
     assert text.endswith(
         "**Best epoch** 2 of 2: validation accuracy **0.750**, loss 0.700. "
-        "With test-time flipping (the saved model): validation accuracy **0.875**."
+        f"With test-time {views} (the saved model): validation accuracy **0.875**."
     )
 
 

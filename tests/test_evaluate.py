@@ -240,19 +240,27 @@ def test_dvc_repro_end_to_end_on_synthetic_data(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flip", [True, False], ids=["test-time-flip", "no-flip"])
+@pytest.mark.parametrize(
+    ("flip", "crops"),
+    [(True, 1), (False, 1), (True, 3), (False, 2)],
+    ids=["test-time-flip", "no-flip", "flip-and-3-crops", "2-crops"],
+)
 def test_scoring_from_cached_features_gives_the_full_models_metrics(
-    prepared_project: StagePaths, caplog, flip: bool
+    prepared_project: StagePaths, caplog, flip: bool, crops: int
 ) -> None:
     """A frozen backbone: only the head runs on cached test features (and, with test-time
-    flipping, on their mirror images'), and the metrics do not change."""
+    flipping and crops, on those of their mirror images and other squares), and the metrics do
+    not change."""
     import logging
 
-    from helpers import tiny_cfg
+    from helpers import tiny_cfg, widen_photos
 
     from transferlab.stages.train import train
 
-    cfg = tiny_cfg("train.epochs=2", "mlflow.log_model=false", f"model.test_time_flip={str(flip).lower()}")
+    overrides = (f"model.test_time_flip={str(flip).lower()}", f"model.test_time_crops={crops}")
+    cfg = tiny_cfg("train.epochs=2", "mlflow.log_model=false", *overrides)
+    if crops > 1:
+        widen_photos(prepared_project)
     result = train(cfg, prepared_project)
     with caplog.at_level(logging.INFO, logger="transferlab"):
         from_memory = evaluate(cfg, prepared_project, model=result.classifier.model)
@@ -260,6 +268,7 @@ def test_scoring_from_cached_features_gives_the_full_models_metrics(
     assert "test features from the cache (computed once)" in caplog.text
     assert "test features from the cache (hit)" in caplog.text
     assert ("of the mirror images of" in caplog.text) == flip
+    assert ("of the squares at 1 along the long side of" in caplog.text) == (crops > 1)
     shutil.rmtree(prepared_project.feature_cache)
     full = evaluate(cfg, prepared_project)  # no cached features: the whole model on the images
     assert not prepared_project.feature_cache.exists(), "the full path does not fill the cache"

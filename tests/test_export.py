@@ -102,3 +102,34 @@ def test_tflite_export_of_a_real_transfer_model(tmp_path: Path) -> None:
     image = probe_image(64)
     assert flips_at_test_time(model) and not np.allclose(image, image[:, :, ::-1])
     np.testing.assert_allclose(run_tflite(out, image), model.predict(image, verbose=0), atol=1e-3)
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("savedmodel", "savedmodel"), ("tflite", "model.tflite")])
+def test_a_model_with_test_time_crops_exports_and_predicts_like_keras(tmp_path: Path, fmt: str, name: str) -> None:
+    """A model that takes 3 squares of each photo exports with that input; `transferlab predict`
+    on the export and on the `.keras` file decodes those 3 squares of a wide photo and agrees."""
+    from PIL import Image
+
+    from transferlab.config import ModelConfig
+    from transferlab.model import attach_head, build_classifier
+    from transferlab.predict import load_predictor, predict_files
+
+    classifier = build_classifier(ModelConfig(backbone="small_cnn", weights=None), 3, 32, seed=0)
+    model = attach_head(classifier, classifier.head, test_time_flip=True, test_time_crops=3)
+    model_file = tmp_path / "model.keras"
+    model.save(model_file)
+    (tmp_path / "classes.json").write_text(json.dumps(["a", "b", "c"]))
+    out = export_model(model_file, tmp_path / name, fmt)
+    exported = load_export(out)
+    assert (exported.crops, exported.image_size, exported.classes) == (3, 32, ["a", "b", "c"])
+    wide = np.random.default_rng(1).integers(0, 256, (40, 100, 3), dtype=np.uint8)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    from_export, from_keras = (
+        predict_files(load_predictor(path), [tmp_path / "wide.png"], k=3)[0]["predictions"]
+        for path in (out, model_file)
+    )
+    squares = decode_image_bytes((tmp_path / "wide.png").read_bytes(), 32, (0.0, 0.5, 1.0))[None]
+    expected = model.predict(squares, verbose=0)[0]
+    for predictions in (from_export, from_keras):
+        got = {p["label"]: p["probability"] for p in predictions}
+        np.testing.assert_allclose([got[c] for c in "abc"], expected, atol=1e-5)

@@ -20,6 +20,7 @@ from transferlab.images import (
     decode_image_bytes,
     first_oversized,
     open_image,
+    square_positions,
 )
 
 RED = (230, 20, 20)
@@ -79,6 +80,51 @@ def test_decode_keeps_the_central_square(tmp_path: Path, landscape: bool) -> Non
     Image.fromarray(thirds if landscape else thirds.transpose(1, 0, 2)).save(tmp_path / "thirds.png")
     pixels = decode_image_bytes((tmp_path / "thirds.png").read_bytes(), 16)
     assert np.all(pixels == (20, 20, 230)), "only the blue middle third is left"
+
+
+@pytest.mark.parametrize("landscape", [True, False])
+def test_test_time_crops_take_squares_from_one_end_of_the_long_side_to_the_other(
+    tmp_path: Path, landscape: bool
+) -> None:
+    """3 crops of a 3:1 photo are its three thirds, in order (left to right, top to bottom), and
+    the middle one is the central square every other model sees."""
+    thirds = np.zeros((30, 90, 3), dtype=np.uint8)
+    thirds[:, :30], thirds[:, 30:60], thirds[:, 60:] = RED, (20, 20, 230), (20, 230, 20)
+    Image.fromarray(thirds if landscape else thirds.transpose(1, 0, 2)).save(tmp_path / "thirds.png")
+    data = (tmp_path / "thirds.png").read_bytes()
+    assert square_positions(1) == (0.5,) and square_positions(3) == (0.0, 0.5, 1.0) and square_positions(2) == (0, 1)
+    squares = decode_image_bytes(data, 16, square_positions(3))
+    assert squares.shape == (3, 16, 16, 3)
+    for square, colour in zip(squares, [RED, (20, 20, 230), (20, 230, 20)], strict=True):
+        assert np.all(square == colour)
+    np.testing.assert_array_equal(squares[1], decode_image_bytes(data, 16))
+    with pytest.raises(ValueError, match="crops must be >= 1"):
+        square_positions(0)
+
+
+def test_training_predict_and_serving_see_identical_squares_with_test_time_crops(tmp_path: Path) -> None:
+    """A model with 3 test-time crops gets the same stack of squares from evaluate's pipeline,
+    `transferlab predict` and the served model."""
+    from transferlab.inference import load_image_batch
+    from transferlab.manifests import Manifest
+    from transferlab.pipeline import make_dataset
+    from transferlab.serving import ImageClassifierModel
+
+    (tmp_path / "cls").mkdir()
+    path = _noise(tmp_path / "cls" / "noise.jpg", size=(90, 50))
+    manifest = Manifest(tmp_path, ("cls/noise.jpg",), (0,), ("cls", "other"))
+    positions = square_positions(3)
+    dataset = make_dataset(manifest, image_size=32, batch_size=1, positions=positions)
+    evaluated = next(iter(dataset))[0].numpy()[0]
+    predicted = load_image_batch([path], 32, crops=3).pixels[0]
+    served_model = ImageClassifierModel()
+    served_model.image_size, served_model.positions = 32, positions
+    served = served_model._decode(base64.b64encode(path.read_bytes()).decode(), row=0)
+
+    assert evaluated.shape == (3, 32, 32, 3) and not np.array_equal(evaluated[0], evaluated[2])
+    np.testing.assert_array_equal(evaluated, predicted)
+    np.testing.assert_array_equal(evaluated, served)
+    assert load_image_batch([tmp_path / "missing.jpg"], 32, crops=3).pixels.shape == (0, 3, 32, 32, 3)
 
 
 def test_downscaling_is_antialiased(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from transferlab.model import (
     flips_at_test_time,
     forget_classifiers,
     set_trainable_layers,
+    single_view_model,
     weights_digest,
 )
 
@@ -92,6 +93,29 @@ def test_test_time_flipping_averages_the_image_and_its_mirror_image_and_survives
     # evaluate's cached path cuts its extractor at the pooling layer's first call: the image, not its mirror
     extractor = keras.Model(loaded.input, loaded.get_layer("pool").output)
     np.testing.assert_allclose(extractor(images).numpy(), classifier.features(images).numpy(), atol=1e-6)
+
+
+def test_test_time_crops_average_the_model_of_one_square_over_each_square_and_survive_saving(tmp_path: Path) -> None:
+    """With 3 crops the model takes (n, 3, size, size, 3) and outputs the mean of the flipping model
+    on each square; saved and loaded (safe mode), it still does, with the layers shared, not copied."""
+    from transferlab.inference import load_model, model_crops, model_image_size
+
+    cfg = ModelConfig(backbone="small_cnn", alpha=None, weights=None)
+    classifier = build_classifier(cfg, num_classes=3, image_size=32, seed=0)
+    one_square = attach_head(classifier, classifier.head, test_time_flip=True)
+    cropping = attach_head(classifier, classifier.head, test_time_flip=True, test_time_crops=3)
+    squares = np.random.default_rng(0).uniform(0, 255, (4, 3, 32, 32, 3)).astype("float32")
+    per_square = [one_square(squares[:, i]).numpy() for i in range(3)]
+    assert not np.allclose(per_square[0], per_square[2], atol=1e-4), "the squares differ"
+    np.testing.assert_allclose(cropping(squares).numpy(), np.mean(per_square, axis=0), atol=1e-6)
+    assert (model_crops(cropping), model_image_size(cropping), model_crops(one_square)) == (3, 32, 1)
+    cropping.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")
+    assert flips_at_test_time(loaded) and model_crops(loaded) == 3 and len(loaded.weights) == len(one_square.weights)
+    np.testing.assert_allclose(loaded(squares).numpy(), np.mean(per_square, axis=0), atol=1e-6)
+    assert single_view_model(loaded).input_shape == (None, 32, 32, 3)
+    without_flips = attach_head(classifier, classifier.head, test_time_flip=False, test_time_crops=2)
+    assert not flips_at_test_time(without_flips) and model_crops(without_flips) == 2
 
 
 def test_unfreeze_top_layers_keeps_batchnorm_frozen() -> None:

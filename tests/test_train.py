@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import VENV_BIN, tiny_cfg
+from helpers import VENV_BIN, tiny_cfg, widen_photos
 from mlflow.tracking import MlflowClient
 
 from transferlab import errors, tracking
@@ -128,7 +128,7 @@ def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths, ca
     assert history["learning_rate"].tolist() == pytest.approx([cfg.train.learning_rate, 0.0001])
     head, finetune = _phase_lines(caplog)
     lr = cfg.train.learning_rate
-    views = "cached features of 2 augmented views"  # the default flips
+    views = "cached features of 3 augmented views"  # the default flips, one at each of the 3 squares
     assert head == f"head: backbone frozen, head trained on {views}; epochs 1..1 at learning rate {lr:g}"
     assert finetune.startswith("finetune: top 20 backbone layers unfrozen (")
     assert finetune.endswith("with weights; BatchNorm stays frozen); epochs 2..2 at learning rate 0.0001")
@@ -162,13 +162,16 @@ STOP_EARLY = "train.early_stopping={monitor:val_loss,patience:2}"
 
 def _validation_loss(model_file: Path, paths: StagePaths) -> tuple[float, np.ndarray]:
     """Cross-entropy of a saved model on the validation images, and its probabilities."""
-    from transferlab.inference import load_model
+    from transferlab.images import square_positions
+    from transferlab.inference import load_model, model_crops
     from transferlab.manifests import load_classes, load_manifest
     from transferlab.pipeline import make_dataset
 
     model = load_model(model_file)
     val = load_manifest(paths.manifest("val"), paths.raw_dataset("synthetic"), load_classes(paths.classes))
-    probabilities = model.predict(make_dataset(val, image_size=64, batch_size=8).map(lambda x, y: x), verbose=0)
+    squares = square_positions(model_crops(model))
+    pixels = make_dataset(val, image_size=64, batch_size=8, positions=squares).map(lambda x, y: x)
+    probabilities = model.predict(pixels, verbose=0)
     picked = probabilities[np.arange(len(val)), list(val.labels)]
     return float(-np.mean(np.log(np.clip(picked, 1e-7, 1)))), probabilities
 
@@ -182,9 +185,9 @@ def test_early_stopping_keeps_the_best_epoch_in_the_model_mlflow_and_evaluate(
     from transferlab.stages.evaluate import evaluate
 
     paths = prepared_project
-    # Uncalibrated and unflipped: the saved model's validation loss is then the best epoch's (calibration and
-    # test-time flipping have their own tests).
-    plain = ("train.calibrate=false", "model.test_time_flip=false")
+    # Uncalibrated, unflipped, one square: the saved model's validation loss is then the best epoch's
+    # (calibration and test-time views have their own tests).
+    plain = ("train.calibrate=false", "model.test_time_flip=false", "model.test_time_crops=1")
     cfg = tiny_cfg("train.epochs=12", "train.learning_rate=0.05", STOP_EARLY, *plain)
     with caplog.at_level(logging.INFO, logger="transferlab.trainer"):
         result = train(cfg, paths)
@@ -254,7 +257,7 @@ def test_resume_restores_optimizer_schedule_and_stopping_state_exactly(prepared_
 def test_cached_augmented_views_train_the_head_at_cache_speed(prepared_project: StagePaths, caplog) -> None:
     from transferlab.feature_cache import FeatureCache
 
-    cfg = tiny_cfg("augment=light", "augment.cached_views=3", "train.epochs=4")
+    cfg = tiny_cfg("augment=light", "augment.cached_views=3", "train.epochs=4", "model.test_time_crops=1")
     with caplog.at_level(logging.INFO, logger="transferlab"):
         first = train(cfg, prepared_project)
     assert "pooled backbone features: cache miss for 24 images" in caplog.text
@@ -285,13 +288,14 @@ def test_cut_point_cache_trains_the_unfrozen_top_like_the_full_network(prepared_
 
 def test_calibration_puts_a_fitted_temperature_inside_the_saved_model(prepared_project: StagePaths) -> None:
     from transferlab.inference import load_model
+    from transferlab.model import single_view_model
 
     paths = prepared_project
     result = train(tiny_cfg("train.calibrate=true", "train.epochs=4", "train.learning_rate=0.05"), paths)
     logged = mlflow_client(paths).get_run(result.run_id).data.metrics
     temperature = logged["temperature"]
     assert 0.05 <= temperature <= 20 and logged["val_loss_calibrated"] <= logged["final_val_loss"] + 1e-6
-    layer = load_model(paths.model_file).get_layer("head").get_layer("temperature")
+    layer = single_view_model(load_model(paths.model_file)).get_layer("head").get_layer("temperature")
     assert layer.get_config()["scale"] == pytest.approx(1 / temperature)
     loss, _ = _validation_loss(paths.model_file, paths)
     assert loss == pytest.approx(logged["val_loss_calibrated"], abs=2e-3)
@@ -324,10 +328,79 @@ def test_test_time_flipping_goes_into_the_saved_model_and_its_validation_accurac
     assert len(mirrored) == 1, "the validation images' mirror features are cached"
 
     train(
-        tiny_cfg("train.epochs=2", "train.calibrate=false", "model.test_time_flip=false", "mlflow.log_model=false"),
+        tiny_cfg(
+            "train.epochs=2",
+            "train.calibrate=false",
+            "model.test_time_flip=false",
+            "model.test_time_crops=1",
+            "mlflow.log_model=false",
+        ),
         paths,
     )
     assert not flips_at_test_time(load_model(paths.model_file))
+
+
+def test_test_time_crops_go_into_the_saved_model_and_its_validation_accuracy(prepared_project: StagePaths) -> None:
+    """With 3 crops the saved model takes 3 squares of each photo, `final_val_accuracy` is that
+    model's on the validation photos, and the features of every view it averages are cached."""
+    from transferlab.images import square_positions
+    from transferlab.inference import load_model, model_crops
+    from transferlab.manifests import load_classes, load_manifest
+    from transferlab.pipeline import make_dataset
+
+    paths = prepared_project
+    widen_photos(paths)
+    cfg = tiny_cfg("train.epochs=3", "model.test_time_crops=3")
+    result = train(cfg, paths)
+    model = load_model(paths.model_file)
+    assert model_crops(model) == 3
+    val = load_manifest(paths.manifest("val"), paths.raw_dataset("synthetic"), load_classes(paths.classes))
+    squares = make_dataset(val, image_size=64, batch_size=8, positions=square_positions(3)).map(lambda x, y: x)
+    probabilities = model.predict(squares, verbose=0)
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == np.asarray(val.labels)))
+    logged = mlflow_client(paths).get_run(result.run_id).data.metrics
+    assert logged["final_val_accuracy"] == pytest.approx(accuracy) == result.val_accuracy
+    views = {json.loads(str(np.load(f)["key"]))["augmentation"] for f in paths.feature_cache.glob("*.npz")}
+    expected = {"mirror", "square at 0", "square at 0, mirror", "square at 1", "square at 1, mirror"}
+    assert expected <= views, "the validation images' features of every view are cached"
+    assert (
+        "With test-time crops (3) and flipping (the saved model)"
+        in mlflow_client(paths).get_run(result.run_id).data.tags["mlflow.note.content"]
+    )
+    # the logged MLflow model takes one photo per row and cuts its 3 squares itself
+    import mlflow
+
+    from transferlab.serving import encode_image_file
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.mlflow, paths.root))
+    served = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    out = served.predict(pd.DataFrame({"image": [encode_image_file(Path(val.absolute_paths[0]))]}))
+    classes = json.loads(paths.classes.read_text())
+    np.testing.assert_allclose(out[classes].to_numpy()[0], probabilities[0], atol=1e-5)
+
+
+def test_cached_training_views_are_taken_in_turn_at_the_squares_of_augment_crops(prepared_project: StagePaths) -> None:
+    """With `augment.crops=3` and 3 cached views (no random augmentation), view v of every
+    training photo is the backbone's features of its square at position v / 2 along the long side."""
+    from transferlab.images import square_positions
+    from transferlab.manifests import load_classes, load_manifest
+    from transferlab.pipeline import make_dataset
+
+    paths = prepared_project
+    widen_photos(paths)
+    crops = ("augment=none", "augment.crops=3", "augment.cached_views=3", "model.test_time_crops=3")
+    result = train(tiny_cfg(*crops, "mlflow.log_model=false"), paths)
+    train_set = load_manifest(paths.manifest("train"), paths.raw_dataset("synthetic"), load_classes(paths.classes))
+    (cached,) = [
+        data["array_0"]
+        for data in map(np.load, paths.feature_cache.glob("*.npz"))
+        if data["array_0"].shape[:2] == (3, len(train_set))
+    ]
+    for view, position in enumerate(square_positions(3)):
+        squares = make_dataset(train_set, image_size=64, batch_size=8, positions=(position,)).map(lambda x, y: x)
+        expected = result.classifier.features.predict(squares, verbose=0)
+        np.testing.assert_allclose(cached[view], expected, atol=1e-4)
+    assert not np.allclose(cached[0], cached[2], atol=1e-3), "the first and last squares differ"
 
 
 def test_missing_splits_name_the_stage_to_run(tmp_path: Path) -> None:

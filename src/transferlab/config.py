@@ -37,6 +37,7 @@ MAX_NAME_LENGTH = 128  # data.name becomes a folder name (and temporary names bu
 MAX_EXPERIMENT_NAME_LENGTH = 500  # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH: every key is logged as a param
 MAX_LEARNING_RATE = 10.0
+MAX_TEST_TIME_CROPS = 9  # each crop is one more backbone pass (two with flipping) for every prediction
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class ModelConfig:
     head_batchnorm: bool = False
     # The saved model averages the class probabilities of each image and its mirror image.
     test_time_flip: bool = True
+    # ... and, above 1, of this many squares spread along each photo's long side (3: start, centre, end).
+    test_time_crops: int = 3
 
     def check(self) -> None:
         known = ", ".join(sorted(BACKBONES))
@@ -120,6 +123,12 @@ class ModelConfig:
             ok = self.weights.endswith((".h5", ".keras"))
             _require(ok, "model.weights", "imagenet, null or a .h5/.keras file path", self.weights)
         _require(0 <= self.dropout < 1, "model.dropout", "in [0, 1)", self.dropout)
+        _require(
+            1 <= self.test_time_crops <= MAX_TEST_TIME_CROPS,
+            "model.test_time_crops",
+            f"1 to {MAX_TEST_TIME_CROPS}",
+            self.test_time_crops,
+        )
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,9 @@ class AugmentConfig:
     # once and cached (a fixed sample of augmentations); 0: fresh augmentation every epoch,
     # through the backbone (slow).
     cached_views: int = 0
+    # > 1: the cached views are taken, in turn, at this many squares along each photo's long side
+    # (as `model.test_time_crops` scores them); 1: all at the central square.
+    crops: int = 1
 
     def check(self) -> None:
         _require(0 <= self.rotation <= 0.5, "augment.rotation", "in [0, 0.5] (fraction of a turn)", self.rotation)
@@ -142,6 +154,12 @@ class AugmentConfig:
         _require(0 <= self.translation <= 0.5, "augment.translation", "in [0, 0.5]", self.translation)
         _require(0 <= self.contrast <= 1, "augment.contrast", "in [0, 1]", self.contrast)
         _require(0 <= self.cached_views <= 64, "augment.cached_views", "in [0, 64]", self.cached_views)
+        _require(1 <= self.crops <= MAX_TEST_TIME_CROPS, "augment.crops", f"1 to {MAX_TEST_TIME_CROPS}", self.crops)
+        if self.crops > 1 and self.cached_views < self.crops:
+            raise ConfigError(
+                f"augment.crops={self.crops} needs at least that many cached views (augment.cached_views, "
+                f"got {self.cached_views}): the squares along the long side are cached views"
+            )
 
     @property
     def enabled(self) -> bool:

@@ -77,10 +77,10 @@ def training_description(
     images: Mapping[str, int],
     classes: int,
     digest: str,
-    flipped_val_accuracy: float | None = None,
+    test_time_val_accuracy: float | None = None,
 ) -> str:
     """Backbone, data, phases and the best epoch of a finished training run; with
-    `flipped_val_accuracy`, the saved model's, which flips at test time."""
+    `test_time_val_accuracy`, the saved model's, which averages test-time views (flips, crops)."""
     counts = ", ".join(f"{n} {split.replace('val', 'validation')}" for split, n in images.items())
     data = f"**{cfg.data.name}**: {classes} classes; {counts} images (splits `{digest}`)."
     lines = [f"{_backbone(cfg)} on {data}", "", *_phase_rows(phases, history), ""]
@@ -88,8 +88,13 @@ def training_description(
         f"**Best epoch** {int(best['epoch'])} of {len(history)}: validation accuracy "
         f"**{best['val_accuracy']:.3f}**, loss {best['val_loss']:.3f}."
     )
-    if flipped_val_accuracy is not None:
-        lines[-1] += f" With test-time flipping (the saved model): validation accuracy **{flipped_val_accuracy:.3f}**."
+    if test_time_val_accuracy is not None:
+        views = [f"crops ({cfg.model.test_time_crops})"] if cfg.model.test_time_crops > 1 else []
+        views += ["flipping"] if cfg.model.test_time_flip else []
+        lines[-1] += (
+            f" With test-time {' and '.join(views)} (the saved model): validation accuracy "
+            f"**{test_time_val_accuracy:.3f}**."
+        )
     return "\n".join(lines)
 
 

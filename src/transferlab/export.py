@@ -24,7 +24,7 @@ import numpy as np
 
 from transferlab.console import quiet_c_stderr
 from transferlab.errors import ModelError, TransferlabError, first_line
-from transferlab.inference import find_classes, load_model, model_image_size
+from transferlab.inference import find_classes, load_model, model_crops, model_image_size
 
 if TYPE_CHECKING:
     import keras
@@ -44,7 +44,22 @@ class ExportedClassifier:
 
     image_size: int
     classes: list[str] | None  # None: an export written before exports carried their classes
-    probabilities: Callable[[np.ndarray], np.ndarray]  # (n, size, size, 3) float32 RGB in [0, 255]
+    probabilities: Callable[[np.ndarray], np.ndarray]  # (n, *image_shape) float32 RGB in [0, 255]
+    crops: int = 1  # squares of each photo (`images.square_positions`): a model with test-time crops
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One image's input: (size, size, 3), or (crops, size, size, 3)."""
+        square = (self.image_size, self.image_size, 3)
+        return square if self.crops == 1 else (self.crops, *square)
+
+    @classmethod
+    def of_input_shape(
+        cls, shape: Sequence[int | None], classes: list[str] | None, probabilities: Callable[[np.ndarray], np.ndarray]
+    ) -> ExportedClassifier:
+        """From the exported input's shape: (batch, size, size, 3) or (batch, crops, size, size, 3)."""
+        sizes = [int(side or 0) for side in shape[1:]]
+        return cls(sizes[-2], classes, probabilities, sizes[0] if len(sizes) == 4 else 1)
 
 
 def is_export(path: Path) -> bool:
@@ -52,13 +67,22 @@ def is_export(path: Path) -> bool:
     return (path / "saved_model.pb").is_file() or path.suffix.lower() == ".tflite"
 
 
-def probe_image(image_size: int) -> np.ndarray:
-    """A deterministic (1, size, size, 3) float32 image in [0, 255] (smooth colour gradients)."""
+def probe_image(image_size: int, crops: int = 1) -> np.ndarray:
+    """A deterministic (1, size, size, 3) float32 image in [0, 255] (smooth colour gradients); for
+    a model with test-time crops, (1, crops, size, size, 3), each square shifted differently."""
     ramp = np.linspace(0.0, 255.0, image_size, dtype=np.float32)
     red = np.tile(ramp[None, :], (image_size, 1))
     green = np.tile(ramp[:, None], (1, image_size))
     blue = np.full((image_size, image_size), 96.0, dtype=np.float32)
-    return np.round(np.stack([red, green, blue], axis=-1))[None].astype(np.float32)
+    square = np.round(np.stack([red, green, blue], axis=-1)).astype(np.float32)
+    if crops == 1:
+        return square[None]
+    return np.stack([np.roll(square, i * image_size // crops, axis=1) for i in range(crops)])[None]
+
+
+def model_probe_image(model: keras.Model) -> np.ndarray:
+    """`probe_image` shaped for `model`'s input."""
+    return probe_image(model_image_size(model), model_crops(model))
 
 
 def _check_agreement(expected: np.ndarray, got: np.ndarray, what: str) -> float:
@@ -74,7 +98,7 @@ def export_savedmodel(model: keras.Model, out: Path, classes: Sequence[str]) -> 
     model.export(str(out), format="tf_saved_model", verbose=False)
     (out / SAVEDMODEL_CLASSES).parent.mkdir(exist_ok=True)
     (out / SAVEDMODEL_CLASSES).write_text(json.dumps(list(classes)) + "\n")
-    image = probe_image(model_image_size(model))
+    image = model_probe_image(model)
     reloaded = load_export(out)
     _check_agreement(model.predict(image, verbose=0), reloaded.probabilities(image), "SavedModel")
     return out
@@ -92,11 +116,11 @@ def _load_savedmodel(path: Path) -> ExportedClassifier:
     def probabilities(pixels: np.ndarray) -> np.ndarray:
         return loaded.serve(tf.constant(pixels, dtype=tf.float32)).numpy()  # `loaded` keeps the variables alive
 
-    return ExportedClassifier(int(spec.shape[1]), classes, probabilities)
+    return ExportedClassifier.of_input_shape(tuple(spec.shape), classes, probabilities)
 
 
 def run_tflite(path: Path, image: np.ndarray) -> np.ndarray:
-    """Probabilities of a TFLite classifier for one (1, size, size, 3) float32 image."""
+    """Probabilities of a TFLite classifier for one float32 image shaped as its input ((1, size, size, 3))."""
     return _load_tflite(path).probabilities(image)
 
 
@@ -124,7 +148,7 @@ def _load_tflite(path: Path) -> ExportedClassifier:
             rows.append(interpreter.get_tensor(target["index"])[0])
         return np.stack(rows) if rows else np.zeros((0, int(target["shape"][-1])), dtype=np.float32)
 
-    return ExportedClassifier(int(source["shape"][1]), _tflite_classes(path.read_bytes()), probabilities)
+    return ExportedClassifier.of_input_shape(tuple(source["shape"]), _tflite_classes(path.read_bytes()), probabilities)
 
 
 def _with_tflite_classes(flatbuffer: bytes, classes: Sequence[str]) -> bytes:
@@ -168,7 +192,7 @@ def export_tflite(model: keras.Model, out: Path, classes: Sequence[str]) -> Path
             raise ModelError(f"TFLite conversion failed: {first_line(exc)}") from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(_with_tflite_classes(flatbuffer, classes))
-    image = probe_image(model_image_size(model))
+    image = model_probe_image(model)
     _check_agreement(model.predict(image, verbose=0), run_tflite(out, image), "TFLite model")
     return out
 

@@ -8,7 +8,8 @@ the cut of a partially unfrozen backbone (`tensor="cut:<first trainable layer>"`
 
 With augmentation, the activations of a fixed number of augmented views of every image are
 cached (`views`): a fixed sample of augmentations, not fresh ones each epoch. For test-time
-flipping, those of every image's mirror image (`augmentation="mirror"`).
+flipping and crops, those of every image's mirror image (`augmentation="mirror"`) and of its
+squares off the centre (`"square at 0"`, `"square at 1, mirror"`; `test_time_view`).
 
 Files are keyed by everything the activations depend on (backbone, alpha, weight values,
 image size, tensor, augmentation, manifest contents), written atomically, and verified on
@@ -22,7 +23,7 @@ import hashlib
 import json
 import logging
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +33,7 @@ import numpy as np
 from transferlab import atomic
 from transferlab.config import ModelConfig
 from transferlab.console import keras_progress
-from transferlab.images import DECODE
+from transferlab.images import CENTRAL, DECODE
 from transferlab.manifests import Manifest
 from transferlab.pipeline import make_dataset
 
@@ -57,7 +58,8 @@ class FeatureKey:
     image_size: int
     manifest_digest: str
     tensor: str = POOLED
-    augmentation: str = NO_AUGMENTATION  # MIRRORED, or a digest of the augmentation config, seed and view count
+    # a `test_time_view`, or a digest of the augmentation config, seed and view count
+    augmentation: str = NO_AUGMENTATION
 
     @classmethod
     def of_split(
@@ -115,6 +117,16 @@ def manifest_digest(manifest: Manifest) -> str:
     return digest.hexdigest()[:24]
 
 
+def test_time_view(position: float, mirrored: bool) -> str:
+    """The `augmentation` of a key for one view a model scores at test time: the central square
+    (`NO_AUGMENTATION`), its mirror image (`MIRRORED`), or another square along the long side
+    (`images.square_positions`), mirrored or not."""
+    if position == 0.5:
+        return MIRRORED if mirrored else NO_AUGMENTATION
+    square = f"square at {position:g}"
+    return f"{square}, {MIRRORED}" if mirrored else square
+
+
 def augmentation_digest(settings: dict[str, object], seed: int, views: int) -> str:
     """The `augmentation` part of a key: what the views were drawn with."""
     payload = json.dumps({"settings": settings, "seed": seed, "views": views}, sort_keys=True)
@@ -168,27 +180,33 @@ class FeatureCache:
         batch_size: int,
         views: int = 1,
         augmenter: Callable[[], keras.Layer] | None = None,
+        positions: Sequence[float] = CENTRAL,
+        what: str | None = None,
     ) -> Activations:
         """From the cache, or computed in one streaming pass per view (with a progress bar) and stored.
 
-        `augmenter` builds the augmentation layers; without it the single view is the image itself.
+        `augmenter` builds the augmentation layers; without it a view is the image itself. View v
+        takes the square at `positions[v % len(positions)]` along each photo's long side (see
+        `images.square_positions`). `what` describes the views in the log.
         """
         cached = self.load(key, len(manifest))
         if cached is not None:
             return Activations(*cached, hit=True)
-        if augmenter is None:
-            what = ""
-        elif key.augmentation == MIRRORED:
-            what = "the mirror images of "
-        else:
-            what = f"{views} augmented views of "
+        if what is None:
+            squares = f" (at {len(positions)} squares along the long side)" if len(positions) > 1 else ""
+            what = "" if views == 1 and augmenter is None else f"{views} augmented views{squares} of "
         described = describe_tensor(key.tensor)
         log.info("computing %s of %s%d images (cached for later runs)", described, what, len(manifest))
         layers = augmenter() if augmenter is not None else None
         per_view: list[list[np.ndarray]] = []
-        for _ in range(views):
+        for view in range(views):
             dataset = make_dataset(
-                manifest, image_size=image_size, batch_size=batch_size, cache=False, augmenter=layers
+                manifest,
+                image_size=image_size,
+                batch_size=batch_size,
+                cache=False,
+                augmenter=layers,
+                positions=(positions[view % len(positions)],),
             )
             with keras_progress(described) as progress:
                 outputs = extractor.predict(dataset.map(lambda x, y: x), verbose=0, callbacks=[progress])
@@ -199,14 +217,30 @@ class FeatureCache:
         self.store(key, arrays, labels)
         return Activations(arrays, labels, hit=False)
 
-    def mirrored_activations_for(
-        self, key: FeatureKey, extractor: keras.Model, manifest: Manifest, *, image_size: int, batch_size: int
+    def test_time_activations_for(
+        self,
+        key: FeatureKey,
+        extractor: keras.Model,
+        manifest: Manifest,
+        *,
+        image_size: int,
+        batch_size: int,
+        position: float = 0.5,
+        mirrored: bool = False,
     ) -> Activations:
-        """`activations_for` the mirror images (flipped left to right) of `key`'s images, under
-        `key` with augmentation `MIRRORED`: what test-time flipping needs."""
+        """`activations_for` one view a model scores at test time: the square at `position` along
+        each photo's long side, or its mirror image, under `key` with that `test_time_view`."""
         from transferlab.layers import MirrorImage
 
-        mirrored = dataclasses.replace(key, augmentation=MIRRORED)
+        view = dataclasses.replace(key, augmentation=test_time_view(position, mirrored))
+        square = "" if position == 0.5 else f"the squares at {position:g} along the long side of "
         return self.activations_for(
-            mirrored, extractor, manifest, image_size=image_size, batch_size=batch_size, augmenter=MirrorImage
+            view,
+            extractor,
+            manifest,
+            image_size=image_size,
+            batch_size=batch_size,
+            augmenter=MirrorImage if mirrored else None,
+            positions=(position,),
+            what=("the mirror images of " if mirrored else "") + square,
         )

@@ -6,8 +6,9 @@
 - `check_image` / `check_images` (Pillow): does a file fully decode as an image the input
   pipeline can read? The split stage keeps unreadable files out of the manifests with them.
 - `decode_and_resize` (TensorFlow, graph-safe): encoded bytes -> the central square, resized,
-  as uint8 RGB. The training pipeline, evaluate, predict and the served model all call it, so
-  what a model sees at serving time is bit-for-bit what it saw in training.
+  as uint8 RGB (or, for a model with test-time crops, several squares along the long side:
+  `square_positions`). The training pipeline, evaluate, predict and the served model all call
+  it, so what a model sees at serving time is bit-for-bit what it saw in training.
   `decode_image_bytes` is its eager form, with a Pillow fallback for formats TensorFlow
   cannot read (WebP, TIFF...).
 TensorFlow is imported only inside the decode functions.
@@ -37,6 +38,8 @@ _ACCEPTED = "JPEG, PNG, GIF, BMP"
 # Names the pixels `resize_to_square` makes: part of every feature-cache key, so a change of
 # the decode never reuses features computed by the old one.
 DECODE = "central-square-bilinear-antialias"
+# Where the square sits along a photo's long side: 0 at its start (left or top), 1 at its end.
+CENTRAL = (0.5,)
 # Width x height of the largest image any stage decodes (64 megapixels; about 200 MB as RGB).
 # A 250 KB PNG can declare 16000 x 16000 pixels, 768 MB once decoded: the header is checked first.
 MAX_IMAGE_SIDE = 8192
@@ -153,9 +156,18 @@ def _bmp_problem(path: Path, mode: str) -> str | None:
     return f"{kind} BMP is not readable by the input pipeline (save it as 24-bit BMP, PNG or JPEG)"
 
 
-def resize_to_square(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """(h, w, 3) pixels -> (size, size, 3) uint8: the central square, resized bilinearly with
-    antialiasing and rounded to whole pixel values.
+def square_positions(crops: int) -> tuple[float, ...]:
+    """Where a model with `crops` test-time crops takes its squares: the central one alone, or
+    `crops` squares spread evenly from one end of the long side to the other (3: start, centre, end)."""
+    if crops < 1:
+        raise ValueError(f"crops must be >= 1, got {crops}")
+    return CENTRAL if crops == 1 else tuple(i / (crops - 1) for i in range(crops))
+
+
+def resize_to_square(image: tf.Tensor, image_size: int, position: float = 0.5) -> tf.Tensor:
+    """(h, w, 3) pixels -> (size, size, 3) uint8: a square as wide as the short side, at `position`
+    along the long side (0.5: the central square), resized bilinearly with antialiasing and
+    rounded to whole pixel values.
 
     Cropping keeps the aspect ratio (a squashed flower is not what ImageNet features were
     learned on); antialiasing keeps the downscaling of large photos from aliasing. Both were
@@ -165,22 +177,37 @@ def resize_to_square(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     side = tf.minimum(height, width)
-    square = tf.image.crop_to_bounding_box(image, (height - side) // 2, (width - side) // 2, side, side)
+
+    def offset(extent: tf.Tensor) -> tf.Tensor:
+        # position 0.5 gives (extent - side) // 2, the central square's offset, exactly
+        return tf.cast(tf.math.floor(tf.cast(extent - side, tf.float32) * position), tf.int32)
+
+    square = tf.image.crop_to_bounding_box(image, offset(height), offset(width), side, side)
     resized = tf.image.resize(square, [image_size, image_size], method="bilinear", antialias=True)
     return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
 
 
-def decode_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP bytes -> (size, size, 3) uint8 RGB (grayscale, CMYK, alpha converted)."""
+def resize_to_squares(image: tf.Tensor, image_size: int, positions: Sequence[float] = CENTRAL) -> tf.Tensor:
+    """`resize_to_square` at each of `positions`: (size, size, 3) for one, (n, size, size, 3) for several."""
+    import tensorflow as tf
+
+    if len(positions) == 1:
+        return resize_to_square(image, image_size, positions[0])
+    return tf.stack([resize_to_square(image, image_size, position) for position in positions])
+
+
+def decode_and_resize(data: tf.Tensor, image_size: int, positions: Sequence[float] = CENTRAL) -> tf.Tensor:
+    """Encoded JPEG/PNG/GIF/BMP bytes -> (size, size, 3) uint8 RGB (grayscale, CMYK, alpha converted);
+    (n, size, size, 3) for several `positions`."""
     import tensorflow as tf
 
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
-    return resize_to_square(image, image_size)
+    return resize_to_squares(image, image_size, positions)
 
 
-def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
-    """Image file bytes -> (size, size, 3) float32 RGB in [0, 255].
+def decode_image_bytes(data: bytes, image_size: int, positions: Sequence[float] = CENTRAL) -> np.ndarray:
+    """Image file bytes -> (size, size, 3) float32 RGB in [0, 255] ((n, size, size, 3) for several `positions`).
 
     `ValueError` if unreadable, `ImageTooLargeError` (a ValueError) if the header declares more than
     MAX_IMAGE_PIXELS: then nothing is decoded.
@@ -189,9 +216,9 @@ def decode_image_bytes(data: bytes, image_size: int) -> np.ndarray:
 
     _check_header(data)
     try:
-        pixels = decode_and_resize(tf.constant(data), image_size)
+        pixels = decode_and_resize(tf.constant(data), image_size, positions)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
-        pixels = resize_to_square(tf.constant(_decode_with_pillow(data)), image_size)
+        pixels = resize_to_squares(tf.constant(_decode_with_pillow(data)), image_size, positions)
     return pixels.numpy().astype(np.float32)
 
 

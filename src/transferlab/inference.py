@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from transferlab.errors import DataError, ModelError, first_line
-from transferlab.images import decode_image_bytes
+from transferlab.images import decode_image_bytes, square_positions
 
 if TYPE_CHECKING:
     import keras
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ImageBatch:
-    """Decoded images (float32 RGB in [0, 255], square) and the files that could not be read."""
+    """Decoded images (float32 RGB in [0, 255], square; a stack of squares each for a model with
+    test-time crops) and the files that could not be read."""
 
     pixels: np.ndarray
     paths: list[Path]
@@ -67,11 +68,22 @@ def predict_pixels(model: keras.Model, pixels: np.ndarray) -> np.ndarray:
 
 
 def model_image_size(model: keras.Model) -> int:
-    """The square input size of a model that takes `(None, size, size, 3)` pixels."""
+    """The square input size of a model that takes `(None, size, size, 3)` pixels (or, with
+    test-time crops, `(None, crops, size, size, 3)`)."""
     shape = tuple(model.input_shape)
-    if len(shape) != 4 or shape[3] != 3 or shape[1] is None or shape[1] != shape[2]:
+    square = shape[-3:]
+    if len(shape) not in (4, 5) or square[2] != 3 or square[0] is None or square[0] != square[1]:
         raise ModelError(f"model input must be (None, size, size, 3) RGB pixels, got {shape}")
-    return int(shape[1])
+    if len(shape) == 5 and (shape[1] is None or shape[1] < 2):
+        raise ModelError(f"model input must be (None, crops, size, size, 3) with crops >= 2, got {shape}")
+    return int(square[0])
+
+
+def model_crops(model: keras.Model) -> int:
+    """How many squares of each photo the model takes (`images.square_positions`): 1 but for a
+    model with test-time crops."""
+    shape = tuple(model.input_shape)
+    return int(shape[1]) if len(shape) == 5 else 1
 
 
 def find_classes(model_path: Path, num_classes: int) -> list[str] | None:
@@ -96,16 +108,19 @@ def find_classes(model_path: Path, num_classes: int) -> list[str] | None:
     return None
 
 
-def load_image_batch(paths: Sequence[Path], image_size: int) -> ImageBatch:
-    """Decode every readable file; unreadable ones go to `errors` with the reason."""
+def load_image_batch(paths: Sequence[Path], image_size: int, crops: int = 1) -> ImageBatch:
+    """Decode every readable file (as `crops` squares each for a model with test-time crops);
+    unreadable ones go to `errors` with the reason."""
+    positions = square_positions(crops)
     pixels: list[np.ndarray] = []
     decoded: list[Path] = []
     errors: list[tuple[Path, str]] = []
     for path in paths:
         try:
-            pixels.append(decode_image_bytes(Path(path).read_bytes(), image_size))
+            pixels.append(decode_image_bytes(Path(path).read_bytes(), image_size, positions))
             decoded.append(Path(path))
         except (OSError, ValueError) as exc:
             errors.append((Path(path), first_line(exc)))
-    array = np.stack(pixels) if pixels else np.zeros((0, image_size, image_size, 3), dtype=np.float32)
+    shape = (0, image_size, image_size, 3) if crops == 1 else (0, crops, image_size, image_size, 3)
+    array = np.stack(pixels) if pixels else np.zeros(shape, dtype=np.float32)
     return ImageBatch(pixels=array, paths=decoded, errors=errors)

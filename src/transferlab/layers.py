@@ -21,3 +21,25 @@ class MirrorImage(keras.layers.Layer):
 
     def call(self, images: Any) -> Any:  # a backend tensor, or a KerasTensor while a model is built
         return keras.ops.flip(images, axis=-2)
+
+
+@keras.saving.register_keras_serializable(package="transferlab")
+class CropView(keras.layers.Layer):
+    """One square of a batch of stacked squares: (n, crops, h, w, 3) -> (n, h, w, 3).
+
+    The input of a model with test-time crops holds several squares of each photo
+    (`images.square_positions`); one of these layers feeds each square to the shared layers.
+    """
+
+    def __init__(self, index: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.index = index
+
+    def call(self, crops: Any) -> Any:
+        return crops[:, self.index]
+
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        return (input_shape[0], *input_shape[2:])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "index": self.index}

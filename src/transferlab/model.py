@@ -9,7 +9,8 @@ the input pipeline, `predict` and the served model never need to know which back
 The temperature is 1 while training; calibration (`with_temperature`) sets it from the
 validation split, inside the saved model, so every consumer gets calibrated probabilities.
 With test-time flipping (`attach_head`), the saved model runs the same layers on the image and
-on its mirror image and averages the two probability vectors.
+on its mirror image and averages the two probability vectors; with test-time crops, it takes
+several squares of each photo along its long side and averages over them too.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ HEAD_MODEL = "head"
 LOGITS_LAYER = "logits"
 TEMPERATURE_LAYER = "temperature"
 MIRROR_LAYER = "mirror"  # in a saved model with test-time flipping
+SINGLE_VIEW_MODEL = "single_view"  # in a saved model with test-time crops: the model of one square
 # A warm-up starts at this fraction of the phase's learning rate.
 WARMUP_START = 0.01
 
@@ -271,15 +273,20 @@ def build_classifier(
     return Classifier(model=model, backbone=backbone, features=features, head=head, preprocess=preprocess)
 
 
-def attach_head(classifier: Classifier, head: keras.Model, *, test_time_flip: bool) -> keras.Model:
+def attach_head(
+    classifier: Classifier, head: keras.Model, *, test_time_flip: bool, test_time_crops: int = 1
+) -> keras.Model:
     """The full classifier: `classifier`'s features and a (trained) head.
 
     With `test_time_flip`, the same layers also run on the mirror image, and the model outputs
-    the mean of the two probability vectors.
+    the mean of the two probability vectors. With `test_time_crops` above 1, the model takes
+    that many squares of each photo, spread along its long side (`images.square_positions`), as
+    an (n, crops, size, size, 3) batch, runs that model of one square (`SINGLE_VIEW_MODEL`, the
+    same layers) on each, and outputs the mean of their probabilities.
     """
     import keras
 
-    from transferlab.layers import MirrorImage
+    from transferlab.layers import CropView, MirrorImage
 
     features = classifier.features
     probabilities = head(features.output)
@@ -289,14 +296,26 @@ def attach_head(classifier: Classifier, head: keras.Model, *, test_time_flip: bo
         # float32, as the head's output: under a mixed_float16 policy the mean would be float16.
         mean = keras.layers.Average(dtype="float32", name="test_time_flip")
         probabilities = mean([probabilities, head(pooled)])
-    return keras.Model(features.input, probabilities, name=classifier.model.name)
+    if test_time_crops == 1:
+        return keras.Model(features.input, probabilities, name=classifier.model.name)
+    single_view = keras.Model(features.input, probabilities, name=SINGLE_VIEW_MODEL)
+    crops = keras.Input((test_time_crops, *features.input.shape[1:]), name="image_crops")
+    per_crop = [single_view(CropView(i, name=f"crop_{i}")(crops)) for i in range(test_time_crops)]
+    mean = keras.layers.Average(dtype="float32", name="test_time_crops")
+    return keras.Model(crops, mean(per_crop), name=classifier.model.name)
+
+
+def single_view_model(model: keras.Model) -> keras.Model:
+    """The model of one square inside a model with test-time crops; any other model itself."""
+    names = {layer.name for layer in model.layers}
+    return model.get_layer(SINGLE_VIEW_MODEL) if SINGLE_VIEW_MODEL in names else model
 
 
 def flips_at_test_time(model: keras.Model) -> bool:
     """True when `model` averages each image's prediction with its mirror image's."""
     from transferlab.layers import MirrorImage
 
-    return any(isinstance(layer, MirrorImage) for layer in model.layers)
+    return any(isinstance(layer, MirrorImage) for layer in single_view_model(model).layers)
 
 
 def local_copy(classifier: Classifier, cfg: ModelConfig, num_classes: int, image_size: int) -> Classifier:

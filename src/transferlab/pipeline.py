@@ -6,10 +6,11 @@ dataset feeds every backbone, and a served model takes plain RGB pixels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from transferlab.errors import DataError, interrupts_deferred
-from transferlab.images import decode_and_resize, first_oversized
+from transferlab.images import CENTRAL, decode_and_resize, first_oversized
 from transferlab.manifests import Manifest
 
 if TYPE_CHECKING:
@@ -77,13 +78,16 @@ def make_dataset(
     seed: int = 0,
     augmenter: keras.Layer | None = None,
     cache: bool = True,
+    positions: Sequence[float] = CENTRAL,
 ) -> tf.data.Dataset:
     """Batched (float32 pixels in [0, 255], one-hot labels), decoded in parallel and prefetched.
 
     Without `epochs`: one pass in manifest order. With `epochs=(first, last)`: the training
     batches of those epochs, in `epoch_batches` order. Decoded images are cached in memory as
     uint8 when they fit, so every epoch after the first skips JPEG decoding; shuffling and
-    `augmenter` (training only) run after the cache.
+    `augmenter` (training only) run after the cache. `positions` places the square along each
+    photo's long side (see `images.square_positions`); several give each image as a stack of
+    squares, the input of a model with test-time crops.
     An image whose header declares more than `images.MAX_IMAGE_PIXELS` stops it before any decode.
 
     Building it (tracing its map functions, the augmenter's layers among them: a fraction of a
@@ -101,11 +105,11 @@ def make_dataset(
         num_classes = len(manifest.classes)
         ds = tf.data.Dataset.from_tensor_slices((manifest.absolute_paths, list(manifest.labels)))
         ds = ds.map(
-            lambda p, y: (decode_and_resize(tf.io.read_file(p), image_size), y),
+            lambda p, y: (decode_and_resize(tf.io.read_file(p), image_size, positions), y),
             num_parallel_calls=autotune,
             deterministic=True,
         )
-        if cache and len(manifest) * image_size * image_size * 3 <= MEMORY_CACHE_BYTES:
+        if cache and len(manifest) * len(positions) * image_size * image_size * 3 <= MEMORY_CACHE_BYTES:
             ds = ds.cache()
         if epochs is None:
             ds = ds.batch(batch_size)

@@ -51,11 +51,13 @@ def collect_images(inputs: Sequence[Path]) -> tuple[list[Path], list[tuple[Path,
 
 @dataclass(frozen=True)
 class Predictor:
-    """A trained model or an export, ready to predict: input size, class names, pixels -> probabilities."""
+    """A trained model or an export, ready to predict: input size, class names, pixels -> probabilities
+    (and how many squares of each photo it takes: `images.square_positions`)."""
 
     image_size: int
     classes: list[str]
     probabilities: Callable[[np.ndarray], np.ndarray]
+    crops: int = 1
 
 
 def find_classes(model_path: Path, num_classes: int) -> list[str]:
@@ -73,12 +75,17 @@ def load_predictor(path: Path) -> Predictor:
 
     if is_export(path):
         exported = load_export(path)
-        probe = exported.probabilities(np.zeros((1, exported.image_size, exported.image_size, 3), np.float32))
+        probe = exported.probabilities(np.zeros((1, *exported.image_shape), np.float32))
         classes = exported.classes or find_classes(path, int(probe.shape[-1]))
-        return Predictor(exported.image_size, classes, exported.probabilities)
+        return Predictor(exported.image_size, classes, exported.probabilities, exported.crops)
     model = inference.load_model(path)
     classes = find_classes(path, int(model.output_shape[-1]))
-    return Predictor(inference.model_image_size(model), classes, lambda pixels: inference.predict_pixels(model, pixels))
+    return Predictor(
+        inference.model_image_size(model),
+        classes,
+        lambda pixels: inference.predict_pixels(model, pixels),
+        inference.model_crops(model),
+    )
 
 
 def top_k_labels(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
@@ -94,7 +101,7 @@ def predict_files(predictor: Predictor, files: Sequence[Path], k: int) -> list[d
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), CHUNK):
         chunk = files[start : start + CHUNK]
-        batch = load_image_batch(chunk, predictor.image_size)
+        batch = load_image_batch(chunk, predictor.image_size, predictor.crops)
         probabilities = predictor.probabilities(batch.pixels) if len(batch.paths) else np.zeros((0, len(classes)))
         ranked = dict(zip(batch.paths, top_k_labels(np.asarray(probabilities), classes, k), strict=True))
         failed = dict(batch.errors)

@@ -37,6 +37,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from transferlab.images import CENTRAL, square_positions
+
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
@@ -101,6 +103,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self.classes: list[str] = []
         self.image_size = 0
+        self.positions: tuple[float, ...] = CENTRAL  # where its squares sit: `images.square_positions`
         self.max_rows = DEFAULT_MAX_ROWS
         self._model: Any = None
 
@@ -109,11 +112,12 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         from transferlab.console import quiet_imports
 
         quiet_imports()  # before TensorFlow loads: no C++ start-up chatter in the server's log
-        from transferlab.inference import load_model, model_image_size
+        from transferlab.inference import load_model, model_crops, model_image_size
 
         config = context.model_config or {}
         self._model = load_model(Path(context.artifacts[KERAS_ARTIFACT]))
         self.image_size = int(config.get("image_size") or model_image_size(self._model))
+        self.positions = square_positions(model_crops(self._model))
         self.classes = list(config.get("classes") or [])
         self.max_rows = max_rows_setting(config)
         outputs = int(self._model.output_shape[-1])
@@ -160,7 +164,7 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         except (binascii.Error, ValueError) as exc:
             raise BadRequestError(f"row {row}: {IMAGE_COLUMN!r} is not valid base64") from exc
         try:
-            return decode_image_bytes(data, self.image_size)
+            return decode_image_bytes(data, self.image_size, self.positions)
         except ValueError as exc:
             raise BadRequestError(f"row {row}: {exc}") from exc
 

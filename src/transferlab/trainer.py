@@ -11,11 +11,13 @@ mode) and continues at its own learning rate. Each phase is fed the cheapest exa
   unfrozen, or the cache switched off).
 
 With augmentation and `augment.cached_views: K > 0`, the cached phases train on the
-activations of K augmented views of every training image, cycling through one view per epoch.
+activations of K augmented views of every training image, cycling through one view per epoch
+(with `augment.crops`, the views are taken in turn at squares along each photo's long side).
 Every epoch is judged (progress.py) and checkpointed; at the end the best epoch's weights are
 restored (with early stopping). Then what the saved model adds goes in (`finish_model`): with
 `train.calibrate`, a temperature fitted on the validation split; with `model.test_time_flip`,
-the mirror image's prediction averaged in.
+the mirror image's prediction averaged in; with `model.test_time_crops`, those of squares
+along each photo's long side.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from transferlab.feature_cache import (
     augmentation_digest,
     describe_tensor,
 )
+from transferlab.images import CENTRAL, square_positions
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
 from transferlab.pipeline import epoch_batches, make_dataset, prefetched
@@ -85,7 +88,7 @@ class Phase:
 
 
 def _source(cfg: Config, unfreeze: int | Literal["all"]) -> tuple[Source, int]:
-    augmented = cfg.augment.enabled
+    augmented = cfg.augment.enabled or cfg.augment.crops > 1
     if not cfg.train.feature_cache or unfreeze == "all" or (augmented and cfg.augment.cached_views == 0):
         return "images", 1
     if cfg.train.strategy == "multi_worker":  # the workers split each batch: one process's cache is no use
@@ -252,7 +255,8 @@ class Trainer:
     ) -> Activations:
         from transferlab.augment import build_augmenter
 
-        augmented = views > 1 or (manifest is self.train_set and self.cfg.augment.enabled)
+        training = manifest is self.train_set
+        augmented = views > 1 or (training and self.cfg.augment.enabled)
         settings = dataclasses.asdict(self.cfg.augment)
         augmentation = augmentation_digest(settings, self.cfg.train.seed, views) if augmented else NO_AUGMENTATION
         activations = self.cache.activations_for(
@@ -265,6 +269,7 @@ class Trainer:
             batch_size=self.cfg.train.batch_size,
             views=views,
             augmenter=(lambda: build_augmenter(self.cfg.augment, self.cfg.train.seed)) if augmented else None,
+            positions=square_positions(self.cfg.augment.crops) if training else CENTRAL,
         )
         log.info(
             "%s: cache %s for %d images", describe_tensor(tensor), "hit" if activations.hit else "miss", len(manifest)
@@ -317,6 +322,8 @@ class Trainer:
         if self.cfg.augment.enabled and self.cfg.train.feature_cache:
             why = "augment.cached_views is 0" if not self.cfg.augment.cached_views else "this phase trains on images"
             log.info("%s: fresh augmentation every epoch, through the whole backbone (slow)", why)
+        if self.cfg.augment.crops > 1:
+            log.info("augment.crops applies to cached views: this phase trains on the central squares")
 
         def train(first: int, last: int) -> tf.data.Dataset:
             batches = make_dataset(self.train_set, epochs=(first, last), seed=seed, augmenter=augmenter, **common)
@@ -411,22 +418,23 @@ class Trainer:
     def finish_model(self, classifier: Classifier) -> SavedModelReport | None:
         """Put into the classifier what the saved model adds to the trained one, as configured: a
         temperature fitted on the validation split (`train.calibrate`), test-time flipping
-        (`model.test_time_flip`). None when neither is on: the trained model is saved as it is.
+        (`model.test_time_flip`) and crops (`model.test_time_crops`). None when none is on: the
+        trained model is saved as it is.
         """
         from transferlab.metrics import calibration, fit_temperature, log_loss, mean_probabilities
         from transferlab.model import attach_head, head_logits, run_head, with_temperature
 
-        calibrate, flip = self.cfg.train.calibrate, self.cfg.model.test_time_flip
-        if not (calibrate or flip):
+        calibrate, flip, crops = self.cfg.train.calibrate, self.cfg.model.test_time_flip, self.cfg.model.test_time_crops
+        if not (calibrate or flip or crops > 1):
             return None
         to_logits = head_logits(classifier.head)
-        views = [False, True] if flip else [False]
-        logits = np.stack([run_head(to_logits, self._validation_pooled(classifier, mirrored)) for mirrored in views])
+        views = [(p, mirrored) for p in square_positions(crops) for mirrored in ((False, True) if flip else (False,))]
+        logits = np.stack([run_head(to_logits, self._validation_pooled(classifier, *view)) for view in views])
         labels = np.asarray(self.val_set.labels)
         temperature = fit_temperature(labels, logits) if calibrate else 1.0
         if calibrate:
             classifier.head = with_temperature(classifier.head, temperature)
-        classifier.model = attach_head(classifier, classifier.head, test_time_flip=flip)
+        classifier.model = attach_head(classifier, classifier.head, test_time_flip=flip, test_time_crops=crops)
         probabilities = mean_probabilities(logits, temperature)
         bins = self.cfg.evaluate.calibration_bins
         report = SavedModelReport(
@@ -436,9 +444,15 @@ class Trainer:
             val_ece=calibration(labels, probabilities, bins).ece,
             val_ece_uncalibrated=calibration(labels, mean_probabilities(logits), bins).ece,
         )
-        if flip:
-            unflipped = float(np.mean(logits[0].argmax(axis=1) == labels))
-            log.info("test-time flipping: validation accuracy %.4f (unflipped %.4f)", report.val_accuracy, unflipped)
+        if len(views) > 1:
+            alone = views.index((0.5, False)) if (0.5, False) in views else 0  # 2 crops have no central square
+            log.info(
+                "test-time views (%d): validation accuracy %.4f (the square at %g alone: %.4f)",
+                len(views),
+                report.val_accuracy,
+                views[alone][0],
+                float(np.mean(logits[alone].argmax(axis=1) == labels)),
+            )
         if calibrate:
             log.info(
                 "calibrated: temperature %.3f, validation ECE %.4f -> %.4f",
@@ -448,25 +462,35 @@ class Trainer:
             )
         return report
 
-    def _validation_pooled(self, classifier: Classifier, mirrored: bool = False) -> np.ndarray:
-        """Pooled backbone features of the validation images (or of their mirror images) under the
-        final weights: from the cache while the backbone stayed frozen, else computed."""
+    def _validation_pooled(self, classifier: Classifier, position: float = 0.5, mirrored: bool = False) -> np.ndarray:
+        """Pooled backbone features of the validation images (their squares at `position` along the
+        long side, or the mirror images of those) under the final weights: from the cache while the
+        backbone stayed frozen, else computed."""
         fit = self._final_fit(classifier)
         size, batch_size = self.image_size, self.cfg.train.batch_size
+        central = position == 0.5 and not mirrored
         if fit.cut is None and fit.val_inputs is not None:  # pooled features, cached
-            if not mirrored:
+            if central:
                 return np.asarray(fit.val_inputs)
             key = FeatureKey.of_split(self.cfg.model, self.weights_digest, size, self.val_set)
-            found = self.cache.mirrored_activations_for(
-                key, classifier.features, self.val_set, image_size=size, batch_size=batch_size
+            found = self.cache.test_time_activations_for(
+                key,
+                classifier.features,
+                self.val_set,
+                image_size=size,
+                batch_size=batch_size,
+                position=position,
+                mirrored=mirrored,
             )
             return np.asarray(found.arrays[0][0])
-        if fit.cut is not None and not mirrored:
+        if fit.cut is not None and central:
             return np.asarray(fit.cut.to_pooled.predict(fit.val_inputs, verbose=0))
         from transferlab.layers import MirrorImage
 
         flip = MirrorImage() if mirrored else None
-        dataset = make_dataset(self.val_set, image_size=size, batch_size=batch_size, augmenter=flip)
+        dataset = make_dataset(
+            self.val_set, image_size=size, batch_size=batch_size, augmenter=flip, positions=(position,)
+        )
         return np.asarray(classifier.features.predict(dataset.map(lambda x, y: x), verbose=0))
 
 

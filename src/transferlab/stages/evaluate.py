@@ -32,7 +32,8 @@ from transferlab.config import Config
 from transferlab.console import keras_progress
 from transferlab.descriptions import with_test_results
 from transferlab.errors import DataError, ModelError, stop_if_received
-from transferlab.inference import load_image_batch, load_model, model_image_size
+from transferlab.images import square_positions
+from transferlab.inference import load_image_batch, load_model, model_crops, model_image_size
 from transferlab.locks import stage_lock
 from transferlab.manifests import Manifest, check_splits_fresh, load_classes, load_manifest, split_datasets
 from transferlab.metrics import Calibration, ClassificationReport, calibration, classification_report
@@ -61,7 +62,10 @@ def figure_files(paths: StagePaths) -> list[Path]:
 
 def predict_manifest(model: keras.Model, manifest: Manifest, batch_size: int) -> np.ndarray:
     """Class probabilities (n, classes) for every image of a split, in manifest order."""
-    dataset = make_dataset(manifest, image_size=model_image_size(model), batch_size=batch_size, cache=False)
+    positions = square_positions(model_crops(model))
+    dataset = make_dataset(
+        manifest, image_size=model_image_size(model), batch_size=batch_size, cache=False, positions=positions
+    )
     with keras_progress("evaluating") as progress:
         probabilities = model.predict(dataset.map(lambda x, y: x), verbose=0, callbacks=[progress])
     return np.asarray(probabilities, dtype=np.float64)
@@ -77,15 +81,23 @@ def predict_from_feature_cache(
     digest): the backbone was frozen, so only the head needs to run. The test features are
     computed once on a miss and cached for later evaluations of the same backbone, by
     `features` when given (the trained classifier's extractor, whose predict function training
-    already traced), else by an extractor cut out of `model`. A model with test-time flipping
-    gets the mean of the head's probabilities on the test images' features and on their mirror
-    images' (cached the same way).
+    already traced), else by an extractor cut out of `model`. A model with test-time flipping or
+    crops gets the mean of the head's probabilities over the same views it averages (each
+    cached the same way).
     """
     from transferlab.feature_cache import FeatureCache, FeatureKey
-    from transferlab.model import HEAD_MODEL, POOL_LAYER, flips_at_test_time, run_head, weights_digest
+    from transferlab.model import (
+        HEAD_MODEL,
+        POOL_LAYER,
+        flips_at_test_time,
+        run_head,
+        single_view_model,
+        weights_digest,
+    )
 
-    backbones = [layer for layer in model.layers if hasattr(layer, "layers") and layer.name != HEAD_MODEL]
-    if len(backbones) != 1 or POOL_LAYER not in {layer.name for layer in model.layers}:
+    single_view = single_view_model(model)
+    backbones = [layer for layer in single_view.layers if hasattr(layer, "layers") and layer.name != HEAD_MODEL]
+    if len(backbones) != 1 or POOL_LAYER not in {layer.name for layer in single_view.layers}:
         return None
     cache = FeatureCache(paths.feature_cache)
     image_size = model_image_size(model)
@@ -101,16 +113,30 @@ def predict_from_feature_cache(
     import keras
 
     # The pooling layer's first call is on the image itself (a flipping model's second: its mirror image).
-    extractor = features if features is not None else keras.Model(model.input, model.get_layer(POOL_LAYER).output)
-    head = model.get_layer(HEAD_MODEL)
-    batch_size = cfg.train.batch_size
-    found = cache.activations_for(key(test), extractor, test, image_size=image_size, batch_size=batch_size)
-    log.info("test features from the cache (%s): only the head runs", "hit" if found.hit else "computed once")
-    probabilities = run_head(head, found.arrays[0][0])
-    if not flips_at_test_time(model):
-        return probabilities
-    flipped = cache.mirrored_activations_for(key(test), extractor, test, image_size=image_size, batch_size=batch_size)
-    return (probabilities + run_head(head, flipped.arrays[0][0])) / 2
+    extractor = (
+        features if features is not None else keras.Model(single_view.input, single_view.get_layer(POOL_LAYER).output)
+    )
+    head = single_view.get_layer(HEAD_MODEL)
+    views = [
+        (position, mirrored)
+        for position in square_positions(model_crops(model))
+        for mirrored in ((False, True) if flips_at_test_time(model) else (False,))
+    ]
+    hits, probabilities = [], []
+    for position, mirrored in views:
+        found = cache.test_time_activations_for(
+            key(test),
+            extractor,
+            test,
+            image_size=image_size,
+            batch_size=cfg.train.batch_size,
+            position=position,
+            mirrored=mirrored,
+        )
+        hits.append(found.hit)
+        probabilities.append(run_head(head, found.arrays[0][0]))
+    log.info("test features from the cache (%s): only the head runs", "hit" if all(hits) else "computed once")
+    return np.mean(probabilities, axis=0)
 
 
 def metrics_dict(report: ClassificationReport, reliability: Calibration, images: int) -> dict[str, float]:

@@ -283,9 +283,16 @@ def _save_outputs(
         images = {dataset.split: len(dataset.frame) for dataset in datasets}
         digest = datasets[0].digest
         phases = trainer.phases
-        flipped = final_accuracy if cfg.model.test_time_flip else None
+        views = cfg.model.test_time_flip or cfg.model.test_time_crops > 1
         run.description = training_description(
-            cfg, phases, history, kept, images, len(trainer.classes), digest, flipped_val_accuracy=flipped
+            cfg,
+            phases,
+            history,
+            kept,
+            images,
+            len(trainer.classes),
+            digest,
+            test_time_val_accuracy=final_accuracy if views else None,
         )
         model_file = models / paths.model_file.name
         classifier.model.save(model_file)
