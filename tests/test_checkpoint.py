@@ -47,6 +47,26 @@ def test_saved_epoch_restores_weights_optimizer_and_history(tmp_path: Path) -> N
     assert int(restored.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy())
 
 
+def test_the_best_model_comes_back_without_a_warning_about_its_optimizer(tmp_path: Path) -> None:
+    """A phase carries the best over before its optimizer took a step; restoring it loads the
+    weights alone (compiling it printed "Skipping variable loading for optimizer ...")."""
+    import warnings
+
+    import keras
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")  # never trained: optimizer not built
+    checkpointer = Checkpointer(tmp_path)
+    state = checkpointer.begin("run-1", "hash-1")
+    checkpointer.save_best(state, model, "head", "head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored = checkpointer.restore_best(state)
+    for ours, theirs in zip(model.get_weights(), restored.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_the_epoch_before_is_kept_with_its_state(tmp_path: Path) -> None:
     checkpointer = Checkpointer(tmp_path)
     state = _epochs(checkpointer, _tiny_model(), 3, best_at=1)

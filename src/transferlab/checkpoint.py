@@ -123,11 +123,12 @@ class Checkpointer:
         self.write_state(state)
 
     def restore_best(self, state: CheckpointState) -> keras.Model:
-        """The best epoch's model."""
+        """The best epoch's model: its weights, without the optimizer (nothing trains on from it;
+        compiling would also warn about a best model saved before its optimizer took a step)."""
         import keras
 
         assert state.best_file is not None
-        return keras.models.load_model(self.directory / state.best_file)
+        return keras.models.load_model(self.directory / state.best_file, compile=False)
 
     def restore_model(self, state: CheckpointState) -> keras.Model | None:
         """The saved model (compiled, with optimizer state), if the state has one."""
