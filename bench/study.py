@@ -69,6 +69,7 @@ POINTS = (
             "train.calibrate=false",
             "augment=none",
             "model.test_time_flip=false",
+            "model.test_time_crops=1",
         ),
     ),
     Point(
@@ -87,7 +88,11 @@ POINTS = (
         "2 or 3 test-time crops on the previous defaults (cached views of central squares only)",
         ("augment.crops=1", "augment.cached_views=2", "model.test_time_crops=2,3"),
     ),
-    Point("no-flips", "the defaults without augmentation", ("augment=none",)),
+    Point(
+        "no-flips",
+        "the defaults without flips (the 3 cached views at the squares, unflipped)",
+        ("augment=none", "augment.crops=3", "augment.cached_views=3"),
+    ),
     Point("uncalibrated", "what temperature scaling buys", ("train.calibrate=false",)),
     Point("smoothing", "label smoothing 0.1 on the defaults", ("train.label_smoothing=0.1",)),
     Point("head-bn", "the recipe's BatchNorm in the head, all else default", ("model.head_batchnorm=true",)),

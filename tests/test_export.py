@@ -133,3 +133,12 @@ def test_a_model_with_test_time_crops_exports_and_predicts_like_keras(tmp_path: 
     for predictions in (from_export, from_keras):
         got = {p["label"]: p["probability"] for p in predictions}
         np.testing.assert_allclose([got[c] for c in "abc"], expected, atol=1e-5)
+
+
+def test_an_export_input_of_unknown_size_is_refused() -> None:
+    from transferlab.export import ExportedClassifier
+
+    with pytest.raises(ModelError, match=r"export input must be \(1, size, size, 3\)"):
+        ExportedClassifier.of_input_shape((1, None, None, 3), None, lambda pixels: pixels)
+    exported = ExportedClassifier.of_input_shape((1, 3, 32, 32, 3), None, lambda pixels: pixels)
+    assert (exported.image_size, exported.crops, exported.image_shape) == (32, 3, (3, 32, 32, 3))

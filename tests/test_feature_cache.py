@@ -158,6 +158,7 @@ def test_file_with_wrong_row_count_is_stale(prepared_project: StagePaths) -> Non
     [
         pytest.param((), [("pool", 3)], id="defaults-three-cached-flipped-views-at-three-squares"),
         pytest.param(("augment=none", "augment.crops=3", "augment.cached_views=3"), [("pool", 3)], id="squares-alone"),
+        pytest.param(("augment.cached_views=0",), [("images", 1)], id="fresh-flips-of-central-squares"),
         pytest.param(("augment=none",), [("pool", 1)], id="frozen-no-augmentation"),
         pytest.param(("augment=light", "augment.cached_views=0"), [("images", 1)], id="fresh-augmentation"),
         pytest.param(("augment=light",), [("pool", 10)], id="cached-augmented-views"),

@@ -98,7 +98,7 @@ def test_test_time_flipping_averages_the_image_and_its_mirror_image_and_survives
 def test_test_time_crops_average_the_model_of_one_square_over_each_square_and_survive_saving(tmp_path: Path) -> None:
     """With 3 crops the model takes (n, 3, size, size, 3) and outputs the mean of the flipping model
     on each square; saved and loaded (safe mode), it still does, with the layers shared, not copied."""
-    from transferlab.inference import load_model, model_crops, model_image_size
+    from transferlab.inference import load_model, model_crops, model_image_size, predict_pixels
 
     cfg = ModelConfig(backbone="small_cnn", alpha=None, weights=None)
     classifier = build_classifier(cfg, num_classes=3, image_size=32, seed=0)
@@ -116,6 +116,9 @@ def test_test_time_crops_average_the_model_of_one_square_over_each_square_and_su
     assert single_view_model(loaded).input_shape == (None, 32, 32, 3)
     without_flips = attach_head(classifier, classifier.head, test_time_flip=False, test_time_crops=2)
     assert not flips_at_test_time(without_flips) and model_crops(without_flips) == 2
+    # more squares than one eager call takes go through `predict`, a whole number of photos a batch
+    many = np.random.default_rng(1).uniform(0, 255, (12, 3, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(predict_pixels(loaded, many), loaded(many).numpy(), atol=1e-5)
 
 
 def test_unfreeze_top_layers_keeps_batchnorm_frozen() -> None:

@@ -123,8 +123,9 @@ class Checkpointer:
         self.write_state(state)
 
     def restore_best(self, state: CheckpointState) -> keras.Model:
-        """The best epoch's model: its weights, without the optimizer (nothing trains on from it;
-        compiling would also warn about a best model saved before its optimizer took a step)."""
+        """The best epoch's model, uncompiled: only its weights are used (a next phase starts from
+        them with its own optimizer), and compiling would warn about a best model saved before its
+        optimizer took a step."""
         import keras
 
         assert state.best_file is not None

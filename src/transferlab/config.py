@@ -155,7 +155,7 @@ class AugmentConfig:
         _require(0 <= self.contrast <= 1, "augment.contrast", "in [0, 1]", self.contrast)
         _require(0 <= self.cached_views <= 64, "augment.cached_views", "in [0, 64]", self.cached_views)
         _require(1 <= self.crops <= MAX_TEST_TIME_CROPS, "augment.crops", f"1 to {MAX_TEST_TIME_CROPS}", self.crops)
-        if self.crops > 1 and self.cached_views < self.crops:
+        if self.crops > 1 and 0 < self.cached_views < self.crops:
             raise ConfigError(
                 f"augment.crops={self.crops} needs at least that many cached views (augment.cached_views, "
                 f"got {self.cached_views}): the squares along the long side are cached views"

@@ -58,7 +58,9 @@ class ExportedClassifier:
         cls, shape: Sequence[int | None], classes: list[str] | None, probabilities: Callable[[np.ndarray], np.ndarray]
     ) -> ExportedClassifier:
         """From the exported input's shape: (batch, size, size, 3) or (batch, crops, size, size, 3)."""
-        sizes = [int(side or 0) for side in shape[1:]]
+        if len(shape) not in (4, 5) or any(side is None or side < 1 for side in shape[1:]):
+            raise ModelError(f"export input must be (1, size, size, 3) or (1, crops, size, size, 3), got {shape}")
+        sizes = [int(side) for side in shape[1:] if side is not None]
         return cls(sizes[-2], classes, probabilities, sizes[0] if len(sizes) == 4 else 1)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from transferlab import atomic
 from transferlab.config import ModelConfig
 from transferlab.console import keras_progress
-from transferlab.images import CENTRAL, DECODE
+from transferlab.images import CENTRAL, CENTRE, DECODE
 from transferlab.manifests import Manifest
 from transferlab.pipeline import make_dataset
 
@@ -121,7 +121,7 @@ def test_time_view(position: float, mirrored: bool) -> str:
     """The `augmentation` of a key for one view a model scores at test time: the central square
     (`NO_AUGMENTATION`), its mirror image (`MIRRORED`), or another square along the long side
     (`images.square_positions`), mirrored or not."""
-    if position == 0.5:
+    if position == CENTRE:
         return MIRRORED if mirrored else NO_AUGMENTATION
     square = f"square at {position:g}"
     return f"{square}, {MIRRORED}" if mirrored else square
@@ -181,22 +181,22 @@ class FeatureCache:
         views: int = 1,
         augmenter: Callable[[], keras.Layer] | None = None,
         positions: Sequence[float] = CENTRAL,
-        what: str | None = None,
+        views_described: str | None = None,
     ) -> Activations:
         """From the cache, or computed in one streaming pass per view (with a progress bar) and stored.
 
         `augmenter` builds the augmentation layers; without it a view is the image itself. View v
         takes the square at `positions[v % len(positions)]` along each photo's long side (see
-        `images.square_positions`). `what` describes the views in the log.
+        `images.square_positions`). `views_described` names the views in the log ("the mirror images of ").
         """
         cached = self.load(key, len(manifest))
         if cached is not None:
             return Activations(*cached, hit=True)
-        if what is None:
+        if views_described is None:
             squares = f" (at {len(positions)} squares along the long side)" if len(positions) > 1 else ""
-            what = "" if views == 1 and augmenter is None else f"{views} augmented views{squares} of "
+            views_described = "" if views == 1 and augmenter is None else f"{views} augmented views{squares} of "
         described = describe_tensor(key.tensor)
-        log.info("computing %s of %s%d images (cached for later runs)", described, what, len(manifest))
+        log.info("computing %s of %s%d images (cached for later runs)", described, views_described, len(manifest))
         layers = augmenter() if augmenter is not None else None
         per_view: list[list[np.ndarray]] = []
         for view in range(views):
@@ -225,7 +225,7 @@ class FeatureCache:
         *,
         image_size: int,
         batch_size: int,
-        position: float = 0.5,
+        position: float = CENTRE,
         mirrored: bool = False,
     ) -> Activations:
         """`activations_for` one view a model scores at test time: the square at `position` along
@@ -233,7 +233,7 @@ class FeatureCache:
         from transferlab.layers import MirrorImage
 
         view = dataclasses.replace(key, augmentation=test_time_view(position, mirrored))
-        square = "" if position == 0.5 else f"the squares at {position:g} along the long side of "
+        square = "" if position == CENTRE else f"the squares at {position:g} along the long side of "
         return self.activations_for(
             view,
             extractor,
@@ -242,5 +242,5 @@ class FeatureCache:
             batch_size=batch_size,
             augmenter=MirrorImage if mirrored else None,
             positions=(position,),
-            what=("the mirror images of " if mirrored else "") + square,
+            views_described=("the mirror images of " if mirrored else "") + square,
         )

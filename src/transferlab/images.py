@@ -38,8 +38,9 @@ _ACCEPTED = "JPEG, PNG, GIF, BMP"
 # Names the pixels `resize_to_square` makes: part of every feature-cache key, so a change of
 # the decode never reuses features computed by the old one.
 DECODE = "central-square-bilinear-antialias"
-# Where the square sits along a photo's long side: 0 at its start (left or top), 1 at its end.
-CENTRAL = (0.5,)
+# Where a square sits along a photo's long side: 0 at its start (left or top), 1 at its end.
+CENTRE = 0.5
+CENTRAL = (CENTRE,)
 # Width x height of the largest image any stage decodes (64 megapixels; about 200 MB as RGB).
 # A 250 KB PNG can declare 16000 x 16000 pixels, 768 MB once decoded: the header is checked first.
 MAX_IMAGE_SIDE = 8192
@@ -164,7 +165,14 @@ def square_positions(crops: int) -> tuple[float, ...]:
     return CENTRAL if crops == 1 else tuple(i / (crops - 1) for i in range(crops))
 
 
-def resize_to_square(image: tf.Tensor, image_size: int, position: float = 0.5) -> tf.Tensor:
+def test_time_views(crops: int, flip: bool) -> list[tuple[float, bool]]:
+    """(position, mirrored) of every view a saved model averages, in the order it runs them:
+    each square of `square_positions(crops)`, and after each its mirror image when `flip`."""
+    mirrors = (False, True) if flip else (False,)
+    return [(position, mirrored) for position in square_positions(crops) for mirrored in mirrors]
+
+
+def resize_to_square(image: tf.Tensor, image_size: int, position: float = CENTRE) -> tf.Tensor:
     """(h, w, 3) pixels -> (size, size, 3) uint8: a square as wide as the short side, at `position`
     along the long side (0.5: the central square), resized bilinearly with antialiasing and
     rounded to whole pixel values.

@@ -47,7 +47,8 @@ def load_model(path: Path) -> keras.Model:
         raise ModelError(f"cannot load {path}: {first_line(exc)}") from exc
 
 
-# Batches up to this many images run as one eager call (see `predict_pixels`).
+# Batches up to this many squares run as one eager call (see `predict_pixels`); larger ones go
+# through `predict` this many squares at a time (a model with test-time crops takes several per image).
 EAGER_MAX_IMAGES = 32
 
 
@@ -60,10 +61,11 @@ def predict_pixels(model: keras.Model, pixels: np.ndarray) -> np.ndarray:
     """
     import keras
 
-    if len(pixels) <= EAGER_MAX_IMAGES:
+    squares = pixels.shape[1] if pixels.ndim == 5 else 1
+    if len(pixels) * squares <= EAGER_MAX_IMAGES:
         outputs = keras.ops.convert_to_numpy(model(keras.ops.convert_to_tensor(pixels), training=False))
     else:
-        outputs = model.predict(pixels, verbose=0)
+        outputs = model.predict(pixels, batch_size=max(1, EAGER_MAX_IMAGES // squares), verbose=0)
     return np.asarray(outputs, dtype=np.float64)
 
 

@@ -300,7 +300,8 @@ def attach_head(
         return keras.Model(features.input, probabilities, name=classifier.model.name)
     single_view = keras.Model(features.input, probabilities, name=SINGLE_VIEW_MODEL)
     crops = keras.Input((test_time_crops, *features.input.shape[1:]), name="image_crops")
-    per_crop = [single_view(CropView(i, name=f"crop_{i}")(crops)) for i in range(test_time_crops)]
+    # float32: under a mixed_float16 policy the layer would round the pixels to float16
+    per_crop = [single_view(CropView(i, dtype="float32", name=f"crop_{i}")(crops)) for i in range(test_time_crops)]
     mean = keras.layers.Average(dtype="float32", name="test_time_crops")
     return keras.Model(crops, mean(per_crop), name=classifier.model.name)
 

@@ -10,7 +10,8 @@ Response: `{"predictions": [{"label": "roses", "probability": 0.93, "daisy": 0.0
 one record per row: the top label, its probability and one probability column per class.
 
 Limits: at most `max_rows` rows per request (`TRANSFERLAB_SERVE_MAX_ROWS` when the server
-starts, default 256), decoded and scored `CHUNK_ROWS` at a time, and no image over
+starts, default 256), decoded and scored `CHUNK_ROWS` at a time (`CHUNK_ROWS` squares, for a
+model with test-time crops), and no image over
 `images.MAX_IMAGE_PIXELS`. A request that breaks one, or holds an unreadable image, gets HTTP 400
 with the reason (and the row) in its `message`.
 
@@ -127,7 +128,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """One output row per input row, scored CHUNK_ROWS at a time.
+        """One output row per input row, scored CHUNK_ROWS at a time (CHUNK_ROWS / crops for a model
+        with test-time crops).
 
         `BadRequestError` (HTTP 400) for more than `max_rows` rows, or an unreadable or oversized
         image (naming its row).
@@ -141,7 +143,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
                 "send the images in smaller requests"
             )
         images = frame[IMAGE_COLUMN].tolist()
-        chunks = [self._score(images[start : start + CHUNK_ROWS], start) for start in range(0, len(images), CHUNK_ROWS)]
+        rows = max(1, CHUNK_ROWS // len(self.positions))  # a model with test-time crops takes several squares a row
+        chunks = [self._score(images[start : start + rows], start) for start in range(0, len(images), rows)]
         probabilities = np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)))
         return to_output_frame(probabilities, self.classes)
 

@@ -46,7 +46,7 @@ from transferlab.feature_cache import (
     augmentation_digest,
     describe_tensor,
 )
-from transferlab.images import CENTRAL, square_positions
+from transferlab.images import CENTRAL, CENTRE, square_positions, test_time_views
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
 from transferlab.pipeline import epoch_batches, make_dataset, prefetched
@@ -129,7 +129,7 @@ class Fit:
 @dataclass(frozen=True)
 class SavedModelReport:
     """The saved model on the validation split, after `finish_model` put calibration and test-time
-    flipping into it."""
+    views (flipping, crops) into it."""
 
     temperature: float | None  # fitted on the validation split; None: not calibrated
     val_accuracy: float
@@ -428,7 +428,7 @@ class Trainer:
         if not (calibrate or flip or crops > 1):
             return None
         to_logits = head_logits(classifier.head)
-        views = [(p, mirrored) for p in square_positions(crops) for mirrored in ((False, True) if flip else (False,))]
+        views = test_time_views(crops, flip)
         logits = np.stack([run_head(to_logits, self._validation_pooled(classifier, *view)) for view in views])
         labels = np.asarray(self.val_set.labels)
         temperature = fit_temperature(labels, logits) if calibrate else 1.0
@@ -445,14 +445,7 @@ class Trainer:
             val_ece_uncalibrated=calibration(labels, mean_probabilities(logits), bins).ece,
         )
         if len(views) > 1:
-            alone = views.index((0.5, False)) if (0.5, False) in views else 0  # 2 crops have no central square
-            log.info(
-                "test-time views (%d): validation accuracy %.4f (the square at %g alone: %.4f)",
-                len(views),
-                report.val_accuracy,
-                views[alone][0],
-                float(np.mean(logits[alone].argmax(axis=1) == labels)),
-            )
+            _log_test_time_views(views, logits, labels, report.val_accuracy)
         if calibrate:
             log.info(
                 "calibrated: temperature %.3f, validation ECE %.4f -> %.4f",
@@ -462,13 +455,15 @@ class Trainer:
             )
         return report
 
-    def _validation_pooled(self, classifier: Classifier, position: float = 0.5, mirrored: bool = False) -> np.ndarray:
+    def _validation_pooled(
+        self, classifier: Classifier, position: float = CENTRE, mirrored: bool = False
+    ) -> np.ndarray:
         """Pooled backbone features of the validation images (their squares at `position` along the
         long side, or the mirror images of those) under the final weights: from the cache while the
         backbone stayed frozen, else computed."""
         fit = self._final_fit(classifier)
         size, batch_size = self.image_size, self.cfg.train.batch_size
-        central = position == 0.5 and not mirrored
+        central = position == CENTRE and not mirrored
         if fit.cut is None and fit.val_inputs is not None:  # pooled features, cached
             if central:
                 return np.asarray(fit.val_inputs)
@@ -492,6 +487,21 @@ class Trainer:
             self.val_set, image_size=size, batch_size=batch_size, augmenter=flip, positions=(position,)
         )
         return np.asarray(classifier.features.predict(dataset.map(lambda x, y: x), verbose=0))
+
+
+def _log_test_time_views(
+    views: list[tuple[float, bool]], logits: np.ndarray, labels: np.ndarray, accuracy: float
+) -> None:
+    """The saved model's validation accuracy beside that of one view alone (the central square,
+    when there is one: 2 crops have none)."""
+    alone = views.index((CENTRE, False)) if (CENTRE, False) in views else 0
+    log.info(
+        "test-time views (%d): validation accuracy %.4f (the square at %g alone: %.4f)",
+        len(views),
+        accuracy,
+        views[alone][0],
+        float(np.mean(logits[alone].argmax(axis=1) == labels)),
+    )
 
 
 def _feasible(phase: Phase, classifier: Classifier) -> Phase:

@@ -32,7 +32,7 @@ from transferlab.config import Config
 from transferlab.console import keras_progress
 from transferlab.descriptions import with_test_results
 from transferlab.errors import DataError, ModelError, stop_if_received
-from transferlab.images import square_positions
+from transferlab.images import square_positions, test_time_views
 from transferlab.inference import load_image_batch, load_model, model_crops, model_image_size
 from transferlab.locks import stage_lock
 from transferlab.manifests import Manifest, check_splits_fresh, load_classes, load_manifest, split_datasets
@@ -63,8 +63,9 @@ def figure_files(paths: StagePaths) -> list[Path]:
 def predict_manifest(model: keras.Model, manifest: Manifest, batch_size: int) -> np.ndarray:
     """Class probabilities (n, classes) for every image of a split, in manifest order."""
     positions = square_positions(model_crops(model))
+    photos = max(1, batch_size // len(positions))  # a batch holds `batch_size` squares, as in training
     dataset = make_dataset(
-        manifest, image_size=model_image_size(model), batch_size=batch_size, cache=False, positions=positions
+        manifest, image_size=model_image_size(model), batch_size=photos, cache=False, positions=positions
     )
     with keras_progress("evaluating") as progress:
         probabilities = model.predict(dataset.map(lambda x, y: x), verbose=0, callbacks=[progress])
@@ -117,13 +118,8 @@ def predict_from_feature_cache(
         features if features is not None else keras.Model(single_view.input, single_view.get_layer(POOL_LAYER).output)
     )
     head = single_view.get_layer(HEAD_MODEL)
-    views = [
-        (position, mirrored)
-        for position in square_positions(model_crops(model))
-        for mirrored in ((False, True) if flips_at_test_time(model) else (False,))
-    ]
     hits, probabilities = [], []
-    for position, mirrored in views:
+    for position, mirrored in test_time_views(model_crops(model), flips_at_test_time(model)):
         found = cache.test_time_activations_for(
             key(test),
             extractor,
