@@ -130,6 +130,11 @@ class ModelConfig:
             self.test_time_crops,
         )
 
+    @property
+    def averages_test_time_views(self) -> bool:
+        """True when the saved model averages several views of each photo (flips, crops)."""
+        return self.test_time_flip or self.test_time_crops > 1
+
 
 @dataclass(frozen=True)
 class AugmentConfig:

@@ -24,6 +24,7 @@ import numpy as np
 
 from transferlab.console import quiet_c_stderr
 from transferlab.errors import ModelError, TransferlabError, first_line
+from transferlab.images import input_shape
 from transferlab.inference import find_classes, load_model, model_crops, model_image_size
 
 if TYPE_CHECKING:
@@ -50,17 +51,16 @@ class ExportedClassifier:
     @property
     def image_shape(self) -> tuple[int, ...]:
         """One image's input: (size, size, 3), or (crops, size, size, 3)."""
-        square = (self.image_size, self.image_size, 3)
-        return square if self.crops == 1 else (self.crops, *square)
+        return input_shape(self.image_size, self.crops)
 
     @classmethod
     def of_input_shape(
         cls, shape: Sequence[int | None], classes: list[str] | None, probabilities: Callable[[np.ndarray], np.ndarray]
     ) -> ExportedClassifier:
         """From the exported input's shape: (batch, size, size, 3) or (batch, crops, size, size, 3)."""
-        if len(shape) not in (4, 5) or any(side is None or side < 1 for side in shape[1:]):
+        sizes = [int(side) for side in shape[1:] if side is not None and side >= 1]
+        if len(shape) not in (4, 5) or len(sizes) != len(shape) - 1:
             raise ModelError(f"export input must be (1, size, size, 3) or (1, crops, size, size, 3), got {shape}")
-        sizes = [int(side) for side in shape[1:] if side is not None]
         return cls(sizes[-2], classes, probabilities, sizes[0] if len(sizes) == 4 else 1)
 
 

@@ -165,6 +165,12 @@ def square_positions(crops: int) -> tuple[float, ...]:
     return CENTRAL if crops == 1 else tuple(i / (crops - 1) for i in range(crops))
 
 
+def input_shape(image_size: int, crops: int) -> tuple[int, ...]:
+    """One photo's model input: (size, size, 3), or (crops, size, size, 3) with test-time crops."""
+    square = (image_size, image_size, 3)
+    return square if crops == 1 else (crops, *square)
+
+
 def test_time_views(crops: int, flip: bool) -> list[tuple[float, bool]]:
     """(position, mirrored) of every view a saved model averages, in the order it runs them:
     each square of `square_positions(crops)`, and after each its mirror image when `flip`."""

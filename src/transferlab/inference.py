@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from transferlab.errors import DataError, ModelError, first_line
-from transferlab.images import decode_image_bytes, square_positions
+from transferlab.images import decode_image_bytes, input_shape, square_positions
 
 if TYPE_CHECKING:
     import keras
@@ -123,6 +123,5 @@ def load_image_batch(paths: Sequence[Path], image_size: int, crops: int = 1) -> 
             decoded.append(Path(path))
         except (OSError, ValueError) as exc:
             errors.append((Path(path), first_line(exc)))
-    shape = (0, image_size, image_size, 3) if crops == 1 else (0, crops, image_size, image_size, 3)
-    array = np.stack(pixels) if pixels else np.zeros(shape, dtype=np.float32)
+    array = np.stack(pixels) if pixels else np.zeros((0, *input_shape(image_size, crops)), dtype=np.float32)
     return ImageBatch(pixels=array, paths=decoded, errors=errors)

@@ -425,7 +425,7 @@ class Trainer:
         from transferlab.model import attach_head, head_logits, run_head, with_temperature
 
         calibrate, flip, crops = self.cfg.train.calibrate, self.cfg.model.test_time_flip, self.cfg.model.test_time_crops
-        if not (calibrate or flip or crops > 1):
+        if not (calibrate or self.cfg.model.averages_test_time_views):
             return None
         to_logits = head_logits(classifier.head)
         views = test_time_views(crops, flip)

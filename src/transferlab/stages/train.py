@@ -283,7 +283,6 @@ def _save_outputs(
         images = {dataset.split: len(dataset.frame) for dataset in datasets}
         digest = datasets[0].digest
         phases = trainer.phases
-        averages_views = cfg.model.test_time_flip or cfg.model.test_time_crops > 1
         run.description = training_description(
             cfg,
             phases,
@@ -292,7 +291,7 @@ def _save_outputs(
             images,
             len(trainer.classes),
             digest,
-            test_time_val_accuracy=final_accuracy if averages_views else None,
+            test_time_val_accuracy=final_accuracy if cfg.model.averages_test_time_views else None,
         )
         model_file = models / paths.model_file.name
         classifier.model.save(model_file)
