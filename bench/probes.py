@@ -7,7 +7,8 @@ PHASE is one of:
   pipeline   decode + resize + batch with no model: ours (`make_dataset`) alternating with
              the naive recipe's `image_dataset_from_directory`; then ours' cached epochs
   forward    backbone forward on in-memory tensors (the ceiling) alternating with the same
-             forward fed by the input pipeline, as the feature cache computes it
+             forward fed by the input pipeline; each by Keras and by the TFLite copy the
+             feature cache computes with (compiled.py)
   train-head | train-frozen | train-top20 | train-all
              training steps on in-memory tensors: the head on cached features; the whole
              model with the backbone frozen, its top 20 layers or all of it unfrozen
@@ -24,11 +25,13 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transferlab.compiled import CompiledModels
 from transferlab.config import Config, load_params
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
@@ -185,17 +188,30 @@ def probe_forward(args: argparse.Namespace, cfg: Config) -> tuple[Metrics, dict[
         "forward_memory": (lambda: in_memory, steps * BATCH_SIZE),
         "forward_fed": (fed_dataset, len(repeated)),  # the feature cache's pass, over `passes` copies
     }
-    for make, _ in sources.values():  # warm-up: traces the predict step
+    with tempfile.TemporaryDirectory(prefix="bench-compiled-") as folder:
+        copy = CompiledModels(Path(folder)).get(features, {"probe": "forward"})  # as the feature cache converts it
+    if copy is None:
+        raise RuntimeError("the TFLite conversion of the backbone failed; see the log")
+    for make, _ in sources.values():  # warm-up: traces the predict step, plans the copy's kernels
         features.predict(make().take(2), verbose=0)
-    samples: dict[str, list[float]] = {name: [] for name in sources}
-    whole_calls: dict[str, list[float]] = {name: [] for name in sources}
+        copy.predict(make().take(2).as_numpy_iterator())
+    samples: dict[str, list[float]] = {f"{name}{engine}": [] for name in sources for engine in ("", "_tflite")}
+    whole_calls: dict[str, list[float]] = {name: [] for name in samples}
     for _ in range(args.repeats):
         for name, (make, images) in sources.items():
             clock = batch_clock()
             features.predict(make(), verbose=0, callbacks=[clock])
             samples[name].append(clock.steady_rate(images - BATCH_SIZE))
             whole_calls[name].append(clock.call_rate(images))
-    metrics = {name: metric("img/s", samples[name], images) for name, (_, images) in sources.items()}
+            clock = batch_clock()
+            copy.predict(make().as_numpy_iterator(), on_batch=lambda clock=clock: clock.on_predict_batch_end(0))
+            samples[f"{name}_tflite"].append(clock.steady_rate(images - BATCH_SIZE))
+            whole_calls[f"{name}_tflite"].append(clock.call_rate(images))
+    metrics = {
+        f"{name}{engine}": metric("img/s", samples[f"{name}{engine}"], images)
+        for name, (_, images) in sources.items()
+        for engine in ("", "_tflite")
+    }
     return metrics, {"feature_dim": int(features.output.shape[-1]), "whole_predict_call_img_s": whole_calls}
 
 

@@ -259,6 +259,8 @@ class TrainConfig:
     strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"
     mixed_precision: bool = False
     feature_cache: bool = True
+    # what runs frozen forward passes (feature and cut-point caches): a TFLite copy (compiled.py) or Keras
+    frozen_forward: Literal["tflite", "keras"] = "tflite"
 
     def check(self) -> None:
         _require(1 <= self.epochs <= 10_000, "train.epochs", "in [1, 10000]", self.epochs)

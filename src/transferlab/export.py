@@ -14,15 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from transferlab.console import quiet_c_stderr
+from transferlab.compiled import tflite_interpreter
 from transferlab.errors import ModelError, TransferlabError, first_line
 from transferlab.images import input_shape
 from transferlab.inference import find_classes, load_model, model_crops, model_image_size
@@ -126,19 +125,8 @@ def run_tflite(path: Path, image: np.ndarray) -> np.ndarray:
     return _load_tflite(path).probabilities(image)
 
 
-def _tflite_interpreter(path: Path) -> Any:
-    import tensorflow as tf
-
-    # The interpreter announces its move to ai-edge-litert and prints an XNNPACK INFO line to fd 2.
-    with warnings.catch_warnings(), quiet_c_stderr():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        interpreter = tf.lite.Interpreter(model_path=str(path))
-        interpreter.allocate_tensors()
-    return interpreter
-
-
 def _load_tflite(path: Path) -> ExportedClassifier:
-    interpreter = _tflite_interpreter(path)
+    interpreter = tflite_interpreter(model_path=path)
     source = interpreter.get_input_details()[0]
     target = interpreter.get_output_details()[0]
 

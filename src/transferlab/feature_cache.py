@@ -13,7 +13,8 @@ squares off the centre (`"square at 0"`, `"square at 1, mirror"`; `test_time_vie
 
 Files are keyed by everything the activations depend on (backbone, alpha, weight values,
 image size, tensor, augmentation, manifest contents), written atomically, and verified on
-read: a corrupt or stale file is rebuilt, never trusted.
+read: a corrupt or stale file is rebuilt, never trusted. On CPU the passes run on a TensorFlow
+Lite copy of the frozen part (compiled.py) unless `train.frozen_forward=keras`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -29,16 +31,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transferlab import atomic
-from transferlab.config import ModelConfig
-from transferlab.console import keras_progress
+from transferlab.compiled import CompiledModel, CompiledModels, keras_only_reason
+from transferlab.config import ModelConfig, TrainConfig
+from transferlab.console import keras_progress, progress_bar
 from transferlab.images import CENTRAL, CENTRE, DECODE
 from transferlab.manifests import Manifest
 from transferlab.pipeline import make_dataset
 
 if TYPE_CHECKING:
     import keras
+    import tensorflow as tf
+
+    from transferlab.paths import StagePaths
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,7 @@ FORMAT_VERSION = 2
 POOLED = "pool"
 NO_AUGMENTATION = "none"
 MIRRORED = "mirror"  # every image flipped left to right (test-time flipping)
+KERAS, TFLITE = "keras", "tflite"  # FeatureKey.engine
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,9 @@ class FeatureKey:
     tensor: str = POOLED
     # a `test_time_view`, or a digest of the augmentation config, seed and view count
     augmentation: str = NO_AUGMENTATION
+    # what computed them (Keras, or a TFLite copy of the frozen part: compiled.py); the two agree to
+    # float32 rounding, which training can amplify, so a run's features never come from the other one
+    engine: str = KERAS
 
     @classmethod
     def of_split(
@@ -136,11 +147,22 @@ def augmentation_digest(settings: dict[str, object], seed: int, views: int) -> s
 class FeatureCache:
     """A folder of `<key>.npz` files: the activations and labels of one split each."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, compiled: CompiledModels | None = None) -> None:
         self.directory = directory
+        self.compiled = compiled  # None: Keras runs every forward pass
+
+    @classmethod
+    def of_project(cls, paths: StagePaths, train: TrainConfig) -> FeatureCache:
+        """The project's cache, its forward passes run as `train.frozen_forward` says."""
+        compiled = CompiledModels(paths.compiled_models) if train.frozen_forward == "tflite" else None
+        return cls(paths.feature_cache, compiled)
 
     def path(self, key: FeatureKey) -> Path:
         return self.directory / f"{key.digest}.npz"
+
+    def holds(self, key: FeatureKey) -> bool:
+        """Whether activations under `key` are cached, computed by either engine."""
+        return any(self.path(dataclasses.replace(key, engine=engine)).is_file() for engine in (KERAS, TFLITE))
 
     def load(self, key: FeatureKey, expected_rows: int) -> tuple[list[np.ndarray], np.ndarray] | None:
         """Cached (arrays, labels), or None when absent, corrupt or not matching `key`."""
@@ -189,14 +211,31 @@ class FeatureCache:
         takes the square at `positions[v % len(positions)]` along each photo's long side (see
         `images.square_positions`). `views_described` names the views in the log ("the mirror images of ").
         """
-        cached = self.load(key, len(manifest))
-        if cached is not None:
-            return Activations(*cached, hit=True)
+        rows = len(manifest)
+        keras_reason = self._keras_reason(extractor)
+        compiled = None
+        if keras_reason is None:
+            tflite_key = dataclasses.replace(key, engine=TFLITE)
+            cached = self.load(tflite_key, rows)
+            if cached is not None:
+                return Activations(*cached, hit=True)
+            compiled = self._compiled_copy(key, extractor)
+            if compiled is None:
+                keras_reason = "no TensorFlow Lite copy could be made"
+            else:
+                key = tflite_key
+        if compiled is None:  # Keras computes them, under their own key
+            cached = self.load(key, rows)
+            if cached is not None:
+                return Activations(*cached, hit=True)
         if views_described is None:
             squares = f" (at {len(positions)} squares along the long side)" if len(positions) > 1 else ""
             views_described = "" if views == 1 and augmenter is None else f"{views} augmented views{squares} of "
         described = describe_tensor(key.tensor)
-        log.info("computing %s of %s%d images (cached for later runs)", described, views_described, len(manifest))
+        engine = f"Keras ({keras_reason})" if compiled is None else "a TensorFlow Lite copy of the frozen part"
+        log.info(
+            "computing %s of %s%d images with %s (cached for later runs)", described, views_described, rows, engine
+        )
         layers = augmenter() if augmenter is not None else None
         per_view: list[list[np.ndarray]] = []
         for view in range(views):
@@ -208,14 +247,28 @@ class FeatureCache:
                 augmenter=layers,
                 positions=(positions[view % len(positions)],),
             )
-            with keras_progress(described) as progress:
-                outputs = extractor.predict(dataset.map(lambda x, y: x), verbose=0, callbacks=[progress])
-            tensors = outputs if isinstance(outputs, list) else [outputs]
-            per_view.append([np.asarray(o, dtype="float32") for o in tensors])
+            images = dataset.map(lambda x, y: x)
+            if compiled is None:
+                outputs = _keras_forward(extractor, images, described)
+            else:
+                outputs = _compiled_forward(compiled, images, described, math.ceil(rows / batch_size))
+            per_view.append([np.asarray(o, dtype="float32") for o in outputs])
         arrays = [np.stack(tensors) for tensors in zip(*per_view, strict=True)]
         labels = np.asarray(manifest.labels, dtype="int32")
         self.store(key, arrays, labels)
         return Activations(arrays, labels, hit=False)
+
+    def _keras_reason(self, extractor: keras.Model) -> str | None:
+        """Why Keras computes `extractor`'s activations, or None when a TFLite copy may (see compiled.py)."""
+        if self.compiled is None:
+            return "train.frozen_forward=keras"
+        return keras_only_reason(extractor)
+
+    def _compiled_copy(self, key: FeatureKey, extractor: keras.Model) -> CompiledModel | None:
+        assert self.compiled is not None
+        # The extractor is a function of the key's model part alone: not of the images, their views or the engine.
+        model_part = {**asdict(key), "manifest_digest": None, "augmentation": None, "engine": None}
+        return self.compiled.get(extractor, model_part)
 
     def test_time_activations_for(
         self,
@@ -244,3 +297,16 @@ class FeatureCache:
             positions=(position,),
             views_described=("the mirror images of " if mirrored else "") + square,
         )
+
+
+def _keras_forward(extractor: keras.Model, images: tf.data.Dataset, described: str) -> list[np.ndarray]:
+    with keras_progress(described) as progress:
+        outputs = extractor.predict(images, verbose=0, callbacks=[progress])
+    return outputs if isinstance(outputs, list) else [outputs]
+
+
+def _compiled_forward(
+    compiled: CompiledModel, images: tf.data.Dataset, described: str, batches: int
+) -> list[np.ndarray]:
+    with logging_redirect_tqdm(), progress_bar(batches, described, "batch") as bar:
+        return compiled.predict(images.as_numpy_iterator(), on_batch=bar.update)

@@ -81,6 +81,11 @@ class StagePaths:
         return self.cache / "features"
 
     @property
+    def compiled_models(self) -> Path:
+        """TFLite copies of frozen backbone parts (compiled.py), shared by every run on this machine's project."""
+        return self.cache / "compiled"
+
+    @property
     def locks(self) -> Path:
         """Lock files: one process at a time per stage and output folder (see locks.py)."""
         return self.out / ".transferlab"

@@ -144,7 +144,7 @@ class Trainer:
     def __init__(self, cfg: Config, paths: StagePaths, run: tracking.Run | None, state: CheckpointState) -> None:
         self.cfg, self.paths, self.run, self.state = cfg, paths, run, state
         self.checkpointer = Checkpointer(paths.checkpoints)
-        self.cache = FeatureCache(paths.feature_cache)
+        self.cache = FeatureCache.of_project(paths, cfg.train)
         self.image_size = cfg.image_size
         self.classes = load_classes(paths.classes)
         raw = paths.raw_dataset(cfg.data.name)

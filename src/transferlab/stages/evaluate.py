@@ -100,7 +100,7 @@ def predict_from_feature_cache(
     backbones = [layer for layer in single_view.layers if hasattr(layer, "layers") and layer.name != HEAD_MODEL]
     if len(backbones) != 1 or POOL_LAYER not in {layer.name for layer in single_view.layers}:
         return None
-    cache = FeatureCache(paths.feature_cache)
+    cache = FeatureCache.of_project(paths, cfg.train)
     image_size = model_image_size(model)
     val = load_manifest(paths.manifest("val"), paths.raw_dataset(cfg.data.name), test.classes)
 
@@ -109,7 +109,7 @@ def predict_from_feature_cache(
     def key(manifest: Manifest) -> FeatureKey:
         return FeatureKey.of_split(cfg.model, digest, image_size, manifest)
 
-    if not cache.path(key(val)).is_file():
+    if not cache.holds(key(val)):
         return None
     import keras
 

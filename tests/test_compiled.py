@@ -1,0 +1,169 @@
+"""Frozen forward passes on a TensorFlow Lite copy: the same activations as Keras, converted once,
+every output in Keras's order, and Keras again whenever the copy cannot be trusted."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from transferlab import compiled
+from transferlab.compiled import CompiledModels
+from transferlab.config import ModelConfig, TrainConfig
+from transferlab.cut import split_at_cut
+from transferlab.feature_cache import FeatureCache, FeatureKey
+from transferlab.manifests import Manifest, load_classes, load_manifest
+from transferlab.model import Classifier, build_classifier, first_trainable_layer, weights_digest
+from transferlab.paths import StagePaths
+from transferlab.pipeline import make_dataset
+
+IMAGE_SIZE = 64
+# MobileNetV2's depthwise convolutions and residual additions, with random weights (no download).
+MOBILENET = ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights=None)
+# Where the network does not matter: the offline CNN, a few times quicker to convert.
+SMALL_CNN = ModelConfig(backbone="small_cnn", weights=None)
+
+
+def train_manifest(paths: StagePaths) -> Manifest:
+    return load_manifest(paths.manifest("train"), paths.raw_dataset("synthetic"), load_classes(paths.classes))
+
+
+def classifier(model: ModelConfig = MOBILENET) -> Classifier:
+    return build_classifier(model, 3, IMAGE_SIZE, seed=0)
+
+
+def activations(
+    cache: FeatureCache, extractor: object, manifest: Manifest, tensor: str = "pool", views: int = 1
+) -> list[np.ndarray]:
+    key = FeatureKey.of_split(MOBILENET, weights_digest(extractor), IMAGE_SIZE, manifest, tensor=tensor)
+    found = cache.activations_for(key, extractor, manifest, image_size=IMAGE_SIZE, batch_size=5, views=views)
+    return [array[0] for array in found.arrays]
+
+
+def keras_outputs(extractor: object, manifest: Manifest) -> list[np.ndarray]:
+    dataset = make_dataset(manifest, image_size=IMAGE_SIZE, batch_size=5, cache=False).map(lambda x, y: x)
+    outputs = extractor.predict(dataset, verbose=0)
+    return outputs if isinstance(outputs, list) else [outputs]
+
+
+def compiled_cache(paths: StagePaths) -> FeatureCache:
+    return FeatureCache.of_project(paths, TrainConfig())
+
+
+def test_pooled_features_match_keras_and_the_copy_is_converted_once(
+    prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest, model = train_manifest(prepared_project), classifier()
+    assert len(manifest) % 5, "a last, smaller batch must go through the copy too"
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        (pooled,) = activations(compiled_cache(prepared_project), model.features, manifest)
+    assert "converting the frozen part to TensorFlow Lite" in caplog.text
+    assert "TensorFlow Lite copy matches Keras" in caplog.text
+    assert len(list(prepared_project.compiled_models.glob("*.tflite"))) == 1
+    (expected,) = keras_outputs(model.features, manifest)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+    # Another process (a fresh cache object), other images: the copy on disk is used, not converted again.
+    caplog.clear()
+    for path in prepared_project.feature_cache.glob("*.npz"):
+        path.unlink()
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        (again,) = activations(compiled_cache(prepared_project), model.features, manifest)
+    assert "converting" not in caplog.text
+    np.testing.assert_array_equal(again, pooled)
+
+
+def test_every_tensor_at_a_residual_cut_comes_back_in_keras_order(prepared_project: StagePaths) -> None:
+    model = classifier()
+    cuts = (split_at_cut(model, first_trainable_layer(model.backbone, n)) for n in range(4, 80))
+    cut = next(c for c in cuts if len(c.bottom.outputs) >= 2 and len({t.shape for t in c.bottom.outputs}) >= 2)
+    manifest = train_manifest(prepared_project)
+
+    got = activations(compiled_cache(prepared_project), cut.bottom, manifest, tensor=cut.name)
+    expected = keras_outputs(cut.bottom, manifest)
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(np.abs(e).max()))
+
+
+def test_a_corrupt_copy_is_converted_again(prepared_project: StagePaths, caplog: pytest.LogCaptureFixture) -> None:
+    manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
+    (first,) = activations(compiled_cache(prepared_project), model.features, manifest)
+    (copy,) = prepared_project.compiled_models.glob("*.tflite")
+    copy.write_bytes(b"not a flatbuffer")
+    for path in prepared_project.feature_cache.glob("*.npz"):
+        path.unlink()
+
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        (second,) = activations(compiled_cache(prepared_project), model.features, manifest)
+    assert "is unreadable" in caplog.text and "converting the frozen part" in caplog.text
+    np.testing.assert_array_equal(second, first)
+    assert copy.read_bytes()[4:8] == b"TFL3", "the copy on disk is a TFLite flatbuffer again"
+
+
+@pytest.mark.parametrize("fault", ["conversion fails", "the copy disagrees"])
+def test_keras_runs_the_pass_when_the_copy_cannot_be_trusted(
+    fault: str, prepared_project: StagePaths, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if fault == "conversion fails":
+
+        def broken(model: object) -> bytes:
+            raise RuntimeError("converter: unsupported op\nloc(...): a long MLIR dump")
+
+        monkeypatch.setattr(compiled, "_convert", broken)
+    else:
+        monkeypatch.setattr(compiled, "TOLERANCE", -1.0)  # no difference is small enough
+    manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
+
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        (pooled,) = activations(compiled_cache(prepared_project), model.features, manifest)
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("transferlab")
+    ]
+    assert len(warnings) == 1 and "Keras runs the frozen part" in warnings[0], warnings
+    assert "\n" not in warnings[0]
+    assert not list(prepared_project.compiled_models.glob("*.tflite")), "nothing untrusted is kept"
+    (expected,) = keras_outputs(model.features, manifest)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
+    key = FeatureKey.of_split(MOBILENET, weights_digest(model.features), IMAGE_SIZE, manifest)
+    assert FeatureCache(prepared_project.feature_cache).path(key).is_file(), "cached as Keras's activations"
+
+
+def test_frozen_forward_keras_converts_nothing(prepared_project: StagePaths) -> None:
+    manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
+    cache = FeatureCache.of_project(prepared_project, TrainConfig(frozen_forward="keras"))
+    assert cache.compiled is None
+    (pooled,) = activations(cache, model.features, manifest)
+    assert not prepared_project.compiled_models.exists()
+    (expected,) = keras_outputs(model.features, manifest)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_each_engine_has_its_own_cached_activations(prepared_project: StagePaths) -> None:
+    """The two engines agree to float32 rounding only: a run never trains on the other's numbers."""
+    manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
+    key = FeatureKey.of_split(MOBILENET, weights_digest(model.features), IMAGE_SIZE, manifest)
+    keras_cache = FeatureCache.of_project(prepared_project, TrainConfig(frozen_forward="keras"))
+    (by_keras,) = activations(keras_cache, model.features, manifest)
+    assert keras_cache.holds(key) and keras_cache.path(key).is_file()
+
+    found = compiled_cache(prepared_project).activations_for(
+        key, model.features, manifest, image_size=IMAGE_SIZE, batch_size=5
+    )
+    assert not found.hit, "Keras's activations are not the TFLite copy's"
+    assert len(list(prepared_project.feature_cache.glob("*.npz"))) == 2
+    assert not np.array_equal(found.arrays[0][0], by_keras)
+    again = compiled_cache(prepared_project).activations_for(
+        key, model.features, manifest, image_size=IMAGE_SIZE, batch_size=5
+    )
+    assert again.hit
+    np.testing.assert_array_equal(again.arrays[0][0], found.arrays[0][0])
+
+
+def test_the_key_covers_the_model_not_the_images(tmp_path: object) -> None:
+    models = CompiledModels(tmp_path)  # type: ignore[arg-type]
+    key = {"backbone": "mobilenet_v2", "weights_digest": "a", "image_size": 64, "tensor": "pool"}
+    assert models.key_digest(key) == models.key_digest(dict(key))
+    for change in ({"weights_digest": "b"}, {"image_size": 96}, {"tensor": "cut:block_5_add"}):
+        assert models.key_digest({**key, **change}) != models.key_digest(key)
