@@ -1,7 +1,8 @@
 """`make bench`: where transferlab's time goes, and how it compares with the published recipe.
 
 Measures, on one dataset (synthetic by default, BENCH_DATA=<folder> for real images; all
-knobs in bench/settings.py), each phase in a fresh child process:
+knobs in bench/settings.py), each phase in a fresh child process (preparing the projects,
+which converts the backbone to TFLite once, runs in this one):
   1. the split stage's scan throughput;
   2. input pipeline throughput (decode + resize + batch, no model);
   3. backbone forward throughput on in-memory tensors (the ceiling) and fed by the pipeline,

@@ -51,6 +51,12 @@ def compiled_cache(paths: StagePaths) -> FeatureCache:
     return FeatureCache.of_project(paths, TrainConfig())
 
 
+@pytest.fixture(autouse=True)
+def new_process() -> None:
+    """Each test starts as a new process would: no copy loaded or refused yet."""
+    compiled._LOADED.clear()
+
+
 def test_pooled_features_match_keras_and_the_copy_is_converted_once(
     prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -69,6 +75,7 @@ def test_pooled_features_match_keras_and_the_copy_is_converted_once(
     for path in prepared_project.feature_cache.glob("*.npz"):
         path.unlink()
     with caplog.at_level(logging.INFO, logger="transferlab"):
+        compiled._LOADED.clear()
         (again,) = activations(compiled_cache(prepared_project), model.features, manifest)
     assert "converting" not in caplog.text
     np.testing.assert_array_equal(again, pooled)
@@ -87,11 +94,20 @@ def test_every_tensor_at_a_residual_cut_comes_back_in_keras_order(prepared_proje
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(np.abs(e).max()))
 
 
-def test_a_corrupt_copy_is_converted_again(prepared_project: StagePaths, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("damage", ["not a flatbuffer", "one weight byte changed"])
+def test_a_corrupt_copy_is_converted_again(
+    damage: str, prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
+) -> None:
     manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
     (first,) = activations(compiled_cache(prepared_project), model.features, manifest)
     (copy,) = prepared_project.compiled_models.glob("*.tflite")
-    copy.write_bytes(b"not a flatbuffer")
+    if damage == "not a flatbuffer":
+        copy.write_bytes(b"not a flatbuffer")
+    else:  # still loads, computes something else: only its checksum tells
+        flatbuffer = bytearray(copy.read_bytes())
+        flatbuffer[len(flatbuffer) // 2] ^= 0x40
+        copy.write_bytes(bytes(flatbuffer))
+    compiled._LOADED.clear()
     for path in prepared_project.feature_cache.glob("*.npz"):
         path.unlink()
 
@@ -145,7 +161,7 @@ def test_each_engine_has_its_own_cached_activations(prepared_project: StagePaths
     manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
     key = FeatureKey.of_split(MOBILENET, weights_digest(model.features), IMAGE_SIZE, manifest)
     keras_cache = FeatureCache.of_project(prepared_project, TrainConfig(frozen_forward="keras"))
-    (by_keras,) = activations(keras_cache, model.features, manifest)
+    activations(keras_cache, model.features, manifest)
     assert keras_cache.holds(key) and keras_cache.path(key).is_file()
 
     found = compiled_cache(prepared_project).activations_for(
@@ -153,7 +169,6 @@ def test_each_engine_has_its_own_cached_activations(prepared_project: StagePaths
     )
     assert not found.hit, "Keras's activations are not the TFLite copy's"
     assert len(list(prepared_project.feature_cache.glob("*.npz"))) == 2
-    assert not np.array_equal(found.arrays[0][0], by_keras)
     again = compiled_cache(prepared_project).activations_for(
         key, model.features, manifest, image_size=IMAGE_SIZE, batch_size=5
     )
@@ -167,3 +182,49 @@ def test_the_key_covers_the_model_not_the_images(tmp_path: object) -> None:
     assert models.key_digest(key) == models.key_digest(dict(key))
     for change in ({"weights_digest": "b"}, {"image_size": 96}, {"tensor": "cut:block_5_add"}):
         assert models.key_digest({**key, **change}) != models.key_digest(key)
+
+
+def test_a_frozen_part_that_cannot_be_converted_is_tried_once_per_process(
+    prepared_project: StagePaths, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts = []
+
+    def broken(model: object) -> bytes:
+        attempts.append(model)
+        raise compiled.ConversionError("'tf.Svd' op is neither a custom op nor a flex op")
+
+    monkeypatch.setattr(compiled, "_convert", broken)
+    manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        for _ in range(3):  # train, evaluate, the next sweep job: each its own cache object
+            for path in prepared_project.feature_cache.glob("*.npz"):
+                path.unlink()
+            activations(compiled_cache(prepared_project), model.features, manifest)
+    assert len(attempts) == 1
+    assert caplog.text.count("TensorFlow Lite conversion failed") == 1
+    assert caplog.text.count("with Keras (no TensorFlow Lite copy could be made)") == 3
+
+
+def test_a_copy_that_cannot_be_kept_still_serves_its_run(
+    prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    prepared_project.compiled_models.parent.mkdir(parents=True, exist_ok=True)
+    prepared_project.compiled_models.write_text("a file where the folder should be\n")  # writes fail
+    manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        (pooled,) = activations(compiled_cache(prepared_project), model.features, manifest)
+    assert "cannot keep the TensorFlow Lite copy" in caplog.text
+    assert "with a TensorFlow Lite copy of the frozen part" in caplog.text
+    (expected,) = keras_outputs(model.features, manifest)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_the_probe_check_holds_for_tiny_activations() -> None:
+    """Random-init networks have activations far below 1: each output is judged on its own scale."""
+    model = classifier()
+    probe = model.features(compiled._probe_batch(model.features), training=False)
+    assert 0 < float(np.abs(probe).max()) < 1e-3, "the point: activations far below 1"
+    zeros = compiled.disagreement(model.features, lambda batch: [np.zeros((len(batch), probe.shape[-1]))])
+    assert zeros > compiled.TOLERANCE
+    exact = compiled.disagreement(model.features, lambda batch: [np.asarray(model.features(batch, training=False))])
+    assert exact == 0.0

@@ -24,7 +24,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -87,11 +87,12 @@ def is_chatter(line: str, min_level: int | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def quiet_c_stderr() -> Iterator[None]:
+def quiet_c_stderr(keep: Callable[[str], bool] | None = None) -> Iterator[None]:
     """Capture file descriptor 2 (C and C++ code print there directly) while the block runs.
 
-    Afterwards the captured lines that are not chatter (`is_chatter`) are written to stderr; if
-    the block raises, every captured line is, so the reason for a failure is never lost.
+    Afterwards the captured lines `keep` accepts (by default those that are not chatter,
+    `is_chatter`) are written to stderr; if the block raises, every captured line is, so the
+    reason for a failure is never lost.
     """
     sys.stderr.flush()
     saved = os.dup(2)
@@ -109,7 +110,8 @@ def quiet_c_stderr() -> Iterator[None]:
             os.close(saved)
             captured.seek(0)
             lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if failed or not is_chatter(line))
+            wanted = keep or (lambda line: not is_chatter(line))
+            kept = "".join(line for line in lines if failed or wanted(line))
             if kept:
                 sys.stderr.write(kept)
                 sys.stderr.flush()
@@ -158,6 +160,13 @@ class _QuietImportFinder(importlib.abc.MetaPathFinder):
 def progress_bar(total: int | None, desc: str, unit: str = "it") -> tqdm:
     """A tqdm bar on stderr, shown only when stderr is a terminal; it stays as one finished line."""
     return tqdm(total=total, desc=desc, unit=unit, disable=None, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def logged_progress(total: int | None, desc: str, unit: str = "it") -> Iterator[tqdm]:
+    """`progress_bar` with log lines printed above it while it runs; closed when the block ends."""
+    with logging_redirect_tqdm(), progress_bar(total, desc, unit) as bar:
+        yield bar
 
 
 @contextlib.contextmanager

@@ -12,9 +12,10 @@ flipping and crops, those of every image's mirror image (`augmentation="mirror"`
 squares off the centre (`"square at 0"`, `"square at 1, mirror"`; `test_time_view`).
 
 Files are keyed by everything the activations depend on (backbone, alpha, weight values,
-image size, tensor, augmentation, manifest contents), written atomically, and verified on
-read: a corrupt or stale file is rebuilt, never trusted. On CPU the passes run on a TensorFlow
-Lite copy of the frozen part (compiled.py) unless `train.frozen_forward=keras`.
+image size, tensor, augmentation, manifest contents, the engine that computed them), written
+atomically, and verified on read: a corrupt or stale file is rebuilt, never trusted. On CPU the
+passes run on a TensorFlow Lite copy of the frozen part (compiled.py) unless
+`train.frozen_forward=keras`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transferlab import atomic
 from transferlab.compiled import CompiledModel, CompiledModels, keras_only_reason
 from transferlab.config import ModelConfig, TrainConfig
-from transferlab.console import keras_progress, progress_bar
+from transferlab.console import keras_progress, logged_progress
 from transferlab.images import CENTRAL, CENTRE, DECODE
 from transferlab.manifests import Manifest
 from transferlab.pipeline import make_dataset
@@ -53,7 +53,7 @@ FORMAT_VERSION = 2
 POOLED = "pool"
 NO_AUGMENTATION = "none"
 MIRRORED = "mirror"  # every image flipped left to right (test-time flipping)
-KERAS, TFLITE = "keras", "tflite"  # FeatureKey.engine
+KERAS = "keras"  # FeatureKey.engine; a TFLite copy's is `tflite_engine()`
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ class FeatureKey:
     tensor: str = POOLED
     # a `test_time_view`, or a digest of the augmentation config, seed and view count
     augmentation: str = NO_AUGMENTATION
-    # what computed them (Keras, or a TFLite copy of the frozen part: compiled.py); the two agree to
-    # float32 rounding, which training can amplify, so a run's features never come from the other one
+    # what computed them: Keras, or a TFLite copy of the frozen part (compiled.py) under this
+    # TensorFlow's runtime; they agree to float32 rounding, which training can amplify
     engine: str = KERAS
 
     @classmethod
@@ -162,7 +162,8 @@ class FeatureCache:
 
     def holds(self, key: FeatureKey) -> bool:
         """Whether activations under `key` are cached, computed by either engine."""
-        return any(self.path(dataclasses.replace(key, engine=engine)).is_file() for engine in (KERAS, TFLITE))
+        engines = (KERAS, tflite_engine())
+        return any(self.path(dataclasses.replace(key, engine=engine)).is_file() for engine in engines)
 
     def load(self, key: FeatureKey, expected_rows: int) -> tuple[list[np.ndarray], np.ndarray] | None:
         """Cached (arrays, labels), or None when absent, corrupt or not matching `key`."""
@@ -215,7 +216,7 @@ class FeatureCache:
         keras_reason = self._keras_reason(extractor)
         compiled = None
         if keras_reason is None:
-            tflite_key = dataclasses.replace(key, engine=TFLITE)
+            tflite_key = dataclasses.replace(key, engine=tflite_engine())
             cached = self.load(tflite_key, rows)
             if cached is not None:
                 return Activations(*cached, hit=True)
@@ -225,6 +226,7 @@ class FeatureCache:
             else:
                 key = tflite_key
         if compiled is None:  # Keras computes them, under their own key
+            key = dataclasses.replace(key, engine=KERAS)
             cached = self.load(key, rows)
             if cached is not None:
                 return Activations(*cached, hit=True)
@@ -265,6 +267,7 @@ class FeatureCache:
         return keras_only_reason(extractor)
 
     def _compiled_copy(self, key: FeatureKey, extractor: keras.Model) -> CompiledModel | None:
+        """The TFLite copy of `extractor` (converted now, or earlier), or None if none can be made."""
         assert self.compiled is not None
         # The extractor is a function of the key's model part alone: not of the images, their views or the engine.
         model_part = {**asdict(key), "manifest_digest": None, "augmentation": None, "engine": None}
@@ -308,5 +311,12 @@ def _keras_forward(extractor: keras.Model, images: tf.data.Dataset, described: s
 def _compiled_forward(
     compiled: CompiledModel, images: tf.data.Dataset, described: str, batches: int
 ) -> list[np.ndarray]:
-    with logging_redirect_tqdm(), progress_bar(batches, described, "batch") as bar:
+    with logged_progress(batches, described, "batch") as bar:
         return compiled.predict(images.as_numpy_iterator(), on_batch=bar.update)
+
+
+def tflite_engine() -> str:
+    """`FeatureKey.engine` of activations computed by a TFLite copy under this TensorFlow's runtime."""
+    import tensorflow as tf
+
+    return f"tflite {tf.__version__}"

@@ -82,7 +82,7 @@ class StagePaths:
 
     @property
     def compiled_models(self) -> Path:
-        """TFLite copies of frozen backbone parts (compiled.py), shared by every run on this machine's project."""
+        """TFLite copies of frozen backbone parts (compiled.py), shared by the project's runs."""
         return self.cache / "compiled"
 
     @property
