@@ -127,7 +127,7 @@ def test_keras_runs_the_pass_when_the_copy_cannot_be_trusted(
         def broken(model: object) -> bytes:
             raise RuntimeError("converter: unsupported op\nloc(...): a long MLIR dump")
 
-        monkeypatch.setattr(compiled, "_convert", broken)
+        monkeypatch.setattr(compiled, "to_tflite", broken)
     else:
         monkeypatch.setattr(compiled, "TOLERANCE", -1.0)  # no difference is small enough
     manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
@@ -193,7 +193,7 @@ def test_a_frozen_part_that_cannot_be_converted_is_tried_once_per_process(
         attempts.append(model)
         raise compiled.ConversionError("'tf.Svd' op is neither a custom op nor a flex op")
 
-    monkeypatch.setattr(compiled, "_convert", broken)
+    monkeypatch.setattr(compiled, "to_tflite", broken)
     manifest, model = train_manifest(prepared_project), classifier(SMALL_CNN)
     with caplog.at_level(logging.INFO, logger="transferlab"):
         for _ in range(3):  # train, evaluate, the next sweep job: each its own cache object

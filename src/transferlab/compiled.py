@@ -114,11 +114,12 @@ def keras_only_reason(model: keras.Model) -> str | None:
     return None
 
 
-def _convert(model: keras.Model) -> bytes:
-    """The float32 TFLite flatbuffer of `model` (via a temporary SavedModel, as exports are made).
+def to_tflite(model: keras.Model) -> bytes:
+    """The float32 TFLite flatbuffer of `model`, via a temporary SavedModel (for the copies here
+    and for `transferlab export`).
 
-    `ConversionError` with the start of the converter's message; its diagnostics on fd 2 (MLIR
-    dumps) stay out of the terminal.
+    `ConversionError` with the first line of the converter's message; its diagnostics on fd 2
+    (MLIR dumps) stay out of the terminal.
     """
     import tensorflow as tf
 
@@ -129,8 +130,7 @@ def _convert(model: keras.Model) -> bytes:
             return tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
         except Exception as exc:  # the converter's errors are MLIR dumps on one line
             failure = exc
-    message = first_line(failure)
-    raise ConversionError(message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + "...") from failure
+    raise ConversionError(first_line(failure)) from failure
 
 
 def _probe_batch(model: keras.Model) -> np.ndarray:
@@ -194,11 +194,13 @@ class CompiledModels:
     def _compile(self, model: keras.Model, path: Path) -> CompiledModel | None:
         log.info("converting the frozen part to TensorFlow Lite, once for this backbone, weights and size")
         try:
-            flatbuffer = _convert(model)
+            flatbuffer = to_tflite(model)
             compiled = CompiledModel(tflite_interpreter(model_content=flatbuffer))
             difference = disagreement(model, compiled)
         except Exception as exc:  # ConversionError, or the interpreter refusing what the converter made
-            log.warning("TensorFlow Lite conversion failed, Keras runs the frozen part: %s", first_line(exc))
+            message = first_line(exc)
+            shown = message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + "..."
+            log.warning("TensorFlow Lite conversion failed, Keras runs the frozen part: %s", shown)
             return None
         if not difference <= TOLERANCE:
             log.warning(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from transferlab.compiled import tflite_interpreter
+from transferlab.compiled import ConversionError, tflite_interpreter, to_tflite
 from transferlab.errors import ModelError, TransferlabError, first_line
 from transferlab.images import input_shape
 from transferlab.inference import find_classes, load_model, model_crops, model_image_size
@@ -171,15 +170,10 @@ def _tflite_classes(flatbuffer: bytes) -> list[str] | None:
 def export_tflite(model: keras.Model, out: Path, classes: Sequence[str]) -> Path:
     """Convert (via a temporary SavedModel) to a float32 `.tflite` file with its class names;
     verified with the interpreter."""
-    import tensorflow as tf
-
-    with tempfile.TemporaryDirectory(prefix="transferlab-export-") as tmp:
-        saved = Path(tmp) / "savedmodel"
-        model.export(str(saved), format="tf_saved_model", verbose=False)
-        try:
-            flatbuffer = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
-        except Exception as exc:  # converter errors are long MLIR dumps; keep the first line
-            raise ModelError(f"TFLite conversion failed: {first_line(exc)}") from exc
+    try:
+        flatbuffer = to_tflite(model)
+    except ConversionError as exc:
+        raise ModelError(f"TFLite conversion failed: {exc}") from exc
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(_with_tflite_classes(flatbuffer, classes))
     image = model_probe_image(model)
