@@ -159,8 +159,8 @@ def test_kills_while_training_leave_the_old_model_and_run_or_the_new(project: St
     process = stopped_at(r"wrote .*training_curves")  # 3: finishing, the model not yet saved
     assert f"checkpoint {newest} is unreadable" in process.output
     assert f"resuming from {previous}" in process.output
-    # 4: MLflow is logging the new model (its "Validating input example" moment; MLflow's INFO
-    # lines no longer reach the log, so the logged model's PENDING state marks it instead)
+    # 4: MLflow is logging the new model (its INFO lines no longer reach the log, so the logged
+    # model's PENDING state marks the moment)
     stopped_at(lambda: any(m.status.name == "PENDING" for m in logged_models(client, experiment_id, new())))
     # 5: models/ swapped (now or before); the run not ended
     stopped_at(r"model \(epoch \d+\) saved to|already holds run")

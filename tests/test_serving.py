@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from helpers import ModelServer, declared_png
 
+from transferlab.config import Config, MlflowConfig
 from transferlab.serving import (
     CHUNK_ROWS,
     DEFAULT_MAX_ROWS,
@@ -160,3 +161,28 @@ def test_mlflow_models_serve_round_trip(
     status, body = model_server.post({"dataframe_records": [{IMAGE_COLUMN: "bm90IGFuIGltYWdl"}]})
     assert status == 400
     assert "row 0: not a readable image" in body["message"]
+
+
+def test_logging_a_model_does_not_load_it_again(
+    synthetic_cfg: Config, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """MLflow's serving check is off: `Model.log` would load the model it saved and serve the input
+    example through it (a second load of the Keras file per run), and only warn if that failed.
+    A file Keras cannot read is logged without that warning; the example is still logged with it."""
+    import dataclasses
+    import urllib.parse
+
+    import mlflow
+
+    from transferlab.tracking import open_store
+
+    cfg = dataclasses.replace(synthetic_cfg, mlflow=MlflowConfig(system_metrics=False))
+    not_keras = tmp_path / "model.keras"
+    not_keras.write_bytes(b"not a Keras file")
+    with open_store(cfg.mlflow, tmp_path / "project").start_run(run_name="log-only") as run:
+        uri = run.log_model(not_keras, CLASSES, 64)
+    assert "validate serving input" not in capfd.readouterr().err
+    model = mlflow.MlflowClient(run.store.uri).get_logged_model(uri.removeprefix("models:/"))
+    logged = Path(urllib.parse.urlparse(model.artifact_location).path)
+    assert (logged / "serving_input_example.json").is_file() and (logged / "input_example.json").is_file()
+    assert (logged / "artifacts" / "model.keras").read_bytes() == not_keras.read_bytes()

@@ -239,6 +239,22 @@ def unpack_classifier(model_dir: Path, uri: str) -> tuple[Path, list[str]]:
     return keras_file, classes
 
 
+class _PyfuncFlavor:
+    """`mlflow.pyfunc` as the flavor `Model.log` saves with, MLflow's serving check turned off.
+
+    With an input example, `Model.log` loads the model it just saved, serves the example through
+    it and, if that fails, only warns (`validate_serving_input`, the switch MLflow's own
+    transformers flavor turns off): a second load of the Keras file, 1-2 s of every run. The
+    wrapper it would check is the same code for every model, checked by the serving tests; the
+    example is still logged, and `transferlab evaluate` loads the saved model itself.
+    """
+
+    @staticmethod
+    def save_model(path: str, mlflow_model: mlflow.models.Model, **kwargs: Any) -> None:
+        kwargs.pop("validate_serving_input", None)  # read by Model.log, unknown to pyfunc.save_model
+        mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, **kwargs)
+
+
 def log_image_classifier(
     model_file: Path,
     classes: Sequence[str],
@@ -250,8 +266,8 @@ def log_image_classifier(
     """Log the `.keras` file as pyfunc model `name` of `run`: servable and self-contained.
 
     The run need not be active (a sweep logs its best child's model at the end). Nothing is
-    inferred at log time: the signature, one input example and the exact pip requirements are
-    given (MLflow still serves the example through the model once to check it).
+    inferred or re-checked at log time: the signature, one input example and the exact pip
+    requirements are given, and MLflow's serving check is off (`_PyfuncFlavor`).
     """
     import transferlab
 
@@ -264,7 +280,7 @@ def log_image_classifier(
         info = mlflow.models.Model.log(
             artifact_path=None,  # MLflow 3 names a logged model by `name`
             name=name,
-            flavor=mlflow.pyfunc,
+            flavor=_PyfuncFlavor,
             run_id=run.info.run_id,
             model_id=logged.model_id,
             python_model=str(script),
@@ -274,6 +290,7 @@ def log_image_classifier(
             input_example=pd.DataFrame({IMAGE_COLUMN: [_example_image()]}),
             pip_requirements=pip_requirements(),
             code_paths=[str(Path(transferlab.__file__).resolve().parent)],
+            validate_serving_input=False,
         )
     log.info("logged MLflow model %s (%s)", info.model_uri, info.model_id)
     return info
