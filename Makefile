@@ -6,6 +6,10 @@ TF ?= cpu
 # Optional extras, comma- or space-separated: ray (Ray + hydra-ray-launcher), postgres (the
 # PostgreSQL driver of the tracking server). `make test` installs both.
 EXTRAS ?=
+# Test processes (pytest-xdist); tests sharing a costly fixture stay on one (tests/conftest.py).
+# Each may run TensorFlow on every core: more than the cores slows the suite. 1: no xdist.
+TEST_WORKERS ?= 2
+PYTEST_WORKERS := $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed-$(TF)
 # `dvc plots show` renders offline with this template (Vega inlined from an installed package; git-ignored).
@@ -43,11 +47,11 @@ $(VENV)/.extra-%: requirements-%.lock $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps -r $<
 	@touch $@
 
-test: setup $(VENV)/.extra-ray $(VENV)/.extra-postgres ## the whole test suite (about 10 minutes on 2 cores)
-	$(BIN)/pytest
+test: setup $(VENV)/.extra-ray $(VENV)/.extra-postgres ## the whole test suite, on TEST_WORKERS processes (about 20 minutes on 2 cores)
+	$(BIN)/pytest $(PYTEST_WORKERS)
 
 test-fast: setup       ## skip the tests that train models or start servers
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest $(PYTEST_WORKERS) -m "not slow"
 
 run: setup             ## the main job: download -> split -> train -> evaluate with DVC (dvc repro)
 	$(BIN)/transferlab repro

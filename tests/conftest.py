@@ -210,3 +210,28 @@ def _isolated_mlflow() -> Iterator[None]:
     _forget_tracking_uri()
     yield
     _forget_tracking_uri()
+
+
+# --- running on several workers (`make test`: pytest-xdist, `--dist loadgroup`) ------------
+
+# Session fixtures that take seconds to set up: the tests using one run on one worker, so that it
+# is set up once, not once per worker.
+_SHARED_SESSION_SETUP = ("loopback_namespace", "logged_colour_run")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group tests by the costly setup they share: their module, when it has module-scoped fixtures
+    of its own, else a session fixture above; the rest are handed out one test at a time."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        group = module if _uses_module_fixture_of(module, item) else None
+        group = group or next((name for name in _SHARED_SESSION_SETUP if name in item.fixturenames), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def _uses_module_fixture_of(module: str, item: pytest.Item) -> bool:
+    fixture_info = getattr(item, "_fixtureinfo", None)
+    definitions = fixture_info.name2fixturedefs.values() if fixture_info else ()
+    return any(d[-1].scope == "module" and d[-1].baseid == module for d in definitions)
