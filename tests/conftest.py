@@ -225,8 +225,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     of its own, else a session fixture above; the rest are handed out one test at a time."""
     for item in items:
         module = item.nodeid.split("::")[0]
-        group = module if _uses_module_fixture_of(module, item) else None
-        group = group or next((name for name in _SHARED_SESSION_SETUP if name in item.fixturenames), None)
+        if _uses_module_fixture_of(module, item):
+            group = module
+        else:
+            group = next((name for name in _SHARED_SESSION_SETUP if name in item.fixturenames), None)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
 
