@@ -6,7 +6,8 @@ installs an import hook (the served MLflow model installs only the hook): Tensor
 straight to file descriptor 2 while it is imported, whatever `TF_CPP_MIN_LOG_LEVEL` says, so
 the first `import tensorflow` (also through `import keras`) runs with fd 2 captured, and only
 the lines that are not INFO/WARNING chatter reach the terminal. If the import fails, everything
-it printed is shown, so a real error is never hidden. It also installs the SIGINT/SIGTERM handler
+it printed is shown, so a real error is never hidden. It also installs the hooks that make the first
+imports of TensorFlow and MLflow cheaper (`lean_imports`) and the SIGINT/SIGTERM handler
 (`errors.stop_on_signals`), so `kill` stops a command as Ctrl-C does.
 
 Progress bars (`progress_bar`, `keras_progress`) are tqdm bars on stderr that show only when
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from transferlab import lean_imports
 from transferlab.errors import stop_on_signals
 
 if TYPE_CHECKING:
@@ -59,13 +61,15 @@ _SEVERITY_RANK = {"I": 0, "INFO": 0, "W": 1, "WARNING": 1, "E": 2, "F": 3}
 def configure(level: int = logging.INFO) -> None:
     """Log format and quiet start-up for an entry point; call it before anything heavy is imported.
 
-    It also makes SIGTERM stop the process as Ctrl-C does (`errors.stop_on_signals`)."""
+    It also makes the first imports of TensorFlow and MLflow cheaper (`lean_imports`) and SIGTERM
+    stop the process as Ctrl-C does (`errors.stop_on_signals`)."""
     for key, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     logging.basicConfig(level=level, format=LOG_FORMAT)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     quiet_imports()
+    lean_imports.install()
     stop_on_signals()
 
 
