@@ -17,16 +17,12 @@ stderr is a terminal; logs and pipes get one log line per pass or epoch instead.
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import logging
 import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from types import ModuleType
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -34,6 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from transferlab import lean_imports
 from transferlab.errors import stop_on_signals
+from transferlab.import_hooks import wrap_first_imports
 
 if TYPE_CHECKING:
     import keras
@@ -75,8 +72,7 @@ def configure(level: int = logging.INFO) -> None:
 
 def quiet_imports() -> None:
     """Make the first import of TensorFlow keep its C++ start-up chatter off the terminal."""
-    if not any(isinstance(finder, _QuietImportFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _QuietImportFinder(NOISY_IMPORTS))
+    wrap_first_imports(NOISY_IMPORTS, quiet_c_stderr)
 
 
 def is_chatter(line: str, min_level: int | None = None) -> bool:
@@ -119,46 +115,6 @@ def quiet_c_stderr(keep: Callable[[str], bool] | None = None) -> Iterator[None]:
             if kept:
                 sys.stderr.write(kept)
                 sys.stderr.flush()
-
-
-class _QuietLoader(importlib.abc.Loader):
-    """Runs the wrapped loader's `exec_module` inside `quiet_c_stderr`."""
-
-    def __init__(self, loader: importlib.abc.Loader) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        module.__loader__ = self._loader
-        if module.__spec__ is not None:
-            module.__spec__.loader = self._loader
-        with quiet_c_stderr():
-            self._loader.exec_module(module)
-
-
-class _QuietImportFinder(importlib.abc.MetaPathFinder):
-    """Meta path hook: the first import of a noisy top-level module runs under `quiet_c_stderr`."""
-
-    def __init__(self, names: frozenset[str]) -> None:
-        self.names = names
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in self.names:
-            return None
-        sys.meta_path.remove(self)  # one import only; also keeps find_spec below from recursing
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            remaining = self.names - {fullname}
-            if remaining:
-                sys.meta_path.insert(0, _QuietImportFinder(remaining))
-        if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
-        return spec
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "it") -> tqdm:

@@ -1,29 +1,31 @@
 """Cheaper first imports of TensorFlow and MLflow, the bulk of every command's start-up.
 
-Two import hooks, installed by `console.configure()` in every entry point:
+Two import hooks, installed by `console.configure()` in every entry point (figures: README,
+"Lean start-up imports"):
 
-- **No collections while they import.** Importing TensorFlow and MLflow creates about 600,000
-  objects that live as long as the process. Python's cyclic garbage collector runs its full
-  collection each time the number of such objects has grown by a quarter, so it walked all of
-  them about nine times during a command's start-up, found next to nothing and took 1.0-1.5 s
-  on 2 cores. The first import of each runs with the collector paused, and everything it
-  created is then frozen (`gc.freeze`), so that later collections skip it.
-- **Keras without scikit-learn and pyplot.** Keras imports both whenever they are installed:
-  scikit-learn for its scikit-learn wrappers (MLflow requires it, and it loads SciPy's
-  statistics), pyplot for an image-gallery helper. transferlab uses neither: its figures are
-  drawn without pyplot. Keras's own imports of these two fail as if they were not installed,
-  which Keras supports; any other module still imports them as usual.
+- **No collections while they import.** The two create about 650,000 objects that live as long
+  as the process, and Python's cyclic garbage collector ran a full collection each time their
+  number had grown by a quarter: it walked them all eight times during a `transferlab train`
+  start-up and found next to nothing. The first import of each now runs with the collector
+  paused, and everything it made is then frozen (`gc.freeze`) out of later collections.
+- **Keras without scikit-learn and pyplot.** Keras imports both whenever they are installed,
+  for its scikit-learn wrappers (MLflow requires scikit-learn, which loads SciPy's statistics)
+  and an image-gallery helper. transferlab uses neither: its figures are drawn without pyplot.
+  Keras's own imports of the two fail as if they were not installed, which Keras supports; any
+  other module still imports them as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.abc
-import importlib.util
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
+
+from transferlab.import_hooks import wrap_first_imports
 
 HEAVY = frozenset({"tensorflow", "mlflow"})
 KERAS_SKIPS = frozenset({"sklearn", "matplotlib.pyplot"})
@@ -37,8 +39,22 @@ def install(heavy: frozenset[str] = HEAVY) -> None:
     if not any(isinstance(finder, _KerasSkips) for finder in sys.meta_path):
         sys.meta_path.insert(0, _KerasSkips())
     pending = heavy - set(sys.modules)
-    if pending and not any(isinstance(finder, _UncollectedImports) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _UncollectedImports(frozenset(pending)))
+    if pending:
+        wrap_first_imports(frozenset(pending), collector_paused)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No garbage collections while the block runs; if it succeeds, what it made is frozen."""
+    if not gc.isenabled():  # paused already, by an import around this one or by the program
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        gc.enable()
 
 
 class _KerasSkips(importlib.abc.MetaPathFinder):
@@ -58,50 +74,3 @@ def importing_module() -> str:
     while frame is not None and frame.f_globals.get("__name__", "").startswith(_NOT_IMPORTERS):
         frame = frame.f_back
     return frame.f_globals.get("__name__", "") if frame is not None else ""
-
-
-class _UncollectedImports(importlib.abc.MetaPathFinder):
-    """The first import of each named top-level module runs under `_UncollectedLoader`."""
-
-    def __init__(self, names: frozenset[str]) -> None:
-        self.names = names
-
-    def find_spec(
-        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
-    ) -> ModuleSpec | None:
-        if fullname not in self.names:
-            return None
-        sys.meta_path.remove(self)  # one import per name; also keeps find_spec below from recursing
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            remaining = self.names - {fullname}
-            if remaining:
-                sys.meta_path.insert(0, _UncollectedImports(remaining))
-        if spec is not None and spec.loader is not None:
-            spec.loader = _UncollectedLoader(spec.loader)
-        return spec
-
-
-class _UncollectedLoader(importlib.abc.Loader):
-    """Runs the wrapped loader's `exec_module` with the collector paused, then freezes what it made."""
-
-    def __init__(self, loader: importlib.abc.Loader) -> None:
-        self._loader = loader
-
-    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: ModuleType) -> None:
-        module.__loader__ = self._loader
-        if module.__spec__ is not None:
-            module.__spec__.loader = self._loader
-        if not gc.isenabled():  # paused already, by an import around this one or by the program
-            self._loader.exec_module(module)
-            return
-        gc.disable()
-        try:
-            self._loader.exec_module(module)
-            gc.freeze()
-        finally:
-            gc.enable()
