@@ -47,7 +47,7 @@ $(VENV)/.extra-%: requirements-%.lock $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps -r $<
 	@touch $@
 
-test: setup $(VENV)/.extra-ray $(VENV)/.extra-postgres ## the whole test suite, on TEST_WORKERS processes (about 20 minutes on 2 cores)
+test: setup $(VENV)/.extra-ray $(VENV)/.extra-postgres ## the whole test suite, on TEST_WORKERS processes (15-19 minutes on 2 cores)
 	$(BIN)/pytest $(PYTEST_WORKERS)
 
 test-fast: setup       ## skip the tests that train models or start servers
