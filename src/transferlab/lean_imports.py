@@ -40,7 +40,7 @@ def install(heavy: frozenset[str] = HEAVY) -> None:
         sys.meta_path.insert(0, _KerasSkips())
     pending = heavy - set(sys.modules)
     if pending:
-        wrap_first_imports(frozenset(pending), collector_paused)
+        wrap_first_imports(pending, collector_paused)
 
 
 @contextlib.contextmanager
