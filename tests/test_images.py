@@ -21,6 +21,7 @@ from transferlab.images import (
     first_oversized,
     open_image,
     square_positions,
+    thumbnail,
 )
 
 RED = (230, 20, 20)
@@ -125,6 +126,16 @@ def test_training_predict_and_serving_see_identical_squares_with_test_time_crops
     np.testing.assert_array_equal(evaluated, predicted)
     np.testing.assert_array_equal(evaluated, served)
     assert load_image_batch([tmp_path / "missing.jpg"], 32, crops=3).pixels.shape == (0, 3, 32, 32, 3)
+
+
+def test_thumbnail_is_the_central_square(tmp_path: Path) -> None:
+    """A 300x100 photo: red, then green in the middle third, then blue; its thumbnail is green."""
+    pixels = np.zeros((100, 300, 3), np.uint8)
+    pixels[:, :100, 0] = pixels[:, 100:200, 1] = pixels[:, 200:, 2] = 255
+    Image.fromarray(pixels).save(tmp_path / "strip.png")
+    square = thumbnail(tmp_path / "strip.png", 20)
+    assert square.shape == (20, 20, 3) and square.dtype == np.uint8
+    assert (square[2:-2, 2:-2] == (0, 255, 0)).all()
 
 
 def test_downscaling_is_antialiased(tmp_path: Path) -> None:

@@ -15,10 +15,8 @@ from transferlab.config import ModelConfig
 from transferlab.errors import ConfigError, ModelError
 from transferlab.model import (
     attach_head,
-    build_backbone,
     build_classifier,
     flips_at_test_time,
-    forget_classifiers,
     set_trainable_layers,
     single_view_model,
     weights_digest,
@@ -151,54 +149,6 @@ def test_missing_weights_file_is_one_clear_error(tmp_path: Path) -> None:
     cfg = ModelConfig("mobilenet_v2", alpha=0.35, weights=str(tmp_path / "nope.h5"))
     with pytest.raises(ModelError, match=r"model.weights file .*nope.h5 does not exist"):
         build_classifier(cfg, 3, 32)
-
-
-def test_a_backbone_with_file_weights_is_reused_and_reset_to_them(tmp_path: Path) -> None:
-    """Sweep jobs share one built backbone; each gets it back with the file's weights, frozen."""
-    weights = tmp_path / "backbone.weights.h5"
-    build_backbone(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 32).save_weights(weights)
-    cfg = ModelConfig("mobilenet_v2", alpha=0.35, weights=str(weights))
-    first = build_classifier(cfg, 3, 32, seed=7, reuse_backbone=True)
-    pristine = weights_digest(first.backbone)
-    set_trainable_layers(first.backbone, 20)
-    for variable in first.backbone.weights:  # what fine-tuning the previous job did
-        variable.assign(variable + 1.0)
-
-    second = build_classifier(cfg, 3, 32, seed=7, reuse_backbone=True)
-    assert second.backbone is first.backbone
-    assert weights_digest(second.backbone) == pristine
-    assert not second.backbone.trainable_weights
-    fresh = build_classifier(cfg, 3, 32, seed=7)
-    assert fresh.backbone is not second.backbone
-    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    reused, built = (c.model.predict(pixels, verbose=0) for c in (second, fresh))
-    np.testing.assert_allclose(reused, built, atol=1e-6)
-    random = build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 3, 32, reuse_backbone=True)
-    assert random.backbone is not first.backbone, "random-init backbones are always built afresh"
-
-
-def test_forgetting_the_classifiers_of_a_reused_backbone_lets_them_go(tmp_path: Path) -> None:
-    """The reused backbone records every call on it; those records must not keep old jobs' models alive."""
-    import gc
-    import weakref
-
-    from transferlab.cut import split_at_cut
-    from transferlab.model import first_trainable_layer
-
-    weights = tmp_path / "backbone.weights.h5"
-    build_backbone(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 32).save_weights(weights)
-    cfg = ModelConfig("mobilenet_v2", alpha=0.35, weights=str(weights))
-    classifier = build_classifier(cfg, 3, 32, seed=1, reuse_backbone=True)
-    cut = split_at_cut(classifier, first_trainable_layer(classifier.backbone, 20))  # calls layers inside the backbone
-    job_models = [weakref.ref(m) for m in (classifier.model, classifier.head, cut.top)]
-    del classifier, cut
-    gc.collect()
-    assert any(ref() is not None for ref in job_models), "the backbone's call records hold them"
-    forget_classifiers()
-    gc.collect()
-    assert all(ref() is None for ref in job_models)
-    again = build_classifier(cfg, 3, 32, seed=1, reuse_backbone=True)
-    assert again.model(np.zeros((1, 32, 32, 3), "float32")).shape == (1, 3)
 
 
 def test_a_seeded_head_does_not_depend_on_what_was_built_before() -> None:

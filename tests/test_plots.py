@@ -77,6 +77,19 @@ def test_misclassified_grid_with_no_mistakes_still_writes_a_figure(tmp_path: Pat
     assert_png(plots.plot_misclassified([], [], [], [], tmp_path / "none.png"))
 
 
+def test_misclassified_grid_reads_its_photos_and_leaves_out_unreadable_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    photo, broken = tmp_path / "photo.jpg", tmp_path / "broken.jpg"
+    Image.new("RGB", (300, 200), (200, 40, 40)).save(photo)
+    broken.write_bytes(b"not a photo")
+    out = plots.plot_misclassified_files(
+        [broken, photo], ["a", "b"], ["b", "a"], [0.9, 0.8], tmp_path / "mis.png", thumbnail_size=48
+    )
+    assert_png(out)
+    assert f"left out {broken}" in caplog.text and str(photo) not in caplog.text
+
+
 def test_reliability_diagram(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, size=60)

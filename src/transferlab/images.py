@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from transferlab.errors import first_line
@@ -68,6 +68,15 @@ def open_image(source: Path | IO[bytes]) -> Image.Image:
             f"({MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE}): resize it"
         )
     return image
+
+
+def thumbnail(path: Path, size: int) -> np.ndarray:
+    """The central square of an image, `size` pixels a side, as RGB uint8: for figures, by Pillow
+    alone (a JPEG is decoded at the smallest scale that still covers the square)."""
+    with open_image(path) as image:
+        image.draft("RGB", (size, size))
+        square = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
+        return np.asarray(square, dtype=np.uint8)
 
 
 def first_oversized(paths: Sequence[str | Path], *, workers: int | None = None) -> tuple[str, str] | None:

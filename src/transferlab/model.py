@@ -75,7 +75,7 @@ def _preprocessing(kind: str, image_size: int) -> list[keras.layers.Layer]:
     raise ModelError(f"unknown preprocessing {kind!r}")
 
 
-def _weights_argument(cfg: ModelConfig) -> str | None:
+def weights_argument(cfg: ModelConfig) -> str | None:
     """What to pass as `weights=`: None, 'imagenet' (cache or download) or a checked file path."""
     if cfg.weights is None:
         return None
@@ -106,7 +106,7 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
         constructor = getattr(keras.applications, constructor)
     kwargs: dict[str, object] = {
         "include_top": False,
-        "weights": _weights_argument(cfg),
+        "weights": weights_argument(cfg),
         "input_shape": (image_size, image_size, 3),
     }
     if spec.alphas is not None:
@@ -121,71 +121,6 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
         if kwargs["weights"] == "imagenet":
             raise ModelError(_missing_imagenet_hint(cfg, image_size)) from exc
         raise ModelError(f"cannot load model.weights {cfg.weights}: {first_line(exc)}") from exc
-
-
-@dataclass
-class _BuiltBackbone:
-    """A backbone built with fixed (ImageNet or file) weights, those weights as built, and how
-    many calls each of its layers (and itself) had recorded then."""
-
-    key: tuple[object, ...]
-    backbone: keras.Model
-    weights: list[np.ndarray]
-    node_counts: list[tuple[keras.Operation, int, int]]
-
-
-_last_built: _BuiltBackbone | None = None
-
-
-def _fixed_weights_key(cfg: ModelConfig, image_size: int) -> tuple[object, ...] | None:
-    """What a backbone with file or ImageNet weights is a function of; None for random init."""
-    weights = _weights_argument(cfg)
-    if weights is None:
-        return None
-    stamp = None
-    if weights != "imagenet":
-        stat = Path(weights).stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
-    return (cfg.backbone, cfg.alpha, weights, stamp, image_size)
-
-
-def reusable_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
-    """`build_backbone`, or the one this process built last from the same weights, reset to them.
-
-    Building a `keras.applications` network costs about half a second of CPU (MobileNetV2),
-    as much as training a head on cached features, and every job of a sweep builds the same
-    one. ImageNet or file weights set every variable, so the reused network with its weights
-    put back is what a fresh build gives. Random-init backbones depend on the seed and are
-    always built afresh. The process keeps the last such backbone and a copy of its weights; the
-    caller must be done with classifiers built on the previous one, which share it, and should
-    call `forget_classifiers` when it is.
-    """
-    global _last_built
-    key = _fixed_weights_key(cfg, image_size)
-    if key is None:
-        return build_backbone(cfg, image_size)
-    if _last_built is not None and _last_built.key == key:
-        _last_built.backbone.set_weights(_last_built.weights)
-        return _last_built.backbone
-    backbone = build_backbone(cfg, image_size)
-    counts = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in (backbone, *backbone.layers)]
-    _last_built = _BuiltBackbone(key, backbone, backbone.get_weights(), counts)
-    return backbone
-
-
-def forget_classifiers() -> None:
-    """Cut the reused backbone's links to the classifiers built on it (see `reusable_backbone`).
-
-    Keras records every call of a model or layer on it, so the backbone keeps each classifier
-    built on it (and the cut models of fine-tuning) alive, with its optimizer state and traced
-    functions: about 12 MB per sweep job. A sweep calls this when a job is done; the records of
-    the backbone's own graph stay.
-    """
-    if _last_built is None:
-        return
-    for operation, inbound, outbound in _last_built.node_counts:
-        del operation._inbound_nodes[inbound:]
-        del operation._outbound_nodes[outbound:]
 
 
 def build_head(num_features: int, num_classes: int, cfg: ModelConfig, seed: int | None = None) -> keras.Model:
@@ -244,17 +179,23 @@ def run_head(head: keras.Model, pooled: np.ndarray) -> np.ndarray:
 
 
 def build_classifier(
-    cfg: ModelConfig, num_classes: int, image_size: int, *, seed: int | None = None, reuse_backbone: bool = False
+    cfg: ModelConfig,
+    num_classes: int,
+    image_size: int,
+    *,
+    seed: int | None = None,
+    backbone: keras.Model | None = None,
+    head: keras.Model | None = None,
 ) -> Classifier:
     """A frozen backbone with a new head; call `set_trainable_layers` to fine-tune.
 
-    `seed` seeds the head (see `build_head`). With `reuse_backbone` (and a seed, so the head
-    does not depend on whether the backbone was built), the backbone comes from
-    `reusable_backbone`.
+    `seed` seeds the head (see `build_head`). A `backbone` or `head` given (reuse.py: kept from
+    an earlier job) is used instead of a new one.
     """
     import keras
 
-    backbone = reusable_backbone(cfg, image_size) if reuse_backbone else build_backbone(cfg, image_size)
+    if backbone is None:
+        backbone = build_backbone(cfg, image_size)
     backbone.trainable = False
     layers = _preprocessing(BACKBONES[cfg.backbone].preprocessing, image_size)
 
@@ -268,7 +209,8 @@ def build_classifier(
     x = backbone(preprocess(inputs), training=False)
     pooled = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
     features = keras.Model(inputs, pooled, name="features")
-    head = build_head(int(pooled.shape[-1]), num_classes, cfg, seed)
+    if head is None:
+        head = build_head(int(pooled.shape[-1]), num_classes, cfg, seed)
     model = keras.Model(inputs, head(pooled), name=f"{cfg.backbone}_classifier")
     return Classifier(model=model, backbone=backbone, features=features, head=head, preprocess=preprocess)
 

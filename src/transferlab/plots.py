@@ -1,7 +1,9 @@
 """PNG figures for reports and MLflow, drawn with matplotlib's Agg renderer (no display needed).
 
-Each function takes plain data and a path, writes one PNG, and returns the path. Figures are
-built with `matplotlib.figure.Figure` rather than pyplot, so nothing global is touched.
+Each function takes plain data and a path, writes one PNG, and returns the path
+(`plot_misclassified_files` reads its photos itself). Figures are built with
+`matplotlib.figure.Figure` rather than pyplot, so nothing global is touched, and every function
+can run in a figure worker (figure_workers.py).
 """
 
 from __future__ import annotations
@@ -144,6 +146,35 @@ def plot_misclassified(
     ax.axis("off")
     fig.suptitle("Most confidently misclassified test images")
     return _save(fig, path)
+
+
+def plot_misclassified_files(
+    files: Sequence[Path],
+    actual: Sequence[str],
+    predicted: Sequence[str],
+    confidence: Sequence[float],
+    path: Path,
+    thumbnail_size: int,
+) -> Path:
+    """`plot_misclassified` of the photos in `files`, read here as thumbnails of `thumbnail_size`
+    (central squares; in a figure worker, off the job's path); unreadable ones are left out."""
+    from transferlab.images import thumbnail
+
+    kept, tiles = [], []
+    for i, file in enumerate(files):
+        try:
+            tiles.append(thumbnail(Path(file), thumbnail_size))
+        except (OSError, ValueError) as exc:
+            log.warning("misclassified grid: left out %s (%s)", file, exc)
+            continue
+        kept.append(i)
+    return plot_misclassified(
+        tiles,
+        [actual[i] for i in kept],
+        [predicted[i] for i in kept],
+        [confidence[i] for i in kept],
+        path,
+    )
 
 
 def plot_reliability(calibration: Calibration, path: Path) -> Path:

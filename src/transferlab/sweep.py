@@ -30,7 +30,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import atomic, sweep_bookkeeping, tracking
+from transferlab import atomic, figure_workers, sweep_bookkeeping, tracking
 from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf, validate_section
 from transferlab.errors import (
     describe,
@@ -157,10 +157,12 @@ class SweepTracker(Callback):
         SweepInfo(parent.record, tuple(keys), registered_model).write(sweep_dir)
         atexit.register(_close_unfinished, sweep_dir)
         log.info("sweep parent run %s, varying %s", parent.run_id, ", ".join(keys) or "nothing")
+        figure_workers.start()  # jobs that run in this process (the basic launcher) draw there
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         atexit.unregister(_close_unfinished)
+        figure_workers.stop()
         _close_parent(sweep_dir, "FINISHED")
 
 
@@ -225,9 +227,9 @@ def free_memory() -> None:
     if "keras" in sys.modules:
         import keras
 
-        from transferlab.model import forget_classifiers
+        from transferlab.reuse import forget_classifiers
 
-        forget_classifiers()  # the backbone the next job reuses would keep this job's models alive
+        forget_classifiers()  # the backbone and heads the next job reuses would keep this job's models alive
         keras.backend.clear_session(free_memory=False)
         _drop_custom_gradients()
     gc.collect()

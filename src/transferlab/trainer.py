@@ -159,12 +159,10 @@ class Trainer:
 
     def train(self, resumed: bool) -> Classifier:
         """Run every phase not yet over; return the classifier with the epoch to keep restored."""
-        from transferlab.model import build_classifier, weights_digest
+        from transferlab import reuse
 
-        classifier = build_classifier(
-            self.cfg.model, len(self.classes), self.image_size, seed=self.cfg.train.seed, reuse_backbone=True
-        )
-        self.weights_digest = weights_digest(classifier.backbone)
+        classifier = reuse.classifier(self.cfg.model, len(self.classes), self.image_size, self.cfg.train.seed)
+        self.weights_digest = reuse.backbone_digest(classifier.backbone)
         self.phases = [_feasible(phase, classifier) for phase in plan_phases(self.cfg)]
         carried = not resumed  # the in-memory weights are the state's (nothing trained yet, or trained here)
         for phase in self.phases:
@@ -187,14 +185,15 @@ class Trainer:
         return (self.state.best_epoch or self.state.epochs_done) if self.keep_best else self.state.epochs_done
 
     def _run_phase(self, classifier: Classifier, phase: Phase, resuming: bool, carried: bool) -> None:
-        from transferlab.model import compile_classifier, learning_rate_schedule, load_training_state
+        from transferlab.model import learning_rate_schedule, load_training_state
+        from transferlab.reuse import compile_for_job
 
         fit = self._prepare(classifier, phase)
         self.last_fit = fit
         schedule = learning_rate_schedule(
             phase.schedule, phase.learning_rate, phase.epochs, phase.warmup_epochs, fit.steps_per_epoch
         )
-        compile_classifier(fit.model, self.cfg.train, schedule)
+        compile_for_job(fit.model, self.cfg.train, schedule)
         if resuming:
             restored = self.checkpointer.restore_model(self.state)
             assert restored is not None, "a phase in progress always has a checkpoint"

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from transferlab import plots, tracking
+from transferlab import figure_workers, plots, tracking
 from transferlab.atomic import replace_dir
 from transferlab.config import Config
 from transferlab.console import keras_progress
 from transferlab.descriptions import with_test_results
 from transferlab.errors import DataError, ModelError, stop_if_received
 from transferlab.images import square_positions, test_time_views
-from transferlab.inference import load_image_batch, load_model, model_crops, model_image_size
+from transferlab.inference import load_model, model_crops, model_image_size
 from transferlab.locks import stage_lock
 from transferlab.manifests import Manifest, check_splits_fresh, load_classes, load_manifest, split_datasets
 from transferlab.metrics import Calibration, ClassificationReport, calibration, classification_report
@@ -204,7 +204,7 @@ def _staged(folder: Path, paths: StagePaths, file: Path) -> Path:
     return folder / file.relative_to(paths.evaluation)
 
 
-def _write_figures(
+def _draw_figures(
     targets: list[Path],
     cfg: Config,
     test: Manifest,
@@ -212,24 +212,24 @@ def _write_figures(
     probabilities: np.ndarray,
     report: ClassificationReport,
     reliability: Calibration,
-) -> list[Path]:
+) -> list[figure_workers.Drawing]:
+    """The three figures; the photo grid, the slowest, goes to the figure worker when there is one."""
     confusion_png, misclassified_png, reliability_png = targets
-    plots.plot_confusion_matrix(report.confusion, classes, confusion_png)
     y_true = np.asarray(test.labels)
     picked = most_confident_mistakes(y_true, probabilities, cfg.evaluate.misclassified)
-    batch = load_image_batch([Path(test.absolute_paths[i]) for i in picked], THUMBNAIL_SIZE)
-    readable = {str(p) for p in batch.paths}
-    kept = [i for i in picked if test.absolute_paths[i] in readable]
     predicted = np.argmax(probabilities, axis=1)
-    plots.plot_misclassified(
-        list(batch.pixels),
-        [classes[y_true[i]] for i in kept],
-        [classes[predicted[i]] for i in kept],
-        [float(probabilities[i, predicted[i]]) for i in kept],
+    mistakes = figure_workers.draw(
+        plots.plot_misclassified_files,
+        [Path(test.absolute_paths[i]) for i in picked],
+        [classes[y_true[i]] for i in picked],
+        [classes[predicted[i]] for i in picked],
+        [float(probabilities[i, predicted[i]]) for i in picked],
         misclassified_png,
+        THUMBNAIL_SIZE,
     )
-    plots.plot_reliability(reliability, reliability_png)
-    return [confusion_png, misclassified_png, reliability_png]
+    confusion = figure_workers.draw(plots.plot_confusion_matrix, report.confusion, classes, confusion_png, here=True)
+    calibration_figure = figure_workers.draw(plots.plot_reliability, reliability, reliability_png, here=True)
+    return [confusion, mistakes, calibration_figure]
 
 
 def evaluate(
@@ -276,14 +276,14 @@ def _evaluate(
         per_class_frame(report, classes).to_csv(per_class_csv, index=False)
         confusion_frame(y_true, np.argmax(probabilities, axis=1), classes).to_csv(confusion_csv, index=False)
         targets = [_staged(folder, paths, file) for file in figure_files(paths)]
-        figures = _write_figures(targets, cfg, test, classes, probabilities, report, reliability)
+        figures = _draw_figures(targets, cfg, test, classes, probabilities, report, reliability)
         log.info("logging the evaluation to MLflow run %s", record.run_id)
         with store.reopen_run(record.run_id) as run:
             run.log_datasets(split_datasets(cfg, paths, ["test"]))
             for file in (metrics_json, per_class_csv, confusion_csv):
                 run.log_artifact(file, ARTIFACT_DIR)
             for figure in figures:
-                run.log_artifact(figure, FIGURE_ARTIFACT_DIR)
+                run.log_artifact(figure.path(), FIGURE_ARTIFACT_DIR)
             run.description = with_test_results(run.description, metrics, cfg.evaluate.top_k)
             run.log_metrics(metrics)  # last, in one batch: test metrics in MLflow mean the reports are there too
     log.info(

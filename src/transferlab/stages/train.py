@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from transferlab import atomic, tracking
+from transferlab import atomic, figure_workers, tracking
 from transferlab.checkpoint import Checkpointer, CheckpointState
 from transferlab.config import Config, config_hash
 from transferlab.descriptions import training_description
@@ -267,9 +267,8 @@ def _save_outputs(
     outputs = atomic.replace_together(paths.models, [paths.history, paths.training_curves])
     with outputs as (models, (history_csv, curves_png)):
         history.to_csv(history_csv, index=False)
-        plot_training_curves(history, curves_png, kept_epoch=trainer.kept_epoch)
+        curves = figure_workers.draw(plot_training_curves, history, curves_png, kept_epoch=trainer.kept_epoch)
         run.log_artifact(history_csv)
-        run.log_artifact(curves_png, "figures")
         run.log_artifact(paths.classes)
         kept = kept_row(history, trainer.kept_epoch)
         final_accuracy, final_loss = final_validation(saved_model, kept)
@@ -299,6 +298,7 @@ def _save_outputs(
             run.discard_logged_models()  # a killed earlier attempt may have logged one (or left it PENDING)
             run.log_model(model_file, list(trainer.classes), trainer.image_size)
             stop_if_received()  # a stop while the model was logged: models/ stays as it was
+        run.log_artifact(curves.path(), "figures")
         run.record.write(models / paths.run_file.name)
     log.info("model (epoch %d) saved to %s; MLflow run %s", trainer.kept_epoch, paths.model_file, run.run_id)
 

@@ -1,0 +1,139 @@
+"""Figures drawn in a worker process while a sweep job goes on with its other work.
+
+A later sweep job spends about a third of its time in matplotlib, on one core, while the
+machine's other core idles. A sweep started in this process (`start`, called by the sweep's
+callback) gets one worker process; `draw` hands it a plot function and its data and returns at
+once, and the job collects the figure (`Drawing.path`) only when it logs it. Without a worker
+(single runs, jobs in joblib or Ray worker processes), `draw` draws at once, in this process.
+
+The worker is a fresh interpreter (spawned: forking a process that runs TensorFlow is unsafe)
+that imports only matplotlib and what the plot functions need. It ignores Ctrl-C and SIGTERM,
+which the sweep handles, and dies with this process, also when this one is killed. A worker
+that dies or hangs costs nothing but time: the figure is drawn again here, and the next one
+gets a new worker.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Longest wait for one figure, in seconds: a figure takes well under one.
+TIMEOUT_S = 120.0
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+_pool: ProcessPoolExecutor | None = None
+_warm_up_done: Future[None] | None = None
+_started = False
+
+
+class Drawing:
+    """A figure on its way: `path` waits for it and returns where it was written."""
+
+    def __init__(self, future: Future[Path] | None, plot: Callable[..., Path], args: tuple, kwargs: dict) -> None:
+        self._future, self._plot, self._args, self._kwargs = future, plot, args, kwargs
+        self._path: Path | None = None if future is not None else plot(*args, **kwargs)
+
+    def path(self) -> Path:
+        """The figure's file, once written; the plot function's own error if it failed."""
+        if self._path is None:
+            assert self._future is not None
+            try:
+                self._path = self._future.result(timeout=TIMEOUT_S)
+                log.info("wrote %s (in the figure worker)", self._path)
+            except (BrokenProcessPool, concurrent.futures.TimeoutError) as exc:
+                log.warning("the figure worker %s: drawing %s here", _failure(exc), self._plot.__name__)
+                _discard_pool()
+                self._path = self._plot(*self._args, **self._kwargs)
+        return self._path
+
+
+def start() -> None:
+    """Draw figures in a worker process from now on in this process (idempotent)."""
+    global _started
+    _started = True
+
+
+def draw(plot: Callable[..., Path], *args: Any, here: bool = False, **kwargs: Any) -> Drawing:
+    """`plot(*args, **kwargs)` in the worker once it is ready; else (or with `here`) here, at once.
+
+    `plot` is a module-level function returning the path it wrote; its arguments are pickled.
+    The first call starts the worker, which imports the plotting modules while this process
+    goes on (the sweep's first job draws its own figures, while its backbone pass no longer
+    needs both cores).
+    """
+    pool = None if here else _ready_pool()
+    if pool is None:
+        return Drawing(None, plot, args, kwargs)
+    try:
+        future = pool.submit(plot, *args, **kwargs)
+    except BrokenProcessPool as exc:
+        log.warning("the figure worker %s: drawing %s here", _failure(exc), plot.__name__)
+        _discard_pool()
+        return Drawing(None, plot, args, kwargs)
+    return Drawing(future, plot, args, kwargs)
+
+
+def stop() -> None:
+    """Draw in this process again; the worker exits once its figure, if any, is done."""
+    global _started
+    _started = False
+    _discard_pool()
+
+
+def _ready_pool() -> ProcessPoolExecutor | None:
+    """The worker, if started and done importing; starts it when there is none."""
+    global _pool, _warm_up_done
+    if not _started:
+        return None
+    if _pool is None:
+        context = multiprocessing.get_context("spawn")
+        _pool = ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
+        _warm_up_done = _pool.submit(_warm_up)
+        return None
+    return _pool if _warm_up_done is not None and _warm_up_done.done() else None
+
+
+def _discard_pool() -> None:
+    global _pool, _warm_up_done
+    if _pool is not None:
+        workers = list((_pool._processes or {}).values())  # a hung worker would linger
+        _pool.shutdown(wait=False, cancel_futures=True)
+        for worker in workers:
+            with contextlib.suppress(OSError):
+                worker.kill()
+        _pool, _warm_up_done = None, None
+
+
+def _failure(exc: BaseException) -> str:
+    return "took too long" if isinstance(exc, concurrent.futures.TimeoutError) else "stopped"
+
+
+def _warm_up() -> None:
+    """In the worker: import what every plot function needs."""
+    import matplotlib.backends.backend_agg  # noqa: F401  (what `savefig` draws with)
+
+    import transferlab.plots  # noqa: F401
+
+
+def _init_worker(parent: int) -> None:
+    """In the worker: leave stop signals to the sweep, and die with it (Linux: prctl)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the sweep died before prctl took effect
+        os._exit(1)

@@ -1,0 +1,132 @@
+"""The figure worker of a sweep: figures drawn in another process, the same as here, and a
+worker that fails, dies or outlives nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferlab import figure_workers, plots
+
+WAIT_S = 60.0
+
+
+def pid_file(path: Path) -> Path:
+    """A 'figure' that records which process drew it."""
+    path.write_text(str(os.getpid()))
+    return path
+
+
+def failing_plot(path: Path) -> Path:
+    raise ValueError(f"cannot draw {path.name}")
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[int]:
+    """A started figure worker, done importing, and its process id. Figures are drawn here
+    until it is ready."""
+    figure_workers.start()
+    deadline = time.monotonic() + WAIT_S
+    while (pid := drawn_by(figure_workers.draw(pid_file, tmp_path / "probe"))) == os.getpid():
+        assert time.monotonic() < deadline, "the figure worker did not start"
+        time.sleep(0.1)
+    yield pid
+    figure_workers.stop()
+
+
+def drawn_by(drawing: figure_workers.Drawing) -> int:
+    return int(drawing.path().read_text())
+
+
+def test_without_a_sweep_figures_are_drawn_here(tmp_path: Path) -> None:
+    assert drawn_by(figure_workers.draw(pid_file, tmp_path / "a.png")) == os.getpid()
+
+
+def test_a_started_worker_draws_in_another_process(worker: int, tmp_path: Path) -> None:
+    assert drawn_by(figure_workers.draw(pid_file, tmp_path / "a.png")) == worker != os.getpid()
+    assert drawn_by(figure_workers.draw(pid_file, tmp_path / "b.png", here=True)) == os.getpid()
+
+
+def test_the_first_figure_is_drawn_here_while_the_worker_starts(tmp_path: Path) -> None:
+    figure_workers.start()
+    try:
+        assert drawn_by(figure_workers.draw(pid_file, tmp_path / "first.png")) == os.getpid()
+    finally:
+        figure_workers.stop()
+
+
+def test_a_figure_from_the_worker_is_the_same_png(worker: int, tmp_path: Path) -> None:
+    confusion = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 9]])
+    classes = ["daisy", "roses", "tulips"]
+    there = figure_workers.draw(plots.plot_confusion_matrix, confusion, classes, tmp_path / "there.png")
+    here = plots.plot_confusion_matrix(confusion, classes, tmp_path / "here.png")
+    assert there.path().read_bytes() == here.read_bytes()
+
+
+def test_an_error_in_the_worker_is_raised_here(worker: int, tmp_path: Path) -> None:
+    drawing = figure_workers.draw(failing_plot, tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"cannot draw x\.png"):
+        drawing.path()
+
+
+def test_a_killed_worker_costs_only_time(worker: int, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    os.kill(worker, signal.SIGKILL)
+    caplog.set_level(logging.WARNING, logger="transferlab.figure_workers")
+    drawing = figure_workers.draw(pid_file, tmp_path / "a.png")
+    assert drawn_by(drawing) == os.getpid()
+    assert "the figure worker stopped: drawing pid_file here" in caplog.text
+    deadline = time.monotonic() + WAIT_S  # the next figure gets a new worker
+    while drawn_by(figure_workers.draw(pid_file, tmp_path / "b.png")) == os.getpid():
+        assert time.monotonic() < deadline, "no new figure worker"
+        time.sleep(0.1)
+
+
+def test_the_worker_ignores_stop_signals_which_the_sweep_handles(worker: int, tmp_path: Path) -> None:
+    os.kill(worker, signal.SIGINT)
+    os.kill(worker, signal.SIGTERM)
+    assert drawn_by(figure_workers.draw(pid_file, tmp_path / "a.png")) == worker
+
+
+def test_the_worker_dies_with_the_sweep(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from transferlab import figure_workers
+        from test_figure_workers import pid_file
+        figure_workers.start()
+        while True:
+            pid = int(figure_workers.draw(pid_file, Path({str(tmp_path)!r}) / "p").path().read_text())
+            if pid != os.getpid():
+                break
+            time.sleep(0.1)
+        print(pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT_S)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pid = int(done.stdout)
+    deadline = time.monotonic() + WAIT_S
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"figure worker {pid} outlived the killed sweep"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with Path(f"/proc/{pid}/stat").open() as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"  # a zombie is dead
+    except FileNotFoundError:
+        return False
