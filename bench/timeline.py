@@ -47,11 +47,11 @@ JOB_MARKERS = (
     Marker("start: MLflow run, build model", FEATURES),
     Marker("backbone features, train + val", r"^head: "),
     Marker("fit the head", EPOCH, last=True),
-    Marker("save model + training curves", r"wrote .*training_curves\.png"),
-    Marker("log artifacts, describe run", r"model \(epoch \d+\) saved to"),
+    # The figure worker (figure_workers.py) draws the curves while the model is saved, and the
+    # photo grid while the other two figures are drawn: their lines come when they are collected.
+    Marker("save model + training curves, log artifacts, describe run", r"model \(epoch \d+\) saved to"),
     Marker("evaluate: test features", r"test features from the cache"),
-    Marker("evaluate: metrics + 3 figures", r"wrote .*reliability\.png"),
-    Marker("evaluate: log to MLflow", r"^test accuracy"),
+    Marker("evaluate: metrics + 3 figures, log to MLflow", r"^test accuracy"),
 )
 # A two-phase `finetune=top20` run (cut-point cache or images).
 FINETUNE_MARKERS = (

@@ -91,6 +91,25 @@ def test_a_killed_worker_costs_only_time(worker: int, tmp_path: Path, caplog: py
         time.sleep(0.1)
 
 
+def test_after_repeated_failures_every_figure_is_drawn_here(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="transferlab.figure_workers")
+    figure_workers.start()
+    try:
+        for failure in range(figure_workers.MAX_FAILURES):
+            deadline = time.monotonic() + WAIT_S
+            while (pid := drawn_by(figure_workers.draw(pid_file, tmp_path / "probe"))) == os.getpid():
+                assert time.monotonic() < deadline, f"no figure worker after {failure} failures"
+                time.sleep(0.1)
+            os.kill(pid, signal.SIGKILL)
+            assert drawn_by(figure_workers.draw(pid_file, tmp_path / "a.png")) == os.getpid()
+        assert "every figure of this process will be" in caplog.text
+        for _ in range(20):
+            assert drawn_by(figure_workers.draw(pid_file, tmp_path / "b.png")) == os.getpid()
+            time.sleep(0.1)
+    finally:
+        figure_workers.stop()
+
+
 def test_the_worker_ignores_stop_signals_which_the_sweep_handles(worker: int, tmp_path: Path) -> None:
     os.kill(worker, signal.SIGINT)
     os.kill(worker, signal.SIGTERM)

@@ -31,11 +31,16 @@ log = logging.getLogger(__name__)
 
 # Longest wait for one figure, in seconds: a figure takes well under one.
 TIMEOUT_S = 120.0
+# Workers that may fail (die, hang, not start) before this process draws everything itself.
+MAX_FAILURES = 3
+# How long a worker that is no longer needed may take to exit before it is killed.
+EXIT_GRACE_S = 5.0
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 _pool: ProcessPoolExecutor | None = None
 _warm_up_done: Future[None] | None = None
 _started = False
+_failures = 0
 
 
 class Drawing:
@@ -53,16 +58,16 @@ class Drawing:
                 self._path = self._future.result(timeout=TIMEOUT_S)
                 log.info("wrote %s (in the figure worker)", self._path)
             except (BrokenProcessPool, concurrent.futures.TimeoutError) as exc:
-                log.warning("the figure worker %s: drawing %s here", _failure(exc), self._plot.__name__)
-                _discard_pool()
+                _worker_failed(_failure(exc), self._plot)
                 self._path = self._plot(*self._args, **self._kwargs)
         return self._path
 
 
 def start() -> None:
-    """Draw figures in a worker process from now on in this process (idempotent)."""
-    global _started
-    _started = True
+    """Draw figures in a worker process from now on in this process (a sweep's start): the
+    worker starts with the first figure, and gets `MAX_FAILURES` tries again."""
+    global _started, _failures
+    _started, _failures = True, 0
 
 
 def draw(plot: Callable[..., Path], *args: Any, here: bool = False, **kwargs: Any) -> Drawing:
@@ -78,40 +83,56 @@ def draw(plot: Callable[..., Path], *args: Any, here: bool = False, **kwargs: An
         return Drawing(None, plot, args, kwargs)
     try:
         future = pool.submit(plot, *args, **kwargs)
-    except BrokenProcessPool as exc:
-        log.warning("the figure worker %s: drawing %s here", _failure(exc), plot.__name__)
-        _discard_pool()
+    except BrokenProcessPool:
+        _worker_failed("stopped", plot)
         return Drawing(None, plot, args, kwargs)
     return Drawing(future, plot, args, kwargs)
 
 
 def stop() -> None:
-    """Draw in this process again; the worker exits once its figure, if any, is done."""
+    """Draw in this process again; the idle worker exits."""
     global _started
     _started = False
-    _discard_pool()
+    _discard_pool(EXIT_GRACE_S)
 
 
 def _ready_pool() -> ProcessPoolExecutor | None:
     """The worker, if started and done importing; starts it when there is none."""
     global _pool, _warm_up_done
-    if not _started:
+    if not _started or _failures >= MAX_FAILURES:
         return None
     if _pool is None:
-        context = multiprocessing.get_context("spawn")
+        context = multiprocessing.get_context("spawn")  # it imports __main__: our entry points guard it
         _pool = ProcessPoolExecutor(1, mp_context=context, initializer=_init_worker, initargs=(os.getpid(),))
         _warm_up_done = _pool.submit(_warm_up)
         return None
-    return _pool if _warm_up_done is not None and _warm_up_done.done() else None
+    if _warm_up_done is None or not _warm_up_done.done():
+        return None
+    if _warm_up_done.exception() is not None:  # it cannot draw: its imports failed, or it died
+        _worker_failed(f"did not start ({_warm_up_done.exception()!r})", None)
+        return None
+    return _pool
 
 
-def _discard_pool() -> None:
+def _worker_failed(how: str, plot: Callable[..., Path] | None) -> None:
+    global _failures
+    _failures += 1
+    what = f"drawing {plot.__name__} here" if plot else "drawing here"
+    if _failures >= MAX_FAILURES:
+        what += "; every figure of this process will be"
+    log.warning("the figure worker %s: %s", how, what)
+    _discard_pool(0.0)
+
+
+def _discard_pool(grace: float) -> None:
+    """Shut the worker down: it exits within `grace` seconds, or is killed (a hung one would linger)."""
     global _pool, _warm_up_done
     if _pool is not None:
-        workers = list((_pool._processes or {}).values())  # a hung worker would linger
+        workers = list((_pool._processes or {}).values())
         _pool.shutdown(wait=False, cancel_futures=True)
         for worker in workers:
-            with contextlib.suppress(OSError):
+            worker.join(grace)
+            if worker.is_alive():
                 worker.kill()
         _pool, _warm_up_done = None, None
 
