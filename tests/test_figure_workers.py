@@ -27,6 +27,11 @@ def pid_file(path: Path) -> Path:
     return path
 
 
+def slow_pid_file(path: Path) -> Path:
+    time.sleep(1.0)
+    return pid_file(path)
+
+
 def failing_plot(path: Path) -> Path:
     raise ValueError(f"cannot draw {path.name}")
 
@@ -71,6 +76,13 @@ def test_a_figure_from_the_worker_is_the_same_png(worker: int, tmp_path: Path) -
     there = figure_workers.draw(plots.plot_confusion_matrix, confusion, classes, tmp_path / "there.png")
     here = plots.plot_confusion_matrix(confusion, classes, tmp_path / "here.png")
     assert there.path().read_bytes() == here.read_bytes()
+
+
+def test_a_failing_job_waits_for_its_figures_before_its_folder_goes(worker: int, tmp_path: Path) -> None:
+    drawing = figure_workers.draw(slow_pid_file, tmp_path / "slow.png")
+    with pytest.raises(RuntimeError, match="the job failed"), figure_workers.settled(drawing):
+        raise RuntimeError("the job failed")
+    assert (tmp_path / "slow.png").read_text() == str(worker), "written before the block was left"
 
 
 def test_an_error_in_the_worker_is_raised_here(worker: int, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -50,6 +50,12 @@ class Drawing:
         self._future, self._plot, self._args, self._kwargs = future, plot, args, kwargs
         self._path: Path | None = None if future is not None else plot(*args, **kwargs)
 
+    def settle(self) -> None:
+        """Wait (at most `TIMEOUT_S`) until the worker is done with it, whatever the outcome: before
+        the folder it is written to goes (a job that failed or was stopped)."""
+        if self._future is not None and not self._future.done():
+            concurrent.futures.wait([self._future], timeout=TIMEOUT_S)
+
     def path(self) -> Path:
         """The figure's file, once written; the plot function's own error if it failed."""
         if self._path is None:
@@ -61,6 +67,16 @@ class Drawing:
                 _worker_failed(_failure(exc), self._plot)
                 self._path = self._plot(*self._args, **self._kwargs)
         return self._path
+
+
+@contextlib.contextmanager
+def settled(*drawings: Drawing) -> Iterator[None]:
+    """Settle `drawings` when the block ends, also when it raises."""
+    try:
+        yield
+    finally:
+        for drawing in drawings:
+            drawing.settle()
 
 
 def start() -> None:

@@ -278,7 +278,7 @@ def _evaluate(
         targets = [_staged(folder, paths, file) for file in figure_files(paths)]
         figures = _draw_figures(targets, cfg, test, classes, probabilities, report, reliability)
         log.info("logging the evaluation to MLflow run %s", record.run_id)
-        with store.reopen_run(record.run_id) as run:
+        with figure_workers.settled(*figures), store.reopen_run(record.run_id) as run:
             run.log_datasets(split_datasets(cfg, paths, ["test"]))
             for file in (metrics_json, per_class_csv, confusion_csv):
                 run.log_artifact(file, ARTIFACT_DIR)

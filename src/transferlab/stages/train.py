@@ -268,38 +268,39 @@ def _save_outputs(
     with outputs as (models, (history_csv, curves_png)):
         history.to_csv(history_csv, index=False)
         curves = figure_workers.draw(plot_training_curves, history, curves_png, kept_epoch=trainer.kept_epoch)
-        run.log_artifact(history_csv)
-        run.log_artifact(paths.classes)
-        kept = kept_row(history, trainer.kept_epoch)
-        final_accuracy, final_loss = final_validation(saved_model, kept)
-        run.log_metrics(
-            {
-                "best_epoch": trainer.kept_epoch,
-                "final_val_accuracy": final_accuracy,
-                "final_val_loss": final_loss,
-            }
-        )
-        images = {dataset.split: len(dataset.frame) for dataset in datasets}
-        digest = datasets[0].digest
-        phases = trainer.phases
-        run.description = training_description(
-            cfg,
-            phases,
-            history,
-            kept,
-            images,
-            len(trainer.classes),
-            digest,
-            test_time_val_accuracy=final_accuracy if cfg.model.averages_test_time_views else None,
-        )
-        model_file = models / paths.model_file.name
-        classifier.model.save(model_file)
-        if cfg.mlflow.log_model:
-            run.discard_logged_models()  # a killed earlier attempt may have logged one (or left it PENDING)
-            run.log_model(model_file, list(trainer.classes), trainer.image_size)
-            stop_if_received()  # a stop while the model was logged: models/ stays as it was
-        run.log_artifact(curves.path(), "figures")
-        run.record.write(models / paths.run_file.name)
+        with figure_workers.settled(curves):  # drawn into the folder a failure would remove
+            run.log_artifact(history_csv)
+            run.log_artifact(paths.classes)
+            kept = kept_row(history, trainer.kept_epoch)
+            final_accuracy, final_loss = final_validation(saved_model, kept)
+            run.log_metrics(
+                {
+                    "best_epoch": trainer.kept_epoch,
+                    "final_val_accuracy": final_accuracy,
+                    "final_val_loss": final_loss,
+                }
+            )
+            images = {dataset.split: len(dataset.frame) for dataset in datasets}
+            digest = datasets[0].digest
+            phases = trainer.phases
+            run.description = training_description(
+                cfg,
+                phases,
+                history,
+                kept,
+                images,
+                len(trainer.classes),
+                digest,
+                test_time_val_accuracy=final_accuracy if cfg.model.averages_test_time_views else None,
+            )
+            model_file = models / paths.model_file.name
+            classifier.model.save(model_file)
+            if cfg.mlflow.log_model:
+                run.discard_logged_models()  # a killed earlier attempt may have logged one (or left it PENDING)
+                run.log_model(model_file, list(trainer.classes), trainer.image_size)
+                stop_if_received()  # a stop while the model was logged: models/ stays as it was
+            run.log_artifact(curves.path(), "figures")
+            run.record.write(models / paths.run_file.name)
     log.info("model (epoch %d) saved to %s; MLflow run %s", trainer.kept_epoch, paths.model_file, run.run_id)
 
 
