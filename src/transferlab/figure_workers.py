@@ -9,8 +9,8 @@ once, and the job collects the figure (`Drawing.path`) only when it logs it. Wit
 The worker is a fresh interpreter (spawned: forking a process that runs TensorFlow is unsafe)
 that imports only matplotlib and what the plot functions need. It ignores Ctrl-C and SIGTERM,
 which the sweep handles, and dies with this process, also when this one is killed. A worker
-that dies or hangs costs nothing but time: the figure is drawn again here, and the next one
-gets a new worker.
+that dies, hangs or cannot start costs nothing but time: the figure is drawn here, and the next
+one gets a new worker; after `MAX_FAILURES` of them, this process draws every figure itself.
 """
 
 from __future__ import annotations

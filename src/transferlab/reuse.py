@@ -49,15 +49,10 @@ HEADS_KEPT = 8
 @dataclass
 class _Kept:
     """A model kept for the next job, and how many calls each of its layers (and itself) had
-    recorded when it was built: later calls link it to the jobs' classifiers."""
+    recorded when it was built (`_calls_recorded`): later calls link it to the jobs' classifiers."""
 
     model: keras.Model
     node_counts: list[tuple[keras.Operation, int, int]]
-
-    @classmethod
-    def of(cls, model: keras.Model) -> _Kept:
-        counts = [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in (model, *model.layers)]
-        return cls(model, counts)
 
     def forget_calls(self) -> None:
         for operation, inbound, outbound in self.node_counts:
@@ -67,9 +62,9 @@ class _Kept:
 
 @dataclass
 class _KeptBackbone(_Kept):
-    key: tuple[object, ...] = ()
-    weights: list[np.ndarray] = field(default_factory=list)  # as built
-    digest: str = ""  # `weights_digest` of those weights
+    key: tuple[object, ...]
+    weights: list[np.ndarray]  # as built
+    digest: str  # `weights_digest` of those weights
 
 
 @dataclass
@@ -118,10 +113,11 @@ def compile_for_job(
 def forget_classifiers() -> None:
     """Cut the kept models' links to the classifiers built on them.
 
-    Keras records every call of a model or layer on it, so the kept backbone and heads keep each
-    classifier built on them (and the cut models of fine-tuning) alive, with its optimizer state
-    and traced functions: about 12 MB per sweep job. A sweep calls this when a job is done; the
-    records of the kept models' own graphs stay.
+    Keras records every call of a model or layer on it, so the kept backbone and heads would keep
+    what each job built on them alive: its classifier, the layers of its calibrated and test-time
+    models and, in fine-tuning, its cut models with their optimizer state and traced functions
+    (about 12 MB per sweep job). A sweep calls this when a job is done; the records of the kept
+    models' own graphs stay.
     """
     for kept in [*([_backbone] if _backbone else []), *_heads.values()]:
         kept.forget_calls()
@@ -136,9 +132,13 @@ def _reusable_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
         _backbone.model.set_weights(_backbone.weights)
         return _backbone.model
     built = build_backbone(cfg, image_size)
-    _backbone = _KeptBackbone.of(built)
-    _backbone.key, _backbone.weights, _backbone.digest = key, built.get_weights(), weights_digest(built)
+    _backbone = _KeptBackbone(built, _calls_recorded(built), key, built.get_weights(), weights_digest(built))
     return built
+
+
+def _calls_recorded(model: keras.Model) -> list[tuple[keras.Operation, int, int]]:
+    """How many calls `model` and each of its layers have recorded (Keras keeps a node per call)."""
+    return [(op, len(op._inbound_nodes), len(op._outbound_nodes)) for op in (model, *model.layers)]
 
 
 def _fixed_weights_key(cfg: ModelConfig, image_size: int) -> tuple[object, ...] | None:
@@ -163,7 +163,7 @@ def _reusable_head(num_features: int, num_classes: int, cfg: ModelConfig, seed: 
     key = (num_features, num_classes, cfg.head_batchnorm, cfg.dropout, keras.config.dtype_policy().name)
     kept = _heads.get(key)
     if kept is None:
-        _heads[key] = _KeptHead.of(fresh)
+        _heads[key] = _KeptHead(fresh, _calls_recorded(fresh))
         while len(_heads) > HEADS_KEPT:
             _heads.popitem(last=False)
         return fresh
