@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from transferlab import atomic
+from transferlab import atomic, keras_saving
 from transferlab.errors import first_line
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class Checkpointer:
     def save(self, state: CheckpointState, model: keras.Model, kind: ModelKind, *, best: bool = False) -> None:
         """Record a finished epoch (and, with `best`, keep it as the best): model file first, then the state."""
         name = f"epoch-{state.epochs_done:04d}.keras"
-        atomic.write_file(self.directory / name, model.save)
+        atomic.write_file(self.directory / name, lambda tmp: keras_saving.save(model, tmp))
         if self.state_path.is_file():  # the epoch before, where a resume falls back to
             atomic.write_text(self.previous_state_path, self.state_path.read_text())
         state.model_file, state.model_kind = name, kind
@@ -118,7 +118,7 @@ class Checkpointer:
     def save_best(self, state: CheckpointState, model: keras.Model, kind: ModelKind, label: str) -> None:
         """Store `model` as the best so far under `label` (a phase carrying the best over as its own kind)."""
         name = f"best-{label}.keras"
-        atomic.write_file(self.directory / name, model.save)
+        atomic.write_file(self.directory / name, lambda tmp: keras_saving.save(model, tmp))
         state.best_file, state.best_kind = name, kind
         self.write_state(state)
 

@@ -30,7 +30,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from transferlab import atomic, figure_workers, sweep_bookkeeping, tracking
+from transferlab import atomic, figure_workers, sweep_bookkeeping, sweep_configs, tracking
 from transferlab.config import Config, MlflowConfig, config_hash, from_omegaconf, validate_section
 from transferlab.errors import (
     describe,
@@ -158,11 +158,13 @@ class SweepTracker(Callback):
         atexit.register(_close_unfinished, sweep_dir)
         log.info("sweep parent run %s, varying %s", parent.run_id, ", ".join(keys) or "nothing")
         figure_workers.start()  # jobs that run in this process (the basic launcher) draw there
+        sweep_configs.compose_each_job_once(config)  # before Hydra makes the sweeper, which validates
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         atexit.unregister(_close_unfinished)
         figure_workers.stop()
+        sweep_configs.compose_as_before()
         _close_parent(sweep_dir, "FINISHED")
 
 

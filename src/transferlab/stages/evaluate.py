@@ -218,9 +218,10 @@ def _draw_figures(
     y_true = np.asarray(test.labels)
     picked = most_confident_mistakes(y_true, probabilities, cfg.evaluate.misclassified)
     predicted = np.argmax(probabilities, axis=1)
+    photos = test.absolute_paths
     mistakes = figure_workers.draw(
         plots.plot_misclassified_files,
-        [Path(test.absolute_paths[i]) for i in picked],
+        [Path(photos[i]) for i in picked],
         [classes[y_true[i]] for i in picked],
         [classes[predicted[i]] for i in picked],
         [float(probabilities[i, predicted[i]]) for i in picked],

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from transferlab import atomic, figure_workers, tracking
+from transferlab import atomic, figure_workers, keras_saving, tracking
 from transferlab.checkpoint import Checkpointer, CheckpointState
 from transferlab.config import Config, config_hash
 from transferlab.descriptions import training_description
@@ -294,7 +294,7 @@ def _save_outputs(
                 test_time_val_accuracy=final_accuracy if cfg.model.averages_test_time_views else None,
             )
             model_file = models / paths.model_file.name
-            classifier.model.save(model_file)
+            keras_saving.save(classifier.model, model_file)
             if cfg.mlflow.log_model:
                 run.discard_logged_models()  # a killed earlier attempt may have logged one (or left it PENDING)
                 run.log_model(model_file, list(trainer.classes), trainer.image_size)

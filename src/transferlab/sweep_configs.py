@@ -1,0 +1,92 @@
+"""Each sweep job's config composed once, not twice.
+
+Hydra's sweepers (the grid's and Optuna's) compose the config of every job of a batch before
+they launch any, so that a bad override stops the sweep before its first job; the launcher then
+composes each job's config again when it runs the job. One composition of conf/ takes about
+0.15 s, so a sweep of 8 jobs spent 1.2 s composing configs it already had.
+
+`compose_each_job_once` (called by the sweep's callback when the multirun starts, before Hydra
+makes the sweeper) gives Hydra a config loader that keeps each job config it composes until it
+is asked for it the second time. The sweeper and the launcher both ask the loader Hydra hands
+them, so the validation stays. Only the grid sweeper with the basic launcher (the default)
+composes twice in this process: Optuna's sweeper does not validate, and joblib's workers compose
+their jobs' configs themselves; with those, Hydra keeps its own loader.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hydra.core.config_loader import ConfigLoader
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+# The sweeper that composes every job's config before it launches any, and the launcher that
+# composes each again in this process.
+GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+class ComposedOnce(ConfigLoader):
+    """A config loader that keeps each sweep config it composes until it is asked for it again.
+
+    The first request for a job's overrides composes it (the sweeper's validation) and keeps the
+    result; the second (the launcher's) takes it. Each caller gets its own copy, which it may
+    change (the launcher sets the job's number in it). Everything else goes to `loader`.
+    """
+
+    def __init__(self, loader: ConfigLoader) -> None:
+        self.loader = loader
+        self._kept: dict[tuple[int, tuple[str, ...]], DictConfig] = {}
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        key = (id(master_config), tuple(sweep_overrides))
+        kept = self._kept.pop(key, None)
+        if kept is not None:
+            return kept
+        composed = self.loader.load_sweep_config(master_config, sweep_overrides)
+        self._kept[key] = composed
+        return copy.deepcopy(composed)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (launchers send it to their workers) without the configs kept in this process."""
+        return {"loader": self.loader, "_kept": {}}
+
+    def load_configuration(self, *args: Any, **kwargs: Any) -> DictConfig:
+        return self.loader.load_configuration(*args, **kwargs)
+
+    def get_search_path(self) -> Any:
+        return self.loader.get_search_path()
+
+    def get_sources(self) -> list[Any]:
+        return self.loader.get_sources()
+
+    def list_groups(self, parent_name: str) -> list[str]:
+        return self.loader.list_groups(parent_name)
+
+    def get_group_options(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.loader.get_group_options(*args, **kwargs)
+
+    def compute_defaults_list(self, *args: Any, **kwargs: Any) -> Any:
+        return self.loader.compute_defaults_list(*args, **kwargs)
+
+
+def compose_each_job_once(config: DictConfig) -> None:
+    """From now on, the running Hydra app composes each job's config of the multirun `config`
+    once, if its sweeper and launcher would compose it twice (see above)."""
+    hydra = config.hydra
+    if hydra.sweeper.get("_target_") != GRID_SWEEPER or hydra.launcher.get("_target_") != BASIC_LAUNCHER:
+        return
+    if GlobalHydra.instance().is_initialized():
+        app = GlobalHydra.instance().hydra
+        if app is not None and not isinstance(app.config_loader, ComposedOnce):
+            app.config_loader = ComposedOnce(app.config_loader)
+
+
+def compose_as_before() -> None:
+    """Hand the running Hydra app its own config loader back (the multirun has ended)."""
+    if GlobalHydra.instance().is_initialized():
+        app = GlobalHydra.instance().hydra
+        if app is not None and isinstance(app.config_loader, ComposedOnce):
+            app.config_loader = app.config_loader.loader
