@@ -43,4 +43,7 @@ def fill_skipsets() -> None:
     for obj_type in SAVED_TYPES:
         key = LOOKUP_KEY.format(obj_type)
         if global_state.get_global_attribute(key) is None:
-            global_state.set_global_attribute(key, get_attr_skipset(obj_type))
+            try:
+                global_state.set_global_attribute(key, get_attr_skipset(obj_type))
+            except ValueError:  # a type this Keras does not know: its saves never ask for it
+                continue
