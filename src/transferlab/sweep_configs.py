@@ -8,9 +8,10 @@ config again when it runs the job. One composition of conf/ takes about
 `compose_each_job_once` (called by the sweep's callback when the multirun starts, before Hydra
 makes the sweeper) gives Hydra a config loader that keeps each job config it composes until it
 is asked for it the second time. The sweeper and the launcher both ask the loader Hydra hands
-them, so the validation stays. Only the grid sweeper with the basic launcher (the default)
-composes twice in this process: Optuna's sweeper does not validate, and joblib's workers compose
-their jobs' configs themselves; with those, Hydra keeps its own loader.
+them, so the validation stays. It does so for the grid sweeper with the basic launcher (the
+default), whose jobs run in this process one after the other. Optuna's sweeper does not validate
+and joblib's workers compose their jobs' configs themselves, so kept configs would never be
+taken; the Ray launcher, whose jobs run elsewhere, keeps Hydra's loader too.
 """
 
 from __future__ import annotations
