@@ -17,11 +17,14 @@ taken; the Ray launcher, whose jobs run elsewhere, keeps Hydra's loader too.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from hydra._internal.hydra import Hydra
 
 # The sweeper that composes every job's config before it launches any, and the launcher that
 # composes each again in this process.
@@ -75,15 +78,18 @@ def compose_each_job_once(config: DictConfig) -> None:
     hydra = config.hydra
     if hydra.sweeper.get("_target_") != GRID_SWEEPER or hydra.launcher.get("_target_") != BASIC_LAUNCHER:
         return
-    if GlobalHydra.instance().is_initialized():
-        app = GlobalHydra.instance().hydra
-        if app is not None and not isinstance(app.config_loader, ComposedOnce):
-            app.config_loader = ComposedOnce(app.config_loader)
+    app = _running_app()
+    if app is not None and not isinstance(app.config_loader, ComposedOnce):
+        app.config_loader = ComposedOnce(app.config_loader)
 
 
 def compose_as_before() -> None:
     """Hand the running Hydra app its own config loader back (the multirun has ended)."""
-    if GlobalHydra.instance().is_initialized():
-        app = GlobalHydra.instance().hydra
-        if app is not None and isinstance(app.config_loader, ComposedOnce):
-            app.config_loader = app.config_loader.loader
+    app = _running_app()
+    if app is not None and isinstance(app.config_loader, ComposedOnce):
+        app.config_loader = app.config_loader.loader
+
+
+def _running_app() -> Hydra | None:
+    """The Hydra app of this process, if one is running."""
+    return GlobalHydra.instance().hydra if GlobalHydra.instance().is_initialized() else None
