@@ -4,15 +4,19 @@ every output in Keras's order, and Keras again whenever the copy cannot be trust
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import Process
 
 from transferlab import compiled
 from transferlab.compiled import CompiledModels
 from transferlab.config import ModelConfig, TrainConfig
 from transferlab.cut import split_at_cut
 from transferlab.feature_cache import FeatureCache, FeatureKey
+from transferlab.locks import computing_alone
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.model import Classifier, build_classifier, first_trainable_layer, weights_digest
 from transferlab.paths import StagePaths
@@ -23,6 +27,20 @@ IMAGE_SIZE = 64
 MOBILENET = ModelConfig(backbone="mobilenet_v2", alpha=0.35, weights=None)
 # Where the network does not matter: the offline CNN, a few times quicker to convert.
 SMALL_CNN = ModelConfig(backbone="small_cnn", weights=None)
+
+
+# Another process asking for the copy under ASKED_KEY.
+ASKED_KEY = {"test": "one copy"}
+ASKER = """
+import logging, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_compiled import ASKED_KEY, SMALL_CNN, classifier
+from transferlab.compiled import CompiledModels
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+copy = CompiledModels(Path({folder!r})).get(classifier(SMALL_CNN).features, ASKED_KEY)
+print("got a copy" if copy is not None else "no copy", flush=True)
+"""
 
 
 def train_manifest(paths: StagePaths) -> Manifest:
@@ -228,3 +246,19 @@ def test_the_probe_check_holds_for_tiny_activations() -> None:
     assert zeros > compiled.TOLERANCE
     exact = compiled.disagreement(model.features, lambda batch: [np.asarray(model.features(batch, training=False))])
     assert exact == 0.0
+
+
+def test_a_process_asking_while_another_converts_waits_and_loads_its_copy(
+    prepared_project: StagePaths, tmp_path: Path
+) -> None:
+    """The first jobs of a parallel sweep each converted the backbone (tens of seconds each)."""
+    models = CompiledModels(prepared_project.compiled_models)
+    digest = models.key_digest(ASKED_KEY)
+    asker_script = ASKER.format(tests=str(Path(__file__).parent), folder=str(prepared_project.compiled_models))
+    with computing_alone(models.lock_path(digest), "the copy"):  # this process is converting it
+        asker = Process(["python", "-c", asker_script], tmp_path)
+        asker.wait_for(rf"waiting for pid {os.getpid()} on .*, which is computing a TensorFlow Lite copy")
+        assert models._compile(classifier(SMALL_CNN).features, models.path(digest)) is not None
+    assert asker.finish() == 0, asker.output
+    assert asker.lines[-1] == "got a copy\n"
+    assert "converting" not in asker.output, "the asker converted the backbone too"

@@ -5,14 +5,18 @@ That training runs reuse the cache across jobs is checked on a real sweep in tes
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_cfg
+from helpers import Process, tiny_cfg
 
 from transferlab.feature_cache import FeatureCache, FeatureKey, manifest_digest
+from transferlab.locks import computing_alone
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
 from transferlab.pipeline import make_dataset
@@ -58,6 +62,22 @@ def features(cache: FeatureCache, extractor: CountingExtractor, manifest: Manife
     )
     assert found.labels.tolist() == list(manifest.labels) and found.views == 1
     return found.arrays[0][0], found.hit
+
+
+# Another process asking for the features of `train_manifest` through `CountingExtractor()`.
+ASKER = """
+import json, logging, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_feature_cache import CountingExtractor, features, train_manifest
+from transferlab.feature_cache import FeatureCache
+from transferlab.paths import StagePaths
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+paths = StagePaths(Path({root!r}))
+extractor = CountingExtractor()
+found, hit = features(FeatureCache(paths.feature_cache), extractor, train_manifest(paths))
+print(json.dumps({{"hit": hit, "passes": extractor.calls, "first": float(found.flat[0])}}), flush=True)
+"""
 
 
 def test_second_request_is_a_hit_and_equals_a_fresh_forward_pass(prepared_project: StagePaths) -> None:
@@ -180,3 +200,25 @@ def test_each_phase_is_fed_the_cheapest_exact_way(overrides: tuple[str, ...], so
     from transferlab.trainer import plan_phases
 
     assert [(phase.source, phase.views) for phase in plan_phases(tiny_cfg(*overrides))] == sources
+
+
+def test_a_process_asking_while_another_computes_waits_and_reads_its_features(
+    prepared_project: StagePaths, tmp_path: Path
+) -> None:
+    """Two processes of a parallel sweep want the same features at once: the second waits for the
+    first, then reads what it stored instead of running the backbone itself."""
+    import keras
+
+    keras.backend.clear_session()  # layer names as in a fresh process: they are part of the weights digest
+    manifest, extractor = train_manifest(prepared_project), CountingExtractor()
+    cache = FeatureCache(prepared_project.feature_cache)
+    key = key_for(extractor, manifest)
+    asker_script = ASKER.format(tests=str(Path(__file__).parent), root=str(prepared_project.root))
+    with computing_alone(cache.lock_path(key), "the features"):  # this process is computing them
+        asker = Process(["python", "-c", asker_script], tmp_path)
+        asker.wait_for(rf"waiting for pid {os.getpid()} on .*, which is computing pooled backbone features of 24 ")
+        marked = np.full((1, len(manifest), 4), 7.0, dtype=np.float32)  # not what a pass would give
+        cache.store(key, [marked], np.asarray(manifest.labels, dtype=np.int32))
+    assert asker.finish() == 0, asker.output
+    assert len(manifest) == 24 and json.loads(asker.lines[-1]) == {"hit": True, "passes": 0, "first": 7.0}
+    assert "computed meanwhile by another process" in asker.output

@@ -1,11 +1,13 @@
-"""One process at a time per stage and output folder (locks.py).
+"""One process at a time per stage and output folder, one at a time per cache entry (locks.py).
 
 Two `transferlab train` started in the same project used to share `models/` and `checkpoints/`;
-one died half-way with a traceback (FileNotFoundError on a checkpoint the other had moved).
+one died half-way with a traceback (FileNotFoundError on a checkpoint the other had moved). Two
+processes wanting the same cache entry used to both compute it; see also test_feature_cache.py.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,7 +18,19 @@ import pytest
 from helpers import Process, prepare_project, tiny_cfg
 
 from transferlab.config import write_params
-from transferlab.locks import BusyError, stage_lock
+from transferlab.locks import BusyError, computing_alone, stage_lock
+
+# A process that computes "the features" under the lock for argv[2] seconds, then stores them (argv[3]).
+HOLDER = """
+import sys, time
+from pathlib import Path
+from transferlab.locks import computing_alone
+with computing_alone(Path(sys.argv[1]), "the features") as waited:
+    assert not waited
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+    Path(sys.argv[3]).write_text("stored")
+"""
 
 
 def test_a_second_holder_is_refused_naming_the_first(tmp_path: Path) -> None:
@@ -75,3 +89,34 @@ def test_two_trainings_in_one_project_the_second_stops_with_one_line(tmp_path: P
     )
     assert first.finish() == 0, first.output
     assert paths.model_file.exists() and "model (epoch 3) saved" in first.output
+
+
+def test_a_process_wanting_an_entry_being_computed_waits_for_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It says who is computing, and goes on once the holder is done (the caller then finds the entry stored)."""
+    lock, stored = tmp_path / "cache" / ".locks" / "entry.lock", tmp_path / "stored"
+    holder = Process(["python", "-c", HOLDER, str(lock), "1.5", str(stored)], tmp_path)
+    holder.wait_for("held")
+    caplog.set_level(logging.INFO, logger="transferlab.locks")
+    with computing_alone(lock, "the features") as waited:
+        assert waited and stored.read_text() == "stored", "went on before the holder was done"
+    waiting = f"waiting for pid {holder.popen.pid} on {os.uname().nodename}, which is computing the features"
+    assert waiting in caplog.text
+    assert holder.finish() == 0, holder.output
+
+
+def test_a_wait_that_runs_out_computes_here_too_and_a_killed_holder_blocks_no_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lock = tmp_path / "cache" / ".locks" / "entry.lock"
+    holder = Process(["python", "-c", HOLDER, str(lock), "600", str(tmp_path / "never")], tmp_path)
+    holder.wait_for("held")
+    try:
+        with computing_alone(lock, "the features", timeout_s=0.5) as waited:
+            assert waited
+        assert "waited 0.5 s for another process computing the features: computing it here too" in caplog.text
+    finally:
+        holder.kill()
+    with computing_alone(lock, "the features", timeout_s=0.5) as waited:  # the kernel dropped the lock
+        assert not waited

@@ -26,6 +26,7 @@ import numpy as np
 from transferlab import atomic
 from transferlab.console import quiet_c_stderr
 from transferlab.errors import first_line
+from transferlab.locks import LOCKS_DIR, computing_alone
 
 if TYPE_CHECKING:
     import keras
@@ -172,11 +173,20 @@ class CompiledModels:
     def path(self, digest: str) -> Path:
         return self.directory / f"{digest}.tflite"
 
+    def lock_path(self, digest: str) -> Path:
+        """The lock a process holds while it loads or converts the copy of `digest` (locks.py)."""
+        return self.directory / LOCKS_DIR / f"{digest}.lock"
+
     def get(self, model: keras.Model, key: dict[str, object]) -> CompiledModel | None:
-        """`model` converted (or loaded from an earlier conversion), or None when Keras should run it."""
-        path = self.path(self.key_digest(key))
+        """`model` converted (or loaded from an earlier conversion), or None when Keras should run it.
+
+        A process that finds another converting the same copy waits for it, then loads its copy.
+        """
+        digest = self.key_digest(key)
+        path = self.path(digest)
         if path not in _LOADED:
-            _LOADED[path] = self._load(path) or self._compile(model, path)
+            with computing_alone(self.lock_path(digest), "a TensorFlow Lite copy of the frozen part"):
+                _LOADED[path] = self._load(path) or self._compile(model, path)
         return _LOADED[path]
 
     def _load(self, path: Path) -> CompiledModel | None:

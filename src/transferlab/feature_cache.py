@@ -38,6 +38,7 @@ from transferlab.compiled import CompiledModel, CompiledModels, keras_only_reaso
 from transferlab.config import ModelConfig, TrainConfig
 from transferlab.console import keras_progress, logged_progress
 from transferlab.images import CENTRAL, CENTRE, DECODE
+from transferlab.locks import LOCKS_DIR, computing_alone
 from transferlab.manifests import Manifest
 from transferlab.pipeline import make_dataset
 
@@ -160,6 +161,10 @@ class FeatureCache:
     def path(self, key: FeatureKey) -> Path:
         return self.directory / f"{key.digest}.npz"
 
+    def lock_path(self, key: FeatureKey) -> Path:
+        """The lock a process holds while it computes the activations under `key` (locks.py)."""
+        return self.directory / LOCKS_DIR / f"{key.digest}.lock"
+
     def holds(self, key: FeatureKey) -> bool:
         """Whether activations under `key` are cached, computed by either engine."""
         engines = (KERAS, tflite_engine())
@@ -234,30 +239,34 @@ class FeatureCache:
             squares = f" (at {len(positions)} squares along the long side)" if len(positions) > 1 else ""
             views_described = "" if views == 1 and augmenter is None else f"{views} augmented views{squares} of "
         described = describe_tensor(key.tensor)
-        engine = f"Keras ({keras_reason})" if compiled is None else "a TensorFlow Lite copy of the frozen part"
-        log.info(
-            "computing %s of %s%d images with %s (cached for later runs)", described, views_described, rows, engine
-        )
-        layers = augmenter() if augmenter is not None else None
-        per_view: list[list[np.ndarray]] = []
-        for view in range(views):
-            dataset = make_dataset(
-                manifest,
-                image_size=image_size,
-                batch_size=batch_size,
-                cache=False,
-                augmenter=layers,
-                positions=(positions[view % len(positions)],),
-            )
-            images = dataset.map(lambda x, y: x)
-            if compiled is None:
-                outputs = _keras_forward(extractor, images, described)
-            else:
-                outputs = _compiled_forward(compiled, images, described, math.ceil(rows / batch_size))
-            per_view.append([np.asarray(o, dtype="float32") for o in outputs])
-        arrays = [np.stack(tensors) for tensors in zip(*per_view, strict=True)]
-        labels = np.asarray(manifest.labels, dtype="int32")
-        self.store(key, arrays, labels)
+        what = f"{described} of {views_described}{rows} images"
+        with computing_alone(self.lock_path(key), what) as waited:  # another process may be computing them
+            cached = self.load(key, rows) if waited else None
+            if cached is not None:
+                log.info("%s: computed meanwhile by another process", what)
+                return Activations(*cached, hit=True)
+            engine = f"Keras ({keras_reason})" if compiled is None else "a TensorFlow Lite copy of the frozen part"
+            log.info("computing %s with %s (cached for later runs)", what, engine)
+            layers = augmenter() if augmenter is not None else None
+            per_view: list[list[np.ndarray]] = []
+            for view in range(views):
+                dataset = make_dataset(
+                    manifest,
+                    image_size=image_size,
+                    batch_size=batch_size,
+                    cache=False,
+                    augmenter=layers,
+                    positions=(positions[view % len(positions)],),
+                )
+                images = dataset.map(lambda x, y: x)
+                if compiled is None:
+                    outputs = _keras_forward(extractor, images, described)
+                else:
+                    outputs = _compiled_forward(compiled, images, described, math.ceil(rows / batch_size))
+                per_view.append([np.asarray(o, dtype="float32") for o in outputs])
+            arrays = [np.stack(tensors) for tensors in zip(*per_view, strict=True)]
+            labels = np.asarray(manifest.labels, dtype="int32")
+            self.store(key, arrays, labels)
         return Activations(arrays, labels, hit=False)
 
     def _keras_reason(self, extractor: keras.Model) -> str | None:
