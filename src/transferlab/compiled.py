@@ -6,7 +6,8 @@ TensorFlow's own (MobileNetV2-0.35 at 224 px on 2 cores: 1,195 against 447 image
 in memory). So the frozen part is converted once per backbone, weights, image size, tensor and
 TensorFlow/Keras version (a few seconds), checked against Keras on a probe batch, and kept in
 `data/cache/compiled/` with the SHA-256 of its bytes, checked on every load; every later pass on
-this machine reuses it. `keras_only_reason` says when Keras runs the pass instead.
+this machine reuses it, and a process that finds another converting it waits for that copy
+(`locks.computing_alone`). `keras_only_reason` says when Keras runs the pass instead.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Files are keyed by everything the activations depend on (backbone, alpha, weight
 image size, tensor, augmentation, manifest contents, the engine that computed them), written
 atomically, and verified on read: a corrupt or stale file is rebuilt, never trusted. On CPU the
 passes run on a TensorFlow Lite copy of the frozen part (compiled.py) unless
-`train.frozen_forward=keras`.
+`train.frozen_forward=keras`. A missing file is computed under a lock of its own
+(`locks.computing_alone`): a process that finds another computing it waits, then reads its file.
 """
 
 from __future__ import annotations
