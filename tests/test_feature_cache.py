@@ -216,9 +216,9 @@ def test_a_process_asking_while_another_computes_waits_and_reads_its_features(
     asker_script = ASKER.format(tests=str(Path(__file__).parent), root=str(prepared_project.root))
     with computing_alone(cache.lock_path(key), "the features"):  # this process is computing them
         asker = Process(["python", "-c", asker_script], tmp_path)
-        asker.wait_for(rf"waiting for pid {os.getpid()} on .*, which is computing pooled backbone features of 24 ")
+        asker.wait_for(rf"waiting for pid {os.getpid()} on .*, which is computing pooled .* of {len(manifest)} ")
         marked = np.full((1, len(manifest), 4), 7.0, dtype=np.float32)  # not what a pass would give
         cache.store(key, [marked], np.asarray(manifest.labels, dtype=np.int32))
     assert asker.finish() == 0, asker.output
-    assert len(manifest) == 24 and json.loads(asker.lines[-1]) == {"hit": True, "passes": 0, "first": 7.0}
+    assert json.loads(asker.lines[-1]) == {"hit": True, "passes": 0, "first": 7.0}
     assert "computed meanwhile by another process" in asker.output
