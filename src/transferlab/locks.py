@@ -52,10 +52,8 @@ def stage_lock(folder: Path, stage: str) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
             raise BusyError(
-                f"{stage} is already running in {folder.parent} ({holder}); two at once would overwrite "
+                f"{stage} is already running in {folder.parent} ({_holder(handle)}); two at once would overwrite "
                 "each other's files: wait for it to end, or stop it"
             ) from None
         _name_holder(handle)
@@ -101,10 +99,15 @@ def _lock_when_free(handle: IO[str], what: str, timeout_s: float) -> bool:
             log.warning("waited %g s for another process computing %s: computing it here too", timeout_s, what)
             return True
         if not waited:
-            handle.seek(0)
-            log.info("waiting for %s, which is computing %s", handle.read().strip() or "another process", what)
+            log.info("waiting for %s, which is computing %s", _holder(handle), what)
             waited = True
         time.sleep(POLL_S)
+
+
+def _holder(handle: IO[str]) -> str:
+    """Who holds the lock, as its holder wrote it ("pid N on HOST")."""
+    handle.seek(0)
+    return handle.read().strip() or "another process"
 
 
 def _name_holder(handle: IO[str]) -> None:
