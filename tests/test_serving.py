@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import base64
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -51,6 +54,38 @@ def test_signature_and_pinned_requirements() -> None:
     assert {"mlflow", "keras", "numpy", "pandas", "pillow", "cloudpickle"} <= set(pins)
     assert any(name.startswith("tensorflow") for name in pins)
     assert all(pins.values())
+
+
+LOG_IN_A_FRESH_PROCESS = """
+import json, sys
+from pathlib import Path
+import mlflow
+from mlflow.utils import environment, requirements_utils
+from transferlab.serving import log_image_classifier
+
+model_file, root = Path(sys.argv[1]), Path(sys.argv[2])
+mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+client = mlflow.MlflowClient()
+run = client.create_run(client.create_experiment("e", artifact_location=str(root / "artifacts")))
+check = environment.warn_dependency_requirement_mismatches
+log_image_classifier(model_file, ["red", "green", "blue"], 64, client, run)
+print(json.dumps({
+    "scanned": requirements_utils._MODULES_TO_PACKAGES is not None,
+    "check_restored": environment.warn_dependency_requirement_mismatches is check,
+    "requirements": next(root.rglob("requirements.txt")).read_text().split(),
+}))
+"""
+
+
+def test_logging_a_model_does_not_check_the_pins_it_read_from_this_environment(
+    colour_model: Path, tmp_path: Path
+) -> None:
+    """MLflow's check of a model's pip requirements against the environment scans every installed
+    distribution (0.3 s per process); the pins come from this environment, so it is skipped."""
+    args = [sys.executable, "-c", LOG_IN_A_FRESH_PROCESS, str(colour_model), str(tmp_path)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=True)
+    logged = json.loads(done.stdout.strip().splitlines()[-1])
+    assert logged == {"scanned": False, "check_restored": True, "requirements": pip_requirements()}
 
 
 def test_python_model_predicts_from_base64(colour_model: Path, colour_requests: tuple[list[str], list[str]]) -> None:

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import importlib.metadata
 import io
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,30 @@ def pip_requirements() -> list[str]:
     return pins
 
 
+@contextlib.contextmanager
+def requirements_taken_as_installed() -> Iterator[None]:
+    """Skip MLflow's check, while a model is logged, that its pip requirements match this
+    environment.
+
+    `pip_requirements()` reads them from this environment, so the check cannot find a mismatch.
+    Its first call in a process maps every installed distribution to its modules by reading their
+    file lists: 0.3 s of a run's model logging (README, "Performance"). Loading a logged model
+    still checks (`mlflow.pyfunc.load_model`). Not thread-safe: a process logs one model at a time.
+    Should MLflow move the check, nothing is skipped and nothing else changes.
+    """
+    from mlflow.utils import environment
+
+    check = getattr(environment, "warn_dependency_requirement_mismatches", None)
+    if check is None:
+        yield
+        return
+    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    try:
+        yield
+    finally:
+        environment.warn_dependency_requirement_mismatches = check
+
+
 def unpack_classifier(model_dir: Path, uri: str) -> tuple[Path, list[str]]:
     """The `.keras` file and class names in `model_dir`, the MLflow model `uri` downloaded there
     (logged by `log_image_classifier`)."""
@@ -267,14 +292,15 @@ def log_image_classifier(
 
     The run need not be active (a sweep logs its best child's model at the end). Nothing is
     inferred or re-checked at log time: the signature, one input example and the exact pip
-    requirements are given, and MLflow's serving check is off (`_PyfuncFlavor`).
+    requirements are given, MLflow's serving check is off (`_PyfuncFlavor`), and so is its check
+    of those requirements against this environment (`requirements_taken_as_installed`).
     """
     import transferlab
 
     logged = client.create_logged_model(  # in the run's experiment (MLflow would pick the active one)
         run.info.experiment_id, name=name, source_run_id=run.info.run_id, params=run.data.params
     )
-    with tempfile.TemporaryDirectory(prefix="transferlab-serving-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="transferlab-serving-") as tmp, requirements_taken_as_installed():
         script = Path(tmp) / "image_classifier.py"
         script.write_text(MODEL_SCRIPT)
         info = mlflow.models.Model.log(
