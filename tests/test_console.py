@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fcntl
+import io
+import logging
 import os
 import pty
 import struct
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import chatter, user_environment
 
-from transferlab.console import is_chatter
+from transferlab.console import is_chatter, logged_progress
 
 # What `import tensorflow` printed on this machine before console.configure() (TF 2.21).
 ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
@@ -122,3 +124,26 @@ def test_each_pass_draws_one_bar_on_a_terminal_and_nothing_else_reaches_it() -> 
     assert piped.returncode == 0, piped.stderr
     lines = piped.stderr.splitlines()
     assert len(lines) == 1 and lines[0].endswith("INFO transferlab: fitted"), "no chatter, no bar in a pipe"
+
+
+class _Writes(io.StringIO):
+    """A stream that keeps each `write` call's text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_a_log_line_above_a_bar_is_written_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one write with its line end: a SIGTERM handled between the two writes tqdm makes left the
+    line open, and `interrupted (SIGTERM received)` was printed on its end (a sweep's log, CI)."""
+    stream = _Writes()
+    monkeypatch.setattr(sys, "stderr", stream)  # the console: what logging_redirect_tqdm redirects
+    monkeypatch.setattr(logging.root, "handlers", [logging.StreamHandler(stream)])
+    with logged_progress(3, "pass"):
+        logging.getLogger("transferlab.test").warning("epoch 1/50: val_accuracy 0.6667")
+    assert "epoch 1/50: val_accuracy 0.6667\n" in stream.calls, stream.calls

@@ -117,6 +117,23 @@ def quiet_c_stderr(keep: Callable[[str], bool] | None = None) -> Iterator[None]:
                 sys.stderr.flush()
 
 
+class _WholeLines(tqdm):
+    """tqdm whose `write` puts a message and its line end in one call.
+
+    tqdm writes them in two. A stop signal handled between the two (`errors.stop_on_signals`
+    raises there) left the log line open, and `interrupted (SIGTERM received)` went on its end.
+    """
+
+    @classmethod
+    def write(cls, s: str, file: Any = None, end: str = "\n", nolock: bool = False) -> None:
+        tqdm.write(s + end, file=file, end="", nolock=nolock)
+
+
+def logs_above_bars() -> contextlib.AbstractContextManager[None]:
+    """While it is entered, console log lines are printed above the progress bars, each whole."""
+    return logging_redirect_tqdm(tqdm_class=_WholeLines)
+
+
 def progress_bar(total: int | None, desc: str, unit: str = "it") -> tqdm:
     """A tqdm bar on stderr, shown only when stderr is a terminal; it stays as one finished line."""
     return tqdm(total=total, desc=desc, unit=unit, disable=None, dynamic_ncols=True)
@@ -125,7 +142,7 @@ def progress_bar(total: int | None, desc: str, unit: str = "it") -> tqdm:
 @contextlib.contextmanager
 def logged_progress(total: int | None, desc: str, unit: str = "it") -> Iterator[tqdm]:
     """`progress_bar` with log lines printed above it while it runs; closed when the block ends."""
-    with logging_redirect_tqdm(), progress_bar(total, desc, unit) as bar:
+    with logs_above_bars(), progress_bar(total, desc, unit) as bar:
         yield bar
 
 
@@ -168,7 +185,7 @@ def keras_progress(desc: str, epochs: int = 1) -> Iterator[keras.callbacks.Callb
                 self.bar.set_postfix({"epoch": epoch + 1, **shown})
 
     callback = KerasProgress()
-    with logging_redirect_tqdm():
+    with logs_above_bars():
         try:
             yield callback
         finally:
