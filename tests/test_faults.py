@@ -512,3 +512,62 @@ def test_out_of_range_seed_is_one_line_at_the_door(project: StagePaths) -> None:
     status, output = run_command(project.root, "transferlab-train", *SYNTHETIC_OVERRIDES, "train.seed=4294967296")
     assert status == 2 and output.strip().splitlines()[-1].startswith("ConfigError: train.seed must be in [0, ")
     assert "Traceback" not in output
+
+
+def _colour_folder(root: Path, classes: Sequence[str] = ("red", "blue"), images: int = 4) -> Path:
+    """Class folders of small PNGs under `root`."""
+    from PIL import Image
+
+    for n, label in enumerate(classes):
+        (root / label).mkdir(parents=True)
+        for i in range(images):
+            Image.new("RGB", (32, 32), (40 * n + 10 * i, 20, 200 - 40 * n)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_a_missing_input_stops_make_run_before_dvc_removes_anything(project_copy: Path, tmp_path: Path) -> None:
+    """A new user's `compose model.weights=/nonexistent.h5`, then `make run`: DVC removed models/
+    before the train stage found the file missing. `transferlab repro` now stops first; under
+    plain `dvc repro` the stage that fails says how to get its outputs back."""
+    images = _colour_folder(tmp_path / "images")
+    status, output = run_command(project_copy, "transferlab", "compose", "data=folder", f"data.source={images}")
+    assert status == 0 and "does not exist" not in output, output[-2000:]
+    status, output = run_command(project_copy, "transferlab", "repro", "split")
+    assert status == 0, output[-2000:]
+    prepared = contents(project_copy / "data")
+
+    missing = tmp_path / "moved-away"
+    status, output = run_command(project_copy, "transferlab", "compose", f"data.source={missing}")
+    assert status == 0 and f"data.source {missing} does not exist: `make run`" in output, output[-2000:]
+    status, output = run_command(project_copy, "transferlab", "repro", "split")
+    assert status == 2 and output.strip().splitlines()[-1] == (
+        f"ConfigError: data.source {missing} does not exist: no stage was run (set it with `transferlab compose`)"
+    )
+    assert contents(project_copy / "data") == prepared, "nothing removed"
+
+    status, output = run_command(project_copy, "dvc", "repro", "split")  # around the check: DVC removes data/raw
+    assert status != 0 and "`dvc checkout download` restores them" in output, output[-2000:]
+    status, output = run_command(project_copy, "dvc", "checkout", "download")
+    assert status == 0 and contents(project_copy / "data") == prepared, output[-2000:]
+
+
+def test_an_empty_class_folder_stops_the_download_in_one_line(tmp_path: Path) -> None:
+    """DVC keeps no empty folders, so an empty class folder used to vanish without a word."""
+    import zipfile
+
+    from transferlab.config import compose
+
+    images = _colour_folder(tmp_path / "images")
+    (images / "green").mkdir()
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(images.rglob("*")):
+            zf.write(path, path.relative_to(images).as_posix())
+    for source in (images, archive):
+        cfg = compose(["data=folder", f"data.source={source}", "data.name=colours"], config_dir=REPO_ROOT / "conf")
+        write_params(cfg, tmp_path / "params.yaml")
+        status, output = run_command(tmp_path, "transferlab", "download")
+        assert status == 2 and output.strip().splitlines()[-1] == (
+            f"DataError: class folder 'green' of {source} holds no files: add images to it or remove it"
+        )
+        assert not (tmp_path / "data" / "raw" / "colours").exists()

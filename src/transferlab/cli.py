@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 
 StageFunction = Callable[["Config", "StagePaths"], object]
+log = logging.getLogger("transferlab")
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -57,13 +60,16 @@ def _evaluate() -> StageFunction:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from transferlab.config import conf_dir, write_params
+    from transferlab.config import conf_dir, missing_input, write_params
+    from transferlab.paths import project_root
     from transferlab.project_settings import save
 
     settings, cfg = save(args.overrides, reset=args.reset)
     write_params(cfg, Path(args.out))
     print(settings.describe(conf_dir()))
     print(f"wrote {args.out}; `dvc repro` runs the pipeline with it")
+    if missing := missing_input(cfg, project_root()):
+        log.warning("%s: `make run` (`transferlab repro`) runs no stage until it does", missing)
     return 0
 
 
@@ -123,8 +129,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
+    """`dvc repro`, once the params file is valid and names inputs that exist: DVC removes a
+    stage's outputs before it runs the stage, so a stage that cannot start would lose them."""
+    from transferlab.config import load_params, missing_input
     from transferlab.dvc_commands import repro
+    from transferlab.errors import ConfigError
+    from transferlab.paths import project_root
 
+    params = Path("params.yaml")
+    if params.is_file() and (missing := missing_input(load_params(params), project_root())):
+        raise ConfigError(f"{missing}: no stage was run (set it with `transferlab compose`)")
     return repro(args.dvc_args)
 
 
@@ -200,7 +214,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dvc_args and not getattr(args, "passes_arguments_on", False):
         parser.error(f"unrecognized arguments: {' '.join(args.dvc_args)}")
     console.configure()
-    return run_reporting_errors(lambda: args.func(args))
+    status = run_reporting_errors(lambda: args.func(args))
+    if status and args.func is cmd_stage:
+        _point_at_dvc_checkout(args.command)
+    return status
+
+
+def _point_at_dvc_checkout(stage: str) -> None:
+    """Under `dvc repro` (DVC sets DVC_STAGE), say how to get back the outputs DVC removed before
+    it ran the stage that failed, when dvc.lock records some."""
+    from transferlab.config import read_yaml
+
+    lock = Path("dvc.lock")
+    if os.environ.get("DVC_STAGE") != stage or not lock.is_file():
+        return
+    recorded = ((read_yaml(lock) or {}).get("stages") or {}).get(stage, {}).get("outs")
+    if recorded:
+        restore = f"`dvc checkout {stage}` restores them"
+        print(f"dvc repro removed the {stage} stage's outputs before running it: {restore}", file=sys.stderr)
 
 
 def run() -> None:

@@ -584,6 +584,21 @@ def from_omegaconf(node: Any) -> Config:
     return validate(typing.cast(dict[str, Any], raw))
 
 
+def missing_input(cfg: Config, root: Path) -> str | None:
+    """What the pipeline would read from disk and cannot find: `data.source` when it is a local
+    path, and `model.weights` when it is a file; None when both exist (or are not paths).
+
+    Relative paths are taken from `root`, where DVC runs the stages.
+    """
+    source = cfg.data.source
+    if source != SYNTHETIC_SOURCE and "://" not in source and not (root / Path(source).expanduser()).exists():
+        return f"data.source {source} does not exist"
+    weights = cfg.model.weights
+    if weights not in (None, "imagenet") and not (root / Path(weights).expanduser()).is_file():
+        return f"model.weights file {weights} does not exist"
+    return None
+
+
 def load_params(path: Path) -> Config:
     """Read and validate a params.yaml written by `compose` (or by DVC's Hydra integration)."""
     if not path.is_file():

@@ -286,6 +286,11 @@ def copy_folder(source: Path, dest: Path) -> int:
     return count
 
 
+def holds_files(folder: Path) -> bool:
+    """True when `folder` or a folder under it holds a file (links followed, as a copy would)."""
+    return next(_walk_files(folder), None) is not None
+
+
 def _walk_files(root: Path) -> Iterator[Path]:
     """Files under `root`, following symlinked files and folders like a plain copy would.
 
