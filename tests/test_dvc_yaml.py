@@ -18,7 +18,7 @@ from helpers import REPO_ROOT, declared_outputs
 from transferlab.paths import StagePaths
 
 SRC = REPO_ROOT / "src"
-STAGES = ("download", "split", "train", "evaluate")
+STAGES = ("source", "download", "split", "train", "evaluate")
 
 
 def _module_file(name: str) -> Path | None:

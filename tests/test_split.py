@@ -229,7 +229,7 @@ def test_dvc_repro_split(project_copy: Path) -> None:
     assert sum(len(f) for f in frames.values()) == 30
     assert load_classes(paths.classes) == ["blue_triangle", "green_square", "red_circle"]
     lock = yaml.safe_load((project_copy / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"download", "split"}
+    assert set(lock["stages"]) == {"source", "download", "split"}
     assert lock["stages"]["download"]["params"]["params.yaml"]["data.synthetic"]["images_per_class"] == 10
     again = _run(["dvc", "repro", "split"], project_copy)
     assert "didn't change" in again.stdout

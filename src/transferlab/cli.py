@@ -35,6 +35,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source() -> StageFunction:
+    from transferlab.stages.source import record_source
+
+    return record_source
+
+
 def _download() -> StageFunction:
     from transferlab.stages.download import download
 
@@ -157,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="composed config (default: params.yaml)")
         p.set_defaults(func=cmd_stage, stage=function)
 
+    stage("source", _source, "record what data.source holds in data/source.json (a change reruns download)")
     stage("download", _download, "fetch or generate the raw images into data/raw/<name>/")
     stage("split", _split, "verify images and write stratified train/val/test manifests")
     stage("train", _train, "train on the manifests and log the run to MLflow")

@@ -30,7 +30,7 @@ def tracking_root(start: Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class StagePaths:
-    """The file contract between the download, split, train and evaluate stages.
+    """The file contract between the source, download, split, train and evaluate stages.
 
     Data (raw images, splits, caches) lives under `root`; what a training run produces
     (models, reports, checkpoints) under `output_root`, which is `root` for the DVC pipeline
@@ -43,6 +43,11 @@ class StagePaths:
     @property
     def out(self) -> Path:
         return self.output_root if self.output_root is not None else self.root
+
+    @property
+    def source_record(self) -> Path:
+        """What `data.source` held when last looked at (stages/source.py): the download depends on it."""
+        return self.root / "data" / "source.json"
 
     @property
     def raw_root(self) -> Path:
@@ -159,6 +164,7 @@ class StagePaths:
     def stage_outputs(self) -> dict[str, list[Path]]:
         """What each DVC stage writes; `dvc.yaml` declares exactly these (a test checks it)."""
         return {
+            "source": [self.source_record],
             "download": [self.raw_root],
             "split": [self.splits],
             "train": [self.models, self.history, self.training_curves],

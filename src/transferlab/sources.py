@@ -274,7 +274,7 @@ def copy_folder(source: Path, dest: Path) -> int:
     bytes they point at, never a link. A broken link stops the copy with a DownloadError.
     """
     count = 0
-    for src_file in tqdm(sorted(_walk_files(source)), desc=f"copying {source.name}", unit="file", disable=None):
+    for src_file in tqdm(sorted(walk_files(source)), desc=f"copying {source.name}", unit="file", disable=None):
         target = dest / src_file.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         real = src_file.resolve()  # a link's target: `os.link` would link the link itself
@@ -288,10 +288,10 @@ def copy_folder(source: Path, dest: Path) -> int:
 
 def holds_files(folder: Path) -> bool:
     """True when `folder` or a folder under it holds a file (links followed, as a copy would)."""
-    return next(_walk_files(folder), None) is not None
+    return next(walk_files(folder), None) is not None
 
 
-def _walk_files(root: Path) -> Iterator[Path]:
+def walk_files(root: Path) -> Iterator[Path]:
     """Files under `root`, following symlinked files and folders like a plain copy would.
 
     Raises DownloadError on a broken link; skips (with a warning) fifos, sockets and devices.

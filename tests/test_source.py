@@ -1,0 +1,72 @@
+"""stages/source.py: `data/source.json` changes exactly when what `data.source` holds does, so
+`dvc repro` copies a folder source again after photos are added, removed or edited."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from helpers import Process
+
+from transferlab.stages.source import describe_source
+
+
+def _photos(root: Path, per_class: int = 4) -> Path:
+    from PIL import Image
+
+    for n, label in enumerate(("red", "blue")):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 32), (200 - 150 * n, 20 + 10 * i, 50 + 150 * n)).save(root / label / f"{i}.png")
+    return root
+
+
+def test_a_folder_is_known_by_its_files_names_sizes_and_times(tmp_path: Path) -> None:
+    folder = _photos(tmp_path / "photos")
+    first = describe_source(str(folder), tmp_path)
+    assert first["files"] == 8 and describe_source("photos", tmp_path) == {**first, "source": "photos"}
+    assert describe_source(str(folder), tmp_path) == first, "nothing changed"
+    (folder / "red" / "extra.png").write_bytes((folder / "red" / "0.png").read_bytes())
+    added = describe_source(str(folder), tmp_path)
+    assert added["files"] == 9 and added["listing_sha256"] != first["listing_sha256"]
+    photo = folder / "blue" / "1.png"
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+    assert describe_source(str(folder), tmp_path)["listing_sha256"] != added["listing_sha256"], "edited"
+
+
+def test_an_archive_by_size_and_time_and_a_url_or_synthetic_by_name_alone(tmp_path: Path) -> None:
+    archive = tmp_path / "photos.zip"
+    archive.write_bytes(b"PK\x05\x06" + bytes(18))
+    described = describe_source(str(archive), tmp_path)
+    assert described == {"source": str(archive), "bytes": 22, "modified_ns": archive.stat().st_mtime_ns}
+    url = "https://example.org/photos.tgz"
+    assert describe_source(url, tmp_path) == {"source": url}
+    assert describe_source("synthetic", tmp_path) == {"source": "synthetic"}
+
+
+def _run(cwd: Path, *command: str) -> str:
+    process = Process(command, cwd)
+    assert process.finish() == 0, process.output[-3000:]
+    return process.output
+
+
+@pytest.mark.slow
+def test_dvc_repro_copies_a_folder_source_again_when_its_photos_change(project_copy: Path, tmp_path: Path) -> None:
+    """A new user fixed their photo folder and ran `make run` again: DVC restored the old
+    `data/raw/` from its run cache, because the path, its only parameter, had not changed."""
+    folder = _photos(tmp_path / "photos", per_class=3)
+    _run(project_copy, "transferlab", "compose", "data=folder", f"data.source={folder}", "data.name=colours")
+    first = _run(project_copy, "transferlab", "repro", "split")
+    assert "Running stage 'download'" in first
+    raw = project_copy / "data" / "raw" / "colours"
+    assert len(list(raw.rglob("*.png"))) == 6
+    assert "Stage 'download' didn't change" in _run(project_copy, "transferlab", "repro", "split")
+
+    (folder / "blue" / "3.png").write_bytes((folder / "blue" / "0.png").read_bytes())
+    again = _run(project_copy, "transferlab", "repro", "split")
+    assert "Running stage 'download'" in again and "Running stage 'split'" in again
+    assert len(list(raw.rglob("*.png"))) == 7
+    (folder / "blue" / "3.png").unlink()
+    back = _run(project_copy, "transferlab", "repro", "split")  # the first listing again: DVC's run cache has it
+    assert len(list(raw.rglob("*.png"))) == 6, back[-2000:]
