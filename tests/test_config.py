@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from transferlab.config import Config, compose, compose_raw, missing_input, validate
+from transferlab.config import Config, compose, compose_raw, missing_inputs, validate
 from transferlab.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -175,13 +175,15 @@ def test_image_size_left_null_is_the_backbones_default_and_is_what_the_hash_cove
     assert config_hash(mobilenet) != config_hash(_compose("model=mobilenet_v2", "data.image_size=224"))
 
 
-def test_missing_input_names_the_first_local_path_that_is_not_there(tmp_path: Path) -> None:
+def test_missing_inputs_are_the_local_paths_that_are_not_there(tmp_path: Path) -> None:
     (tmp_path / "photos").mkdir()
     (tmp_path / "w.h5").write_bytes(b"")
     local = ["data=folder", "data.source=photos", "model=mobilenet_v2"]  # relative to the project root
-    assert missing_input(compose([*local, "model.weights=w.h5"]), tmp_path) is None
-    gone = compose([*local, "model.weights=gone.h5"])
-    assert missing_input(gone, tmp_path) == "model.weights file gone.h5 does not exist"
-    assert missing_input(compose(["data=folder", "data.source=gone"]), tmp_path) == "data.source gone does not exist"
+    assert missing_inputs(compose([*local, "model.weights=w.h5"]), tmp_path) == {}
+    gone = compose(["data=folder", "data.source=gone", "model=mobilenet_v2", "model.weights=gone.h5"])
+    assert missing_inputs(gone, tmp_path) == {
+        "data.source": "data.source gone does not exist",
+        "model.weights": "model.weights file gone.h5 does not exist",
+    }
     for remote in (["data.source=https://example.org/photos.tgz"], ["data=synthetic"]):
-        assert missing_input(compose([*remote, "model.weights=null"]), tmp_path) is None
+        assert missing_inputs(compose([*remote, "model.weights=null"]), tmp_path) == {}

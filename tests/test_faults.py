@@ -528,7 +528,8 @@ def _colour_folder(root: Path, classes: Sequence[str] = ("red", "blue"), images:
 def test_a_missing_input_stops_make_run_before_dvc_removes_anything(project_copy: Path, tmp_path: Path) -> None:
     """A new user's `compose model.weights=/nonexistent.h5`, then `make run`: DVC removed models/
     before the train stage found the file missing. `transferlab repro` now stops first; under
-    plain `dvc repro` the stage that fails says how to get its outputs back."""
+    plain `dvc repro` the source stage stops first, and a stage that fails after DVC removed its
+    outputs says how to get them back."""
     images = _colour_folder(tmp_path / "images")
     status, output = run_command(project_copy, "transferlab", "compose", "data=folder", f"data.source={images}")
     assert status == 0 and "does not exist" not in output, output[-2000:]
@@ -544,11 +545,18 @@ def test_a_missing_input_stops_make_run_before_dvc_removes_anything(project_copy
         f"ConfigError: data.source {missing} does not exist: no stage was run (set it with `transferlab compose`)"
     )
     assert contents(project_copy / "data") == prepared, "nothing removed"
+    status, output = run_command(project_copy, "dvc", "repro", "split")  # around that check
+    assert status != 0 and f"DownloadError: data.source {missing} does not exist" in output, output[-2000:]
+    assert "dvc checkout" not in output and contents(project_copy / "data") == prepared, "the source stage kept it"
 
-    status, output = run_command(project_copy, "dvc", "repro", "split")  # around the check: DVC removes data/raw
+    not_an_archive = tmp_path / "photos.tgz"
+    not_an_archive.write_text("not an archive")
+    run_command(project_copy, "transferlab", "compose", f"data.source={not_an_archive}")
+    status, output = run_command(project_copy, "dvc", "repro", "split")  # the download runs: DVC removes data/raw
     assert status != 0 and "`dvc checkout download` restores them" in output, output[-2000:]
     status, output = run_command(project_copy, "dvc", "checkout", "download")
-    assert status == 0 and contents(project_copy / "data") == prepared, output[-2000:]
+    restored = {**contents(project_copy / "data"), "source.json": prepared["source.json"]}  # not DVC's to restore
+    assert status == 0 and restored == prepared, output[-2000:]
 
 
 def test_an_empty_class_folder_stops_the_download_in_one_line(tmp_path: Path) -> None:

@@ -70,3 +70,8 @@ def test_dvc_repro_copies_a_folder_source_again_when_its_photos_change(project_c
     (folder / "blue" / "3.png").unlink()
     back = _run(project_copy, "transferlab", "repro", "split")  # the first listing again: DVC's run cache has it
     assert len(list(raw.rglob("*.png"))) == 6, back[-2000:]
+
+    folder.rename(tmp_path / "elsewhere")  # as in a clone that pulled data/raw/ without the photos
+    pulled = _run(project_copy, "transferlab", "repro", "split")
+    assert f"data.source {folder} is not on this machine: data/raw as it is stays in use" in pulled
+    assert "Stage 'download' didn't change" in pulled and len(list(raw.rglob("*.png"))) == 6

@@ -66,7 +66,7 @@ def _evaluate() -> StageFunction:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from transferlab.config import conf_dir, missing_input, write_params
+    from transferlab.config import conf_dir, missing_inputs, write_params
     from transferlab.paths import project_root
     from transferlab.project_settings import save
 
@@ -74,8 +74,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     write_params(cfg, Path(args.out))
     print(settings.describe(conf_dir()))
     print(f"wrote {args.out}; `dvc repro` runs the pipeline with it")
-    if missing := missing_input(cfg, project_root()):
-        log.warning("%s: `make run` (`transferlab repro`) runs no stage until it does", missing)
+    for missing in missing_inputs(cfg, project_root()).values():
+        log.warning("%s: `make run` (`transferlab repro`) runs no stage that needs it until it does", missing)
     return 0
 
 
@@ -135,16 +135,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
-    """`dvc repro`, once the params file is valid and names inputs that exist: DVC removes a
-    stage's outputs before it runs the stage, so a stage that cannot start would lose them."""
-    from transferlab.config import load_params, missing_input
-    from transferlab.dvc_commands import repro
-    from transferlab.errors import ConfigError
+    from transferlab.dvc_commands import refuse_missing_inputs, repro
     from transferlab.paths import project_root
 
-    params = Path("params.yaml")
-    if params.is_file() and (missing := missing_input(load_params(params), project_root())):
-        raise ConfigError(f"{missing}: no stage was run (set it with `transferlab compose`)")
+    refuse_missing_inputs(Path("params.yaml"), project_root())
     return repro(args.dvc_args)
 
 
@@ -229,14 +223,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _point_at_dvc_checkout(stage: str) -> None:
     """Under `dvc repro` (DVC sets DVC_STAGE), say how to get back the outputs DVC removed before
-    it ran the stage that failed, when dvc.lock records some."""
+    it ran the stage that failed, when dvc.lock records some (outputs marked `persist` stay)."""
     from transferlab.config import read_yaml
 
-    lock = Path("dvc.lock")
-    if os.environ.get("DVC_STAGE") != stage or not lock.is_file():
+    lock, pipeline = Path("dvc.lock"), Path("dvc.yaml")
+    if os.environ.get("DVC_STAGE") != stage or not lock.is_file() or not pipeline.is_file():
         return
     recorded = ((read_yaml(lock) or {}).get("stages") or {}).get(stage, {}).get("outs")
-    if recorded:
+    declared = ((read_yaml(pipeline) or {}).get("stages") or {}).get(stage, {}).get("outs") or []
+    kept = all(isinstance(out, dict) and next(iter(out.values())).get("persist") for out in declared)
+    if recorded and not kept:
         restore = f"`dvc checkout {stage}` restores them"
         print(f"dvc repro removed the {stage} stage's outputs before running it: {restore}", file=sys.stderr)
 

@@ -584,19 +584,20 @@ def from_omegaconf(node: Any) -> Config:
     return validate(typing.cast(dict[str, Any], raw))
 
 
-def missing_input(cfg: Config, root: Path) -> str | None:
-    """What the pipeline would read from disk and cannot find: `data.source` when it is a local
-    path, and `model.weights` when it is a file; None when both exist (or are not paths).
+def missing_inputs(cfg: Config, root: Path) -> dict[str, str]:
+    """What the pipeline would read from disk and cannot find, by key: `data.source` when it is a
+    local path, `model.weights` when it is a file. Empty when both exist (or are not paths).
 
     Relative paths are taken from `root`, where DVC runs the stages.
     """
+    missing = {}
     source = cfg.data.source
     if source != SYNTHETIC_SOURCE and "://" not in source and not (root / Path(source).expanduser()).exists():
-        return f"data.source {source} does not exist"
+        missing["data.source"] = f"data.source {source} does not exist"
     weights = cfg.model.weights
     if weights not in (None, "imagenet") and not (root / Path(weights).expanduser()).is_file():
-        return f"model.weights file {weights} does not exist"
-    return None
+        missing["model.weights"] = f"model.weights file {weights} does not exist"
+    return missing
 
 
 def load_params(path: Path) -> Config:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 PUSH_HINT = "Use `dvc push`"
@@ -61,6 +62,38 @@ def repro(args: Sequence[str]) -> int:
 
         ui.write = write_without_push_hint  # type: ignore[method-assign]
     return _dvc(["repro", *args])
+
+
+# Where dvc.lock records each input path `missing_inputs` checks: its stage, then its keys in the params file.
+RECORDED_INPUTS = {"data.source": ("download", "data.source"), "model.weights": ("train", "model", "weights")}
+
+
+def refuse_missing_inputs(params: Path, root: Path) -> None:
+    """Stop before `dvc repro` when `params` names an input path that does not exist and that
+    dvc.lock does not record as it is, so its stage will run: DVC would remove that stage's
+    outputs first. One recorded as it is (a clone that pulled the outputs without the photos or
+    weights) is left to DVC, which reruns the stage only when something else changed."""
+    from transferlab.config import load_params, missing_inputs, read_yaml
+    from transferlab.errors import ConfigError
+
+    if not params.is_file():
+        return
+    cfg = load_params(params)
+    lock_file = root / "dvc.lock"
+    lock = (read_yaml(lock_file) or {}) if lock_file.is_file() else {}
+    for key, message in missing_inputs(cfg, root).items():
+        stage, *keys = RECORDED_INPUTS[key]
+        section, name = key.split(".")
+        if _recorded(lock, stage, params.name, keys) != getattr(getattr(cfg, section), name):
+            raise ConfigError(f"{message}: no stage was run (set it with `transferlab compose`)")
+
+
+def _recorded(lock: dict[str, Any], stage: str, params_file: str, keys: Sequence[str]) -> Any:
+    """The value dvc.lock records for `keys` among `stage`'s params, or None."""
+    node: Any = (((lock.get("stages") or {}).get(stage) or {}).get("params") or {}).get(params_file)
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def show_experiments(args: Sequence[str]) -> int:

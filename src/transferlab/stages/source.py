@@ -9,6 +9,8 @@ runs again, exactly when the source does. It reads no image:
   copies them), hashed;
 - a local archive: its size and modification time;
 - a URL or `synthetic`: the parameters already say everything (`data.sha256` pins a URL).
+
+The record is versioned in git beside dvc.lock, not in DVC's cache.
 """
 
 from __future__ import annotations
@@ -29,19 +31,43 @@ log = logging.getLogger(__name__)
 
 
 def record_source(cfg: Config, paths: StagePaths) -> Path:
-    """Write `data/source.json`: what `data.source` holds now, as far as a download would see."""
-    record = describe_source(cfg.data.source, paths.root)
+    """Write `data/source.json`: what `data.source` holds now, as far as a download would see.
+
+    A source that is not on this machine, named by the record already there (a clone that pulled
+    `data/raw/` with `dvc pull`), keeps that record: the pulled data stays in use.
+    """
+    source = cfg.data.source
+    local = _local_path(source, paths.root)
+    if local is not None and not local.exists() and _recorded_source(paths) == source:
+        log.warning("data.source %s is not on this machine: data/raw as it is stays in use", source)
+        return paths.source_record
+    record = describe_source(source, paths.root)
     write_text(paths.source_record, json.dumps(record, indent=1, sort_keys=True) + "\n")
     files = f" ({record['files']} files)" if "files" in record else ""
     log.info("data.source %s%s recorded in %s", cfg.data.source, files, paths.source_record)
     return paths.source_record
 
 
+def _recorded_source(paths: StagePaths) -> str | None:
+    """The `source` of the record already written, if it can be read."""
+    try:
+        return json.loads(paths.source_record.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _local_path(source: str, root: Path) -> Path | None:
+    """The file or folder `source` names on this machine; None for a URL or `synthetic`."""
+    if source == SYNTHETIC_SOURCE or is_url(source) or "://" in source:
+        return None
+    return (root / Path(source).expanduser()).resolve()
+
+
 def describe_source(source: str, root: Path) -> dict[str, Any]:
     """The source's identity: its files' listing digest for a folder, size and time for an archive."""
-    if source == SYNTHETIC_SOURCE or is_url(source) or "://" in source:
+    path = _local_path(source, root)
+    if path is None:
         return {"source": source}
-    path = (root / Path(source).expanduser()).resolve()
     if not path.exists():
         raise DownloadError(f"data.source {source} does not exist")
     if not path.is_dir():
