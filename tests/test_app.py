@@ -8,6 +8,7 @@ trainings at once) is in test_faults.py.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,10 @@ def test_output_dir_is_added_unless_given(tmp_path: Path, monkeypatch: pytest.Mo
         assert with_output_dir(given) == given
 
 
+# hydra/launcher options: Hydra's `basic`, the plugins' (`joblib`; `ray` and `ray_aws` with the ray
+# extra) and conf/hydra/launcher/ (`ray`).
+RAY_PLUGIN = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
+LAUNCHERS = "basic, joblib, ray, ray_aws" if RAY_PLUGIN else "basic, joblib, ray"
 MISSPELT_KEY_LINE = (
     "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, test_time_crops, "
     "test_time_flip, weights)"
@@ -77,6 +82,14 @@ MISSPELT_KEY_LINE = (
         (
             ["-m", "data=synthetic,sinthetic"],
             "ConfigError: data=sinthetic: no such option (available: flowers, folder, synthetic)",
+        ),
+        (
+            ["-m", "train.epochs=2", "model.dropout=0.2,0.3", "hydra/launcher=joblibb"],
+            f"ConfigError: hydra/launcher=joblibb: no such option (available: {LAUNCHERS})",
+        ),
+        (
+            ["-m", "hydra/sweeper=optuan"],
+            "ConfigError: hydra/sweeper=optuan: no such option (available: basic, optuna)",
         ),
     ],
 )
