@@ -8,6 +8,7 @@ trainings at once) is in test_faults.py.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import VENV_BIN, released_together
 
-from transferlab.app import RUNS_DIR, SWEEPS_DIR, reserve_output_dir, with_output_dir
+from transferlab.app import RUNS_DIR, SWEEPS_DIR, remove_if_unused, reserve_output_dir, with_output_dir
 
 
 def test_the_same_second_gives_different_folders(tmp_path: Path) -> None:
@@ -48,15 +49,41 @@ def test_processes_reserving_at_the_same_moment_never_share_a_folder(tmp_path: P
 
 def test_output_dir_is_added_unless_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    single = with_output_dir(["model.dropout=0.3"])
-    assert single[0] == "model.dropout=0.3" and single[1].startswith(f"hydra.run.dir={RUNS_DIR}/")
-    assert Path(single[1].split("=", 1)[1]).is_dir()
-    sweep = with_output_dir(["-m", "train.learning_rate=0.1,0.01"])
-    assert sweep[-1].startswith(f"hydra.sweep.dir={SWEEPS_DIR}/")
+    single, folder = with_output_dir(["model.dropout=0.3"])
+    assert single == ["model.dropout=0.3", f"hydra.run.dir={folder}"]
+    assert folder is not None and folder.parent == RUNS_DIR and folder.is_dir()
+    sweep, folder = with_output_dir(["-m", "train.learning_rate=0.1,0.01"])
+    assert sweep[-1] == f"hydra.sweep.dir={folder}" and folder is not None and folder.parent == SWEEPS_DIR
     for given in (["hydra.run.dir=mine"], ["-m", "hydra.sweep.dir=mine"], ["--cfg", "job"], ["--help"]):
-        assert with_output_dir(given) == given
+        assert with_output_dir(given) == (given, None)
 
 
+def _started_run(folder: Path, **files: str) -> Path:
+    """A run folder as Hydra leaves it when the job starts (`.hydra/`, an empty app.log), plus `files`."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("train: {}\n")
+    (folder / "app.log").touch()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("files", "removed"),
+    [({}, True), ({"app.log": "epoch 1/100\n"}, False), ({"model.keras": ""}, False)],
+    ids=["nothing-done", "log-written", "results"],
+)
+def test_only_a_folder_without_results_is_removed(tmp_path: Path, files: dict[str, str], removed: bool) -> None:
+    folder = _started_run(tmp_path / "run", **files)
+    remove_if_unused(folder)
+    assert folder.exists() is not removed
+    assert tmp_path.is_dir()
+
+
+# hydra/launcher options: Hydra's `basic`, the plugins' (`joblib`; `ray` and `ray_aws` with the ray
+# extra) and conf/hydra/launcher/ (`ray`).
+RAY_PLUGIN = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
+LAUNCHERS = "basic, joblib, ray, ray_aws" if RAY_PLUGIN else "basic, joblib, ray"
 MISSPELT_KEY_LINE = (
     "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, test_time_crops, "
     "test_time_flip, weights)"
@@ -78,6 +105,14 @@ MISSPELT_KEY_LINE = (
             ["-m", "data=synthetic,sinthetic"],
             "ConfigError: data=sinthetic: no such option (available: flowers, folder, synthetic)",
         ),
+        (
+            ["-m", "train.epochs=2", "model.dropout=0.2,0.3", "hydra/launcher=joblibb"],
+            f"ConfigError: hydra/launcher=joblibb: no such option (available: {LAUNCHERS})",
+        ),
+        (
+            ["-m", "hydra/sweeper=optuan"],
+            "ConfigError: hydra/sweeper=optuan: no such option (available: basic, optuna)",
+        ),
     ],
 )
 def test_a_misspelt_key_or_option_is_one_line_and_nothing_is_made(tmp_path: Path, args: list[str], line: str) -> None:
@@ -87,6 +122,20 @@ def test_a_misspelt_key_or_option_is_one_line_and_nothing_is_made(tmp_path: Path
     )
     assert (done.returncode, done.stderr.strip(), done.stdout) == (2, line, "")
     assert list(tmp_path.iterdir()) == []  # no output folder, no MLflow store
+
+
+def test_a_run_that_fails_before_any_work_leaves_no_folder(tmp_path: Path) -> None:
+    """The value is checked once composed, in the job: its folder held only Hydra's `.hydra/` and an empty app.log."""
+    done = subprocess.run(
+        [str(VENV_BIN / "transferlab-train"), "train.learning_rate=-0.01"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    line = "ConfigError: train.learning_rate must be in (0, 10], got -0.01"
+    assert (done.returncode, done.stderr.strip()) == (2, line)
+    assert list((tmp_path / RUNS_DIR).iterdir()) == []
 
 
 HYDRA_FAILS_SCRIPT = """

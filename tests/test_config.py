@@ -81,6 +81,17 @@ def test_every_group_has_options() -> None:
         pytest.param(
             ["data=nope"], r"^data=nope: no such option \(available: flowers, folder, synthetic\)$", id="unknown-option"
         ),
+        # Hydra's own groups: its options, its plugins' (the ray extra adds ray_aws) and conf/hydra/'s.
+        pytest.param(
+            ["hydra/launcher=joblibb"],
+            r"^hydra/launcher=joblibb: no such option \(available: basic, joblib, ray(, ray_aws)?\)$",
+            id="launcher",
+        ),
+        pytest.param(
+            ["hydra/sweeper=optuan"],
+            r"^hydra/sweeper=optuan: no such option \(available: basic, optuna\)$",
+            id="sweeper",
+        ),
         # Hydra said only "Could not override 'model.dropuot'" for these (no `+`).
         pytest.param(
             ["model.dropuot=0.3"],

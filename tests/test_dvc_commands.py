@@ -4,6 +4,7 @@ no remote. `transferlab exps` (`make exps`) is checked on real experiments in te
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from helpers import VENV_BIN
 
 from transferlab.dvc_commands import EXPS_COLUMNS, PUSH_HINT
+from transferlab.paths import StagePaths
+from transferlab.tracking import RunRecord, results_line
 
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -44,6 +47,36 @@ def test_repro_leaves_out_the_push_hint_only_without_a_remote(dvc_repo: Path, tm
     _run(dvc_repo, "dvc", "remote", "add", "-d", "store", str(tmp_path / "store"))
     with_remote = _run(dvc_repo, "transferlab", "repro", "-f")
     assert PUSH_HINT in with_remote.stdout
+
+
+EVALUATE_STAGE = """stages:
+  evaluate:
+    cmd: mkdir -p reports/evaluation && echo '{}' > reports/evaluation/metrics.json
+    deps: [models/run.json]
+    outs: [reports/evaluation]
+"""
+
+
+@pytest.mark.slow
+def test_repro_says_where_the_results_are_also_when_evaluate_did_not_run(dvc_repo: Path) -> None:
+    """Evaluate's last line says where the results are; a `dvc repro` that skips the stage (nothing
+    changed) or restores its outputs from the run cache does not run it, so `transferlab repro` says it."""
+    record = RunRecord(run_id="0123abcd", tracking_uri="sqlite:///mlruns/mlflow.db", experiment_id="1")
+    record.write(StagePaths(dvc_repo).run_file)
+    (dvc_repo / "dvc.yaml").write_text(EVALUATE_STAGE)
+    line = results_line(StagePaths(dvc_repo.resolve()), record)
+
+    def output(done: subprocess.CompletedProcess[str]) -> str:
+        return done.stdout + done.stderr
+
+    ran = output(_run(dvc_repo, "transferlab", "repro"))
+    assert "Running stage 'evaluate'" in ran and line not in ran  # the stage says it itself
+    unchanged = output(_run(dvc_repo, "transferlab", "repro"))
+    assert "Stage 'evaluate' didn't change" in unchanged and unchanged.count(line) == 1
+    shutil.rmtree(dvc_repo / "reports" / "evaluation")
+    restored = output(_run(dvc_repo, "transferlab", "repro"))
+    assert "Stage 'evaluate' is cached" in restored and restored.count(line) == 1
+    assert (dvc_repo / "reports" / "evaluation" / "metrics.json").read_text() == "{}\n"
 
 
 def test_exps_view_keeps_the_three_test_metrics_over_the_dropped_ones() -> None:

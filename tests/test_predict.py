@@ -81,6 +81,23 @@ def test_model_helpers(colour_model: Path, tmp_path: Path) -> None:
         load_model(write_corrupt(tmp_path / "bad.keras"))
 
 
+def test_classes_of_another_length_are_warned_about_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run in its project, `models/model.keras` finds the project's classes.json by two routes."""
+    splits = tmp_path / "data" / "splits"
+    splits.mkdir(parents=True)
+    (splits / "classes.json").write_text(json.dumps(["a", "b", "c"]))
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING"):
+        assert find_classes(Path("models/model.keras"), 5) == [f"class_{i}" for i in range(5)]
+    mismatch = f"{splits / 'classes.json'} lists 3 classes but the model has 5 outputs"
+    assert [r.getMessage() for r in caplog.records] == [
+        mismatch,
+        "no classes.json matches models/model.keras; labels are class indices",
+    ]
+
+
 def test_predict_table_for_good_images(colour_model: Path, colour_image, capsys: pytest.CaptureFixture[str]) -> None:
     files = [colour_image("r.png", RED), colour_image("g.jpg", GREEN), colour_image("b.bmp", BLUE)]
     assert predict_command(colour_model, files, 2, as_json=False) == 0

@@ -170,3 +170,14 @@ def test_a_value_conf_derives_follows_its_source_unless_set(conf: Path) -> None:
     settings, cfg = save(["mlflow.registered_model=zoo"], conf)
     assert settings.values["mlflow"] == {"registered_model": "zoo"}
     assert save(["data.name=dogs"], conf)[1].mlflow.registered_model == "zoo", "a value set stays set"
+
+
+def test_the_settings_option_is_not_offered_as_an_option_of_its_group(conf: Path) -> None:
+    """conf/model/project.yaml holds the project's model values; it is no model to choose."""
+    save(["model=mobilenet_v2", "model.alpha=0.35"], conf)
+    assert (conf / "model" / "project.yaml").is_file()
+    models = ", ".join(sorted(p.stem for p in (REPO_ROOT / "conf" / "model").glob("*.yaml")))
+    for choice in ("mobilenetv2", "project"):
+        with pytest.raises(ConfigError) as caught:
+            compose([f"model={choice}"], conf)
+        assert str(caught.value) == f"model={choice}: no such option (available: {models})"

@@ -233,3 +233,27 @@ def test_dvc_repro_split(project_copy: Path) -> None:
     assert lock["stages"]["download"]["params"]["params.yaml"]["data.synthetic"]["images_per_class"] == 10
     again = _run(["dvc", "repro", "split"], project_copy)
     assert "didn't change" in again.stdout
+
+
+def _split_warnings(cfg: Config, paths: StagePaths, caplog: pytest.LogCaptureFixture) -> list[str]:
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="transferlab.stages.split"):
+        split(cfg, paths)
+    return [r.getMessage() for r in caplog.records if r.name == "transferlab.stages.split"]
+
+
+def test_console_names_the_first_skipped_files_and_counts_the_rest(
+    synthetic_cfg: Config, synthetic_raw: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cls = sorted(p.name for p in synthetic_raw.iterdir())[0]
+    for i in range(8):
+        (synthetic_raw / cls / f"empty{i}.jpg").write_bytes(b"")
+    paths = StagePaths(tmp_path)
+    named = [f"skipped {cls}/empty{i}.jpg: empty file" for i in range(5)]
+    assert _split_warnings(synthetic_cfg, paths, caplog) == [
+        *named,
+        f"and 3 more skipped files: {paths.split_report} lists them all",
+    ]
+    for i in range(5, 8):
+        (synthetic_raw / cls / f"empty{i}.jpg").unlink()
+    assert _split_warnings(synthetic_cfg, paths, caplog) == named

@@ -12,6 +12,7 @@ sweep) gets a folder of its own, created here before Hydra starts (see `reserve_
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 RUNS_DIR = Path("outputs/runs")
 SWEEPS_DIR = Path("outputs/sweeps")
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
+HYDRA_SUBDIR = ".hydra"  # hydra.output_subdir: the job's composed config, written as it starts
 HYDRA_ERROR_EXIT = 1  # what Hydra exits with after printing an error raised in its own code or a job
 # Hydra options that print something and run no job: they need no output folder.
 _NO_JOB_FLAGS = frozenset(
@@ -60,18 +62,30 @@ def reserve_output_dir(parent: Path, stamp: str) -> Path:
     raise RuntimeError(f"no free output folder for {stamp} in {parent}")
 
 
-def with_output_dir(argv: Sequence[str]) -> list[str]:
+def with_output_dir(argv: Sequence[str]) -> tuple[list[str], Path | None]:
     """`argv` plus `hydra.run.dir=` (or `hydra.sweep.dir=` with `-m`) naming a folder reserved
-    for this process, unless the command line already names one or runs no job (`--cfg job`)."""
+    for this process, and that folder; `argv` and None when the command line already names one
+    or runs no job (`--cfg job`)."""
     args = list(argv)
     if any(arg.split("=", 1)[0] in _NO_JOB_FLAGS for arg in args):
-        return args
+        return args, None
     multirun = bool({"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(args))
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     if any(re.match(rf"^\+{{0,2}}{re.escape(key)}=", arg) for arg in args):
-        return args
+        return args, None
     folder = reserve_output_dir(SWEEPS_DIR if multirun else RUNS_DIR, time.strftime(STAMP_FORMAT))
-    return [*args, f"{key}={folder}"]
+    return [*args, f"{key}={folder}"], folder
+
+
+def remove_if_unused(folder: Path) -> None:
+    """Remove `folder` when it holds only what Hydra writes as a job starts (`.hydra/`, empty log
+    files), as after a run that failed before doing any work."""
+    for entry in folder.iterdir():
+        started = entry.name == HYDRA_SUBDIR and entry.is_dir()
+        empty_log = entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0
+        if not (started or empty_log):
+            return
+    shutil.rmtree(folder)
 
 
 def run() -> None:
@@ -81,8 +95,6 @@ def run() -> None:
 
 def main() -> None:
     """Compose the config from `conf/` and the command line, run the job or the sweep."""
-    import hydra
-
     console.configure()
     # conf/hydra/launcher/ray.yaml has the plugin's schema name on purpose (it sets the plugin's
     # options); Hydra's deprecation notice about such name matches is noise there.
@@ -92,7 +104,19 @@ def main() -> None:
     status = run_reporting_errors(lambda: check_overrides(sys.argv[1:]) or 0)
     if status:
         sys.exit(status)
-    sys.argv[1:] = with_output_dir(sys.argv[1:])
+    sys.argv[1:], folder = with_output_dir(sys.argv[1:])
+    try:
+        _run_hydra()
+    except SystemExit as exc:
+        if exc.code and folder is not None:  # a run that failed at once leaves no empty folder behind
+            remove_if_unused(folder)
+        raise
+
+
+def _run_hydra() -> NoReturn:
+    """Let Hydra run the job or the sweep that `sys.argv` asks for, then exit."""
+    import hydra
+
     try:
         hydra.main(config_path=str(conf_dir()), config_name=CONFIG_NAME, version_base="1.3")(_task)()
     except KeyboardInterrupt as exc:  # a sweep stopped (single runs report and exit in run_job)

@@ -28,6 +28,7 @@ from transferlab.errors import ConfigError, first_line
 CONFIG_NAME = "config"
 PARAMS_FILE = "params.yaml"  # conf/ composed, what DVC stages read
 SYNTHETIC_SOURCE = "synthetic"
+SETTINGS_NAME = "project"  # conf/project.yaml, and the option conf/<group>/project.yaml (project_settings.py)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_./:~+@-]+$")
@@ -476,12 +477,15 @@ def conf_dir() -> Path:
 def check_overrides(args: Sequence[str], config_dir: Path | None = None) -> None:
     """One `ConfigError` line for a command-line override that names no setting, or no option of
     a config group: `unknown key model.dropuot (known: ...)`, `model=mobilenetv2: no such option
-    (available: ...)`.
+    (available: ...)`, `hydra/launcher=joblibb: no such option (available: basic, joblib, ...)`.
 
     Hydra says `Could not override 'model.dropuot'` (and several more lines from
-    `transferlab-train`) without saying what is known. Additions (`+key=...`), deletions
-    (`~key`), package overrides and Hydra's own settings (`hydra.*`, `hydra/...`) go to Hydra
-    unchecked; so do values, which validation checks once composed.
+    `transferlab-train`) without saying what is known. A group's options are those Hydra would
+    find: `conf/<group>/*.yaml` and, for its own groups (`hydra/launcher`, `hydra/sweeper`, ...),
+    those of its installed plugins; the project settings' option is not one to choose. Additions
+    (`+key=...`), deletions (`~key`), package overrides, Hydra's own settings (`hydra.*`) and
+    groups Hydra does not know go to Hydra unchecked; so do values, which validation checks once
+    composed.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
@@ -492,18 +496,44 @@ def check_overrides(args: Sequence[str], config_dir: Path | None = None) -> None
         overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except HydraException as exc:
         raise ConfigError(first_line(exc)) from exc
+    repository = None  # Hydra's view of the config search path, built for the first group override
     for override in overrides:
         key = override.key_or_group
-        if override.type != OverrideType.CHANGE or override.package or re.match(r"hydra\b", key):
+        if override.type != OverrideType.CHANGE or override.package or re.match(r"hydra\b(?!/)", key):
             continue
-        group = directory / key
-        if group.is_dir():
-            options = sorted(path.stem for path in group.glob("*.yaml"))
-            for value in _chosen_options(override):
-                if value not in options:
-                    raise ConfigError(f"{key}={value}: no such option (available: {', '.join(options)})")
+        if key.startswith("hydra/") or (directory / key).is_dir():
+            repository = repository or _config_repository(directory)
+            _check_options(override, _group_options(repository, key))
         else:
             _check_key(key)
+
+
+def _config_repository(directory: Path) -> Any:
+    """Hydra's config repository for `directory`: its own configs, the plugins' and the project's.
+
+    Built as Hydra builds it for `@hydra.main` (the same search path); the plugin scan it needs is
+    done once per process, so Hydra reuses it when it composes.
+    """
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.utils import create_config_search_path
+
+    return ConfigRepository(create_config_search_path(str(directory)))
+
+
+def _group_options(repository: Any, group: str) -> list[str]:
+    """The options of a config group that a user may choose, sorted (none when Hydra knows no such group)."""
+    from hydra.core.object_type import ObjectType
+
+    return [name for name in repository.get_group_options(group, ObjectType.CONFIG) if name != SETTINGS_NAME]
+
+
+def _check_options(override: Any, options: Sequence[str]) -> None:
+    """`ConfigError` when a group override picks an option not in `options`."""
+    if not options:  # a group Hydra does not know: its own error says so
+        return
+    for value in _chosen_options(override):
+        if value not in options:
+            raise ConfigError(f"{override.key_or_group}={value}: no such option (available: {', '.join(options)})")
 
 
 def _chosen_options(override: Any) -> list[str]:

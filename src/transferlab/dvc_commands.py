@@ -3,7 +3,9 @@
 Both run DVC's own command line in this process, with its terminal output (progress, colours)
 untouched:
 - `repro` is `dvc repro ARGS`, without the closing "Use `dvc push` ..." hint when the project
-  has no DVC remote to push to (DVC prints it after every run that changed something);
+  has no DVC remote to push to (DVC prints it after every run that changed something), and with
+  evaluate's closing line, where the results are, when DVC skipped that stage (unchanged, or
+  restored from its run cache) rather than ran it;
 - `exps` is `dvc exp show ARGS` narrowed to what tells experiments apart: the params that differ
   between them, test accuracy, macro F1, ECE and the MLflow run id (`--only-changed` alone also
   keeps every dependency hash and every other metric).
@@ -16,7 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 PUSH_HINT = "Use `dvc push`"
+EVALUATE_STAGE = "evaluate"  # the stage of dvc.yaml whose last line says where the results are
 # Columns of `transferlab exps`: --keep wins over --drop and over --only-changed.
 EXPS_COLUMNS = (
     "--only-changed",
@@ -49,8 +54,52 @@ def has_remote() -> bool:
         return False
 
 
+class StageSkipped(logging.Handler):
+    """Tells, from DVC's log lines, whether `dvc repro` skipped a stage rather than ran it:
+    "Stage 'x' didn't change, skipping", "Stage 'x' is cached - skipping run, ..." (its outputs
+    restored from the run cache), or "Running stage 'x':" (also after the latter with `--dry`)."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(logging.INFO)
+        self.stage = stage
+        self.skipped = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message == f"Running stage '{self.stage}':":
+            self.skipped = False
+        elif message.startswith(f"Stage '{self.stage}' ") and "skipping" in message:
+            self.skipped = True
+
+
+def _log_results() -> None:
+    """Evaluate's closing line, from the files it left (none without `models/run.json`, which
+    `dvc repro --allow-missing` may leave missing)."""
+    from transferlab.paths import StagePaths, project_root
+    from transferlab.tracking import RunRecord, results_line
+
+    paths = StagePaths(project_root())
+    if paths.run_file.is_file():
+        log.info("%s", results_line(paths, RunRecord.read(paths.run_file)))
+
+
 def repro(args: Sequence[str]) -> int:
-    """`dvc repro ARGS`; the `dvc push` hint only when there is a remote to push to."""
+    """`dvc repro ARGS`; the `dvc push` hint only when there is a remote to push to; where the
+    results are also when DVC did not run the evaluate stage, whose last line says it."""
+    evaluate = StageSkipped(EVALUATE_STAGE)
+    dvc_log = logging.getLogger("dvc")
+    dvc_log.addHandler(evaluate)
+    try:
+        status = _reproduce(args)
+    finally:
+        dvc_log.removeHandler(evaluate)
+    if status == 0 and evaluate.skipped:
+        _log_results()
+    return status
+
+
+def _reproduce(args: Sequence[str]) -> int:
+    """`dvc repro ARGS`, without the `dvc push` hint when there is no remote to push to."""
     if not has_remote():
         from dvc.ui import ui
 

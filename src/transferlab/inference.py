@@ -98,7 +98,8 @@ def find_classes(model_path: Path, num_classes: int) -> list[str] | None:
         model_dir.parent / "data" / "splits" / "classes.json",
         Path.cwd() / "data" / "splits" / "classes.json",
     ]
-    for candidate in candidates:
+    # Run in the project of `models/model.keras`, the last two are one file: read (and warn about) it once.
+    for candidate in dict.fromkeys(path.resolve() for path in candidates):
         if candidate.is_file():
             try:
                 classes = load_classes(candidate)

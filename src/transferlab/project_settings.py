@@ -28,6 +28,7 @@ from typing import Any
 
 from transferlab import atomic
 from transferlab.config import (
+    SETTINGS_NAME,
     Config,
     compose_with_choices,
     conf_dir,
@@ -38,7 +39,6 @@ from transferlab.config import (
 )
 from transferlab.errors import ConfigError, first_line
 
-SETTINGS_NAME = "project"  # conf/project.yaml, and the option conf/<group>/project.yaml
 GROUPS = ("data", "model", "augment", "finetune")  # config groups that are sections of the config
 PER_RUN = ("hydra", "hparams_search")  # chosen per run or sweep, never saved
 HEADER = """\

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 from transferlab import atomic
 from transferlab.config import Config, MlflowConfig, config_hash, flatten
 from transferlab.errors import TransferlabError, describe, first_line, interrupts_deferred, stops_as_interrupts
-from transferlab.paths import tracking_root
+from transferlab.paths import StagePaths, tracking_root
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -268,6 +268,15 @@ class RunRecord:
             raise TransferlabError(f"{path} not found: run `dvc repro train` first") from exc
         except (ValueError, TypeError) as exc:
             raise TransferlabError(f"{path} is not a valid run record: run `dvc repro train` again") from exc
+
+
+def results_line(paths: StagePaths, record: RunRecord) -> str:
+    """Where the pipeline's results are: the test metrics, figures and model, and the MLflow run
+    that holds them (the last line of evaluate, and of `transferlab repro` when evaluate did not run)."""
+    return (
+        f"results: {paths.metrics}, {paths.figures}/ and {paths.model_file}; "
+        f"MLflow run {record.run_id} in {record.tracking_uri}"
+    )
 
 
 class Run:

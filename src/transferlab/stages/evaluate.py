@@ -297,12 +297,5 @@ def _evaluate(
         reliability.ece,
         record.run_id,
     )
-    log.info(
-        "results: %s, %s/ and %s; MLflow run %s in %s",
-        paths.metrics,
-        paths.figures,
-        paths.model_file,
-        record.run_id,
-        record.tracking_uri,
-    )
+    log.info("%s", tracking.results_line(paths, record))
     return metrics

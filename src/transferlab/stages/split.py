@@ -29,6 +29,8 @@ from transferlab.paths import SPLITS, StagePaths
 
 log = logging.getLogger(__name__)
 
+SKIPPED_SHOWN = 5  # skipped files named on the console; report.json lists every one
+
 
 def split(cfg: Config, paths: StagePaths) -> dict[str, Any]:
     """Verify the images in `data/raw/<name>/`, split them per class, write `data/splits/`; return the report.
@@ -68,9 +70,16 @@ def _split(cfg: Config, paths: StagePaths) -> dict[str, Any]:
         totals["skipped"],
         paths.split_report,
     )
-    for item in report["skipped"][:5]:
-        log.warning("skipped %s: %s", item["path"], item["reason"])
+    _log_skipped(report["skipped"], paths.split_report)
     return report
+
+
+def _log_skipped(skipped: Sequence[Mapping[str, str]], report_path: Path) -> None:
+    """One warning per skipped file for the first few, then one line counting the rest."""
+    for item in skipped[:SKIPPED_SHOWN]:
+        log.warning("skipped %s: %s", item["path"], item["reason"])
+    if len(skipped) > SKIPPED_SHOWN:
+        log.warning("and %d more skipped files: %s lists them all", len(skipped) - SKIPPED_SHOWN, report_path)
 
 
 def _scan(raw_dir: Path) -> tuple[list[str], list[str], list[dict[str, str]]]:
