@@ -44,7 +44,7 @@ def record_source(cfg: Config, paths: StagePaths) -> Path:
     record = describe_source(source, paths.root)
     write_text(paths.source_record, json.dumps(record, indent=1, sort_keys=True) + "\n")
     files = f" ({record['files']} files)" if "files" in record else ""
-    log.info("data.source %s%s recorded in %s", cfg.data.source, files, paths.source_record)
+    log.info("data.source %s%s recorded in %s", source, files, paths.source_record)
     return paths.source_record
 
 
