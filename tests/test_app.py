@@ -135,7 +135,7 @@ def test_a_run_that_fails_before_any_work_leaves_no_folder(tmp_path: Path) -> No
     )
     line = "ConfigError: train.learning_rate must be in (0, 10], got -0.01"
     assert (done.returncode, done.stderr.strip()) == (2, line)
-    assert list((tmp_path / RUNS_DIR).iterdir()) == []
+    assert list(tmp_path.iterdir()) == [], "nor an empty outputs/runs/"
 
 
 HYDRA_FAILS_SCRIPT = """

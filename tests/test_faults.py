@@ -19,6 +19,7 @@ import shutil
 import signal
 import time
 import urllib.parse
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -451,8 +452,6 @@ def run_command(cwd: Path, *command: str) -> tuple[int, str]:
 
 
 def test_archive_bomb_is_refused_in_one_line_and_the_dataset_kept(tmp_path: Path) -> None:
-    import zipfile
-
     from transferlab.config import compose
 
     images = tmp_path / "images"
@@ -552,17 +551,23 @@ def test_a_missing_input_stops_make_run_before_dvc_removes_anything(project_copy
     not_an_archive = tmp_path / "photos.tgz"
     not_an_archive.write_text("not an archive")
     run_command(project_copy, "transferlab", "compose", f"data.source={not_an_archive}")
+    status, output = run_command(project_copy, "dvc", "repro", "split")
+    assert status != 0 and "is neither a .tgz/.tar/.zip archive" in output and "Running stage 'download'" not in output
+    assert contents(project_copy / "data") == prepared, "stopped by the source stage"
+
+    escaping = tmp_path / "escaping.zip"  # an archive the source stage accepts and the download refuses
+    with zipfile.ZipFile(escaping, "w") as zf:
+        zf.writestr("../outside.png", b"")
+    run_command(project_copy, "transferlab", "compose", f"data.source={escaping}")
     status, output = run_command(project_copy, "dvc", "repro", "split")  # the download runs: DVC removes data/raw
     assert status != 0 and "`dvc checkout download` restores them" in output, output[-2000:]
     status, output = run_command(project_copy, "dvc", "checkout", "download")
-    restored = {**contents(project_copy / "data"), "source.json": prepared["source.json"]}  # not DVC's to restore
+    restored = {**contents(project_copy / "data"), "source.json": prepared["source.json"]}  # the source stage's
     assert status == 0 and restored == prepared, output[-2000:]
 
 
 def test_an_empty_class_folder_stops_the_download_in_one_line(tmp_path: Path) -> None:
     """DVC keeps no empty folders, so an empty class folder used to vanish without a word."""
-    import zipfile
-
     from transferlab.config import compose
 
     images = _colour_folder(tmp_path / "images")

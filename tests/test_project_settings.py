@@ -162,6 +162,19 @@ def test_cli_compose_saves_prints_and_writes_params(
     assert "ConfigError: model.dropout must be in [0, 1), got 2" in capsys.readouterr().err
 
 
+def test_compose_from_a_folder_inside_the_project_writes_the_projects_params(
+    conf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It wrote src/params.yaml, which DVC never reads, while it changed conf/project.yaml."""
+    inside = conf.parent / "src"
+    inside.mkdir()
+    monkeypatch.chdir(inside)
+    assert conf_dir() == conf
+    assert main(["compose", "model.dropout=0.3"]) == 0
+    assert not (inside / "params.yaml").exists()
+    assert yaml.safe_load((conf.parent / "params.yaml").read_text())["model"]["dropout"] == 0.3
+
+
 def test_a_value_conf_derives_follows_its_source_unless_set(conf: Path) -> None:
     """`mlflow.registered_model: ${data.name}-classifier` is not frozen into the settings by a data.name."""
     settings, cfg = save(OWN_IMAGES, conf)

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from helpers import Process
 
+from transferlab.errors import DataError, DownloadError
 from transferlab.stages.source import describe_source
 
 
@@ -45,9 +47,24 @@ def test_an_archive_by_size_and_time_and_a_url_or_synthetic_by_name_alone(tmp_pa
     assert describe_source("synthetic", tmp_path) == {"source": "synthetic"}
 
 
-def _run(cwd: Path, *command: str) -> str:
+def test_a_source_the_download_could_not_use_stops_here(tmp_path: Path) -> None:
+    """Before DVC runs the download, which would first remove data/raw/."""
+    folder = _photos(tmp_path / "photos")
+    (folder / "green").mkdir()
+    with pytest.raises(DataError, match=r"^class folder 'green' of \S+ holds no files: add images to it or remove it$"):
+        describe_source(str(folder), tmp_path)
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "a.png").write_bytes((folder / "red" / "0.png").read_bytes())
+    with pytest.raises(DownloadError, match=r"holds no class folders: put each class's images in one$"):
+        describe_source(str(loose), tmp_path)
+    with pytest.raises(DownloadError, match=r"is neither a \.tgz/\.tar/\.zip archive nor a folder of classes$"):
+        describe_source(str(loose / "a.png"), tmp_path)
+
+
+def _run(cwd: Path, *command: str, status: int = 0) -> str:
     process = Process(command, cwd)
-    assert process.finish() == 0, process.output[-3000:]
+    assert process.finish() == status, process.output[-3000:]
     return process.output
 
 
@@ -71,7 +88,16 @@ def test_dvc_repro_copies_a_folder_source_again_when_its_photos_change(project_c
     back = _run(project_copy, "transferlab", "repro", "split")  # the first listing again: DVC's run cache has it
     assert len(list(raw.rglob("*.png"))) == 6, back[-2000:]
 
+    (folder / "green").mkdir()  # an empty class folder: the source stage stops, data/raw/ stays
+    empty = _run(project_copy, "dvc", "repro", "split", status=255)
+    assert f"DataError: class folder 'green' of {folder} holds no files" in empty
+    assert "Running stage 'download'" not in empty and len(list(raw.rglob("*.png"))) == 6
+    (folder / "green").rmdir()
+
     folder.rename(tmp_path / "elsewhere")  # as in a clone that pulled data/raw/ without the photos
     pulled = _run(project_copy, "transferlab", "repro", "split")
-    assert f"data.source {folder} is not on this machine: data/raw as it is stays in use" in pulled
+    assert f"data.source {folder} is not on this machine: data/raw as pulled stays in use" in pulled
     assert "Stage 'download' didn't change" in pulled and len(list(raw.rglob("*.png"))) == 6
+    shutil.rmtree(raw)  # a clone that has not pulled yet
+    unpulled = _run(project_copy, "transferlab", "repro", "split", status=2)
+    assert f"ConfigError: data.source {folder} is not on this machine, nor {raw} (`dvc pull` fetches it)" in unpulled

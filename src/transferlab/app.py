@@ -11,6 +11,7 @@ sweep) gets a folder of its own, created here before Hydra starts (see `reserve_
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import sys
@@ -86,6 +87,10 @@ def remove_if_unused(folder: Path) -> None:
         if not (started or empty_log):
             return
     shutil.rmtree(folder)
+    for parent in (folder.parent, folder.parent.parent):
+        if parent in (RUNS_DIR, SWEEPS_DIR, RUNS_DIR.parent):  # outputs/runs/, outputs/: when now empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def run() -> None:

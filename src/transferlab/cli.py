@@ -66,16 +66,18 @@ def _evaluate() -> StageFunction:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
-    from transferlab.config import conf_dir, missing_inputs, write_params
-    from transferlab.paths import project_root
+    from transferlab.config import PARAMS_FILE, conf_dir, write_params
+    from transferlab.dvc_commands import missing_inputs_for_repro
+    from transferlab.paths import StagePaths
     from transferlab.project_settings import save
 
     settings, cfg = save(args.overrides, reset=args.reset)
-    write_params(cfg, Path(args.out))
+    out = Path(args.out) if args.out else conf_dir().parent / PARAMS_FILE  # the project's, from any folder in it
+    write_params(cfg, out)
     print(settings.describe(conf_dir()))
-    print(f"wrote {args.out}; `dvc repro` runs the pipeline with it")
-    for missing in missing_inputs(cfg, project_root()).values():
-        log.warning("%s: `make run` (`transferlab repro`) runs no stage that needs it until it does", missing)
+    print(f"wrote {args.out or os.path.relpath(out)}; `dvc repro` runs the pipeline with it")
+    for missing in missing_inputs_for_repro(cfg, StagePaths(conf_dir().parent)).values():
+        log.warning("%s: `make run` (`transferlab repro`) runs no stage until it does", missing)
     return 0
 
 
@@ -136,9 +138,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_repro(args: argparse.Namespace) -> int:
     from transferlab.dvc_commands import refuse_missing_inputs, repro
-    from transferlab.paths import project_root
+    from transferlab.paths import StagePaths, project_root
 
-    refuse_missing_inputs(Path("params.yaml"), project_root())
+    refuse_missing_inputs(Path("params.yaml"), StagePaths(project_root()))
     return repro(args.dvc_args)
 
 
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compose", help="save project settings in conf/project.yaml and write params.yaml from conf/")
     p.add_argument("overrides", nargs="*", help="Hydra overrides to save, e.g. data=folder data.source=/path/to/images")
     p.add_argument("--reset", action="store_true", help="drop the saved project settings first")
-    p.add_argument("--out", default="params.yaml")
+    p.add_argument("--out", help="where to write the composed config (default: params.yaml beside conf/)")
     p.set_defaults(func=cmd_compose)
 
     # These two pass every further argument on to DVC (`transferlab repro -f evaluate`, `transferlab exps --md`).
@@ -233,7 +235,7 @@ def _point_at_dvc_checkout(stage: str) -> None:
     declared = ((read_yaml(pipeline) or {}).get("stages") or {}).get(stage, {}).get("outs") or []
     kept = all(isinstance(out, dict) and next(iter(out.values())).get("persist") for out in declared)
     if recorded and not kept:
-        restore = f"`dvc checkout {stage}` restores them"
+        restore = f"`dvc checkout {stage}` restores them from DVC's cache (`dvc pull {stage}` from a remote)"
         print(f"dvc repro removed the {stage} stage's outputs before running it: {restore}", file=sys.stderr)
 
 

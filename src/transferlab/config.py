@@ -467,10 +467,11 @@ def validate_section(name: str, raw: Any) -> Any:
 
 
 def conf_dir() -> Path:
-    """`conf/` of the project in the working directory, else of this source checkout."""
-    local = Path.cwd() / "conf"
-    if (local / f"{CONFIG_NAME}.yaml").is_file():
-        return local
+    """`conf/` of the project the working directory is in (it or a folder above it), else of this
+    source checkout."""
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        if (folder / "conf" / f"{CONFIG_NAME}.yaml").is_file():
+            return folder / "conf"
     return Path(__file__).resolve().parents[2] / "conf"
 
 

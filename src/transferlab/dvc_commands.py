@@ -16,7 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transferlab.config import Config
+    from transferlab.paths import StagePaths
 
 log = logging.getLogger(__name__)
 
@@ -113,36 +117,31 @@ def _reproduce(args: Sequence[str]) -> int:
     return _dvc(["repro", *args])
 
 
-# Where dvc.lock records each input path `missing_inputs` checks: its stage, then its keys in the params file.
-RECORDED_INPUTS = {"data.source": ("download", "data.source"), "model.weights": ("train", "model", "weights")}
+def missing_inputs_for_repro(cfg: Config, paths: StagePaths) -> dict[str, str]:
+    """The input paths of `cfg` that do not exist, by key (`config.missing_inputs`), but for a
+    `data.source` that a clone without it does not need: the source stage keeps using the
+    `data/raw/` it pulled (`stages.source.uses_pulled_data`), or says to pull it."""
+    from transferlab.config import missing_inputs
+    from transferlab.stages.source import needs_pull, not_pulled, uses_pulled_data
+
+    missing = missing_inputs(cfg, paths.root)
+    if "data.source" in missing and uses_pulled_data(cfg, paths):
+        del missing["data.source"]
+    elif "data.source" in missing and needs_pull(cfg, paths):
+        missing["data.source"] = not_pulled(cfg, paths)
+    return missing
 
 
-def refuse_missing_inputs(params: Path, root: Path) -> None:
-    """Stop before `dvc repro` when `params` names an input path that does not exist and that
-    dvc.lock does not record as it is, so its stage will run: DVC would remove that stage's
-    outputs first. One recorded as it is (a clone that pulled the outputs without the photos or
-    weights) is left to DVC, which reruns the stage only when something else changed."""
-    from transferlab.config import load_params, missing_inputs, read_yaml
+def refuse_missing_inputs(params: Path, paths: StagePaths) -> None:
+    """Stop before `dvc repro` when `params` names an input path that does not exist: DVC would
+    remove the outputs of the stage that needs it before that stage failed."""
+    from transferlab.config import load_params
     from transferlab.errors import ConfigError
 
     if not params.is_file():
         return
-    cfg = load_params(params)
-    lock_file = root / "dvc.lock"
-    lock = (read_yaml(lock_file) or {}) if lock_file.is_file() else {}
-    for key, message in missing_inputs(cfg, root).items():
-        stage, *keys = RECORDED_INPUTS[key]
-        section, name = key.split(".")
-        if _recorded(lock, stage, params.name, keys) != getattr(getattr(cfg, section), name):
-            raise ConfigError(f"{message}: no stage was run (set it with `transferlab compose`)")
-
-
-def _recorded(lock: dict[str, Any], stage: str, params_file: str, keys: Sequence[str]) -> Any:
-    """The value dvc.lock records for `keys` among `stage`'s params, or None."""
-    node: Any = (((lock.get("stages") or {}).get(stage) or {}).get("params") or {}).get(params_file)
-    for key in keys:
-        node = node.get(key) if isinstance(node, dict) else None
-    return node
+    for message in missing_inputs_for_repro(load_params(params), paths).values():
+        raise ConfigError(f"{message}: no stage was run (set it with `transferlab compose`)")
 
 
 def show_experiments(args: Sequence[str]) -> int:

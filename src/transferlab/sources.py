@@ -29,7 +29,7 @@ from typing import IO, Literal
 
 from tqdm import tqdm
 
-from transferlab.errors import DownloadError, first_line
+from transferlab.errors import DataError, DownloadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +286,16 @@ def copy_folder(source: Path, dest: Path) -> int:
     return count
 
 
-def holds_files(folder: Path) -> bool:
-    """True when `folder` or a folder under it holds a file (links followed, as a copy would)."""
-    return next(walk_files(folder), None) is not None
+def check_class_folders(dataset: Path, source: str) -> None:
+    """A dataset has one class folder at least, and a file in each: an empty class folder would
+    vanish without a word (neither a copy nor DVC keeps an empty folder, so the split would never
+    see that class)."""
+    classes = [p for p in sorted(dataset.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    if not classes:
+        raise DownloadError(f"data.source {source} holds no class folders: put each class's images in one")
+    for folder in classes:
+        if next(walk_files(folder), None) is None:
+            raise DataError(f"class folder {folder.name!r} of {source} holds no files: add images to it or remove it")
 
 
 def walk_files(root: Path) -> Iterator[Path]:

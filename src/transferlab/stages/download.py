@@ -12,15 +12,15 @@ from pathlib import Path
 
 from transferlab.atomic import replace_dir
 from transferlab.config import SYNTHETIC_SOURCE, Config, DataConfig
-from transferlab.errors import DataError, DownloadError
+from transferlab.errors import DownloadError
 from transferlab.locks import stage_lock
 from transferlab.paths import StagePaths
 from transferlab.sources import (
     ExtractLimits,
+    check_class_folders,
     copy_folder,
     extract_archive,
     fetch_url,
-    holds_files,
     is_url,
     verify_sha256,
 )
@@ -53,20 +53,20 @@ def _download(cfg: Config, paths: StagePaths) -> Path:
         archive = fetch_url(source, paths.downloads, data_cfg.sha256)
         with replace_dir(target_dir) as tmp:
             extract_archive(archive, tmp, limits)
-            _refuse_empty_class_folders(tmp, source)
+            check_class_folders(tmp, source)
     else:
         local = _local_source(source, target_dir)
         if local.is_dir():
             _ignore_checksum(data_cfg, "a folder source")
             with replace_dir(target_dir) as tmp:
-                _refuse_empty_class_folders(local, source)
+                check_class_folders(local, source)
                 copy_folder(local, tmp)
         else:
             if data_cfg.sha256 is not None:
                 verify_sha256(local, data_cfg.sha256, str(local))
             with replace_dir(target_dir) as tmp:
                 extract_archive(local, tmp, limits)
-                _refuse_empty_class_folders(tmp, source)
+                check_class_folders(tmp, source)
     log.info("dataset %s ready in %s", data_cfg.name, target_dir)
     return target_dir
 
@@ -88,15 +88,6 @@ def _local_source(source: str, target_dir: Path) -> Path:
             "source images outside it"
         )
     return path
-
-
-def _refuse_empty_class_folders(dataset: Path, source: str) -> None:
-    """A class folder without a file would vanish without a word (neither a copy nor DVC keeps an
-    empty folder, so the split would never see that class): stop, as the split does for a class
-    it cannot use."""
-    for folder in sorted(dataset.iterdir()):
-        if folder.is_dir() and not folder.name.startswith(".") and not holds_files(folder):
-            raise DataError(f"class folder {folder.name!r} of {source} holds no files: add images to it or remove it")
 
 
 def _ignore_checksum(data_cfg: DataConfig, what: str) -> None:
