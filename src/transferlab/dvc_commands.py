@@ -2,10 +2,12 @@
 
 Both run DVC's own command line in this process, with its terminal output (progress, colours)
 untouched:
-- `repro` is `dvc repro ARGS`, without the closing "Use `dvc push` ..." hint when the project
-  has no DVC remote to push to (DVC prints it after every run that changed something), and with
-  evaluate's closing line, where the results are, when DVC skipped that stage (unchanged, or
-  restored from its run cache) rather than ran it;
+- `repro` is `dvc repro ARGS`, once the input paths the params file names exist
+  (`refuse_missing_inputs`: DVC would remove a stage's outputs before that stage failed);
+  without the closing "Use `dvc push` ..." hint when the project has no DVC remote to push to
+  (DVC prints it after every run that changed something); and with evaluate's closing line,
+  where the results are, when DVC skipped that stage (unchanged, or restored from its run cache)
+  rather than ran it;
 - `exps` is `dvc exp show ARGS` narrowed to what tells experiments apart: the params that differ
   between them, test accuracy, macro F1, ECE and the MLflow run id (`--only-changed` alone also
   keeps every dependency hash and every other metric).
