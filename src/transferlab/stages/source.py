@@ -10,7 +10,8 @@ runs again, exactly when the source does. It reads no image:
 - a local archive: its size and modification time;
 - a URL or `synthetic`: the parameters already say everything (`data.sha256` pins a URL).
 
-The record is versioned in git beside dvc.lock, not in DVC's cache.
+The record is a DVC output like the others (pushed and pulled with them), kept while the stage
+runs (`persist`), so a clone without the source can keep the one it pulled.
 """
 
 from __future__ import annotations
