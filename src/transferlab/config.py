@@ -615,6 +615,14 @@ def from_omegaconf(node: Any) -> Config:
     return validate(typing.cast(dict[str, Any], raw))
 
 
+def local_source(source: str, root: Path) -> Path | None:
+    """The file or folder `data.source` names on this machine, a relative path taken from `root`
+    (where DVC runs the stages); None for `synthetic` and URLs."""
+    if source == SYNTHETIC_SOURCE or "://" in source:
+        return None
+    return (root / Path(source).expanduser()).resolve()
+
+
 def missing_inputs(cfg: Config, root: Path) -> dict[str, str]:
     """What the pipeline would read from disk and cannot find, by key: `data.source` when it is a
     local path, `model.weights` when it is a file. Empty when both exist (or are not paths).
@@ -622,9 +630,9 @@ def missing_inputs(cfg: Config, root: Path) -> dict[str, str]:
     Relative paths are taken from `root`, where DVC runs the stages.
     """
     missing = {}
-    source = cfg.data.source
-    if source != SYNTHETIC_SOURCE and "://" not in source and not (root / Path(source).expanduser()).exists():
-        missing["data.source"] = f"data.source {source} does not exist"
+    source = local_source(cfg.data.source, root)
+    if source is not None and not source.exists():
+        missing["data.source"] = f"data.source {cfg.data.source} does not exist"
     weights = cfg.model.weights
     if weights not in (None, "imagenet") and not (root / Path(weights).expanduser()).is_file():
         missing["model.weights"] = f"model.weights file {weights} does not exist"

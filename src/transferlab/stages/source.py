@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.atomic import write_text
-from transferlab.config import SYNTHETIC_SOURCE, Config
+from transferlab.config import Config, local_source
 from transferlab.errors import DownloadError
 from transferlab.paths import StagePaths
-from transferlab.sources import check_class_folders, is_url, walk_files
+from transferlab.sources import check_class_folders, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def needs_pull(cfg: Config, paths: StagePaths) -> bool:
 def _source_elsewhere(cfg: Config, paths: StagePaths) -> bool:
     """`data.source` is a local path that is not on this machine, and the record names it (the
     record came with the project, from where the source is)."""
-    local = _local_path(cfg.data.source, paths.root)
+    local = local_source(cfg.data.source, paths.root)
     return local is not None and not local.exists() and recorded_source(paths) == cfg.data.source
 
 
@@ -88,20 +88,13 @@ def recorded_source(paths: StagePaths) -> str | None:
         return None
 
 
-def _local_path(source: str, root: Path) -> Path | None:
-    """The file or folder `source` names on this machine; None for a URL or `synthetic`."""
-    if source == SYNTHETIC_SOURCE or is_url(source) or "://" in source:
-        return None
-    return (root / Path(source).expanduser()).resolve()
-
-
 def describe_source(source: str, root: Path) -> dict[str, Any]:
     """The source's identity: its files' listing digest for a folder, size and time for an archive.
 
     Raises `DownloadError` (`DataError` for an empty class folder, `sources.check_class_folders`)
     for a source the download could not use.
     """
-    path = _local_path(source, root)
+    path = local_source(source, root)
     if path is None:
         return {"source": source}
     if not path.exists():
