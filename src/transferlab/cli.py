@@ -71,12 +71,13 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from transferlab.paths import StagePaths
     from transferlab.project_settings import save
 
-    settings, cfg = save(args.overrides, reset=args.reset)
-    out = Path(args.out) if args.out else conf_dir().parent / PARAMS_FILE  # the project's, from any folder in it
+    conf = conf_dir()
+    settings, cfg = save(args.overrides, conf, reset=args.reset)
+    out = Path(args.out) if args.out else conf.parent / PARAMS_FILE  # the project's, from any folder in it
     write_params(cfg, out)
-    print(settings.describe(conf_dir()))
+    print(settings.describe(conf))
     print(f"wrote {args.out or os.path.relpath(out)}; `dvc repro` runs the pipeline with it")
-    for missing in missing_inputs_for_repro(cfg, StagePaths(conf_dir().parent)).values():
+    for missing in missing_inputs_for_repro(cfg, StagePaths(conf.parent)).values():
         log.warning("%s: `make run` (`transferlab repro`) runs no stage until it does", missing)
     return 0
 
