@@ -194,6 +194,17 @@ def offline_dom(page: Path | str, budget_ms: int = 10_000, screenshot: Path | No
     return done.stdout
 
 
+def class_folders(root: Path, per_class: int = 4) -> Path:
+    """`root/red/` and `root/blue/`, each with `per_class` small PNGs of distinct colours (0.png, ...)."""
+    from PIL import Image
+
+    for n, label in enumerate(("red", "blue")):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 32), (200 - 150 * n, 20 + 10 * i, 50 + 150 * n)).save(root / label / f"{i}.png")
+    return root
+
+
 def declared_png(width: int, height: int) -> bytes:
     """A valid black PNG of `width` x `height` pixels that stays small on disk (1-bit grey,
     compressed row by row): 16000 x 16000 is 32 KB, and 768 MB once decoded to RGB."""

@@ -33,6 +33,7 @@ from helpers import (
     ModelServer,
     Process,
     checkpointed_run,
+    class_folders,
     colour_config,
     declared_png,
     epochs_done,
@@ -513,23 +514,12 @@ def test_out_of_range_seed_is_one_line_at_the_door(project: StagePaths) -> None:
     assert "Traceback" not in output
 
 
-def _colour_folder(root: Path, classes: Sequence[str] = ("red", "blue"), images: int = 4) -> Path:
-    """Class folders of small PNGs under `root`."""
-    from PIL import Image
-
-    for n, label in enumerate(classes):
-        (root / label).mkdir(parents=True)
-        for i in range(images):
-            Image.new("RGB", (32, 32), (40 * n + 10 * i, 20, 200 - 40 * n)).save(root / label / f"{i}.png")
-    return root
-
-
 def test_a_missing_input_stops_make_run_before_dvc_removes_anything(project_copy: Path, tmp_path: Path) -> None:
     """A new user's `compose model.weights=/nonexistent.h5`, then `make run`: DVC removed models/
     before the train stage found the file missing. `transferlab repro` now stops first; under
     plain `dvc repro` the source stage stops first, and a stage that fails after DVC removed its
     outputs says how to get them back."""
-    images = _colour_folder(tmp_path / "images")
+    images = class_folders(tmp_path / "images")
     status, output = run_command(project_copy, "transferlab", "compose", "data=folder", f"data.source={images}")
     assert status == 0 and "does not exist" not in output, output[-2000:]
     status, output = run_command(project_copy, "transferlab", "repro", "split")
@@ -570,7 +560,7 @@ def test_an_empty_class_folder_stops_the_download_in_one_line(tmp_path: Path) ->
     """DVC keeps no empty folders, so an empty class folder used to vanish without a word."""
     from transferlab.config import compose
 
-    images = _colour_folder(tmp_path / "images")
+    images = class_folders(tmp_path / "images")
     (images / "green").mkdir()
     archive = tmp_path / "images.zip"
     with zipfile.ZipFile(archive, "w") as zf:

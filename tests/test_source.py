@@ -8,24 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import Process
+from helpers import Process, class_folders
 
 from transferlab.errors import DataError, DownloadError
 from transferlab.stages.source import describe_source
 
 
-def _photos(root: Path, per_class: int = 4) -> Path:
-    from PIL import Image
-
-    for n, label in enumerate(("red", "blue")):
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.new("RGB", (32, 32), (200 - 150 * n, 20 + 10 * i, 50 + 150 * n)).save(root / label / f"{i}.png")
-    return root
-
-
 def test_a_folder_is_known_by_its_files_names_sizes_and_times(tmp_path: Path) -> None:
-    folder = _photos(tmp_path / "photos")
+    folder = class_folders(tmp_path / "photos")
     first = describe_source(str(folder), tmp_path)
     assert first["files"] == 8 and describe_source("photos", tmp_path) == {**first, "source": "photos"}
     assert describe_source(str(folder), tmp_path) == first, "nothing changed"
@@ -49,7 +39,7 @@ def test_an_archive_by_size_and_time_and_a_url_or_synthetic_by_name_alone(tmp_pa
 
 def test_a_source_the_download_could_not_use_stops_here(tmp_path: Path) -> None:
     """Before DVC runs the download, which would first remove data/raw/."""
-    folder = _photos(tmp_path / "photos")
+    folder = class_folders(tmp_path / "photos")
     (folder / "green").mkdir()
     with pytest.raises(DataError, match=r"^class folder 'green' of \S+ holds no files: add images to it or remove it$"):
         describe_source(str(folder), tmp_path)
@@ -72,7 +62,7 @@ def _run(cwd: Path, *command: str, status: int = 0) -> str:
 def test_dvc_repro_copies_a_folder_source_again_when_its_photos_change(project_copy: Path, tmp_path: Path) -> None:
     """A new user fixed their photo folder and ran `make run` again: DVC restored the old
     `data/raw/` from its run cache, because the path, its only parameter, had not changed."""
-    folder = _photos(tmp_path / "photos", per_class=3)
+    folder = class_folders(tmp_path / "photos", per_class=3)
     _run(project_copy, "transferlab", "compose", "data=folder", f"data.source={folder}", "data.name=colours")
     first = _run(project_copy, "transferlab", "repro", "split")
     assert "Running stage 'download'" in first
