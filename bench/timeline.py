@@ -47,11 +47,12 @@ JOB_MARKERS = (
     Marker("start: MLflow run, build model", FEATURES),
     Marker("backbone features, train + val", r"^head: "),
     Marker("fit the head", EPOCH, last=True),
-    # The figure worker (figure_workers.py) draws the curves while the model is saved, and the
-    # photo grid while the other two figures are drawn: their lines come when they are collected.
-    Marker("save model + training curves, log artifacts, describe run", r"model \(epoch \d+\) saved to"),
+    # The figure worker (figure_workers.py) draws the job's four figures while the next job
+    # trains: they follow the job, and their lines come when they are collected. The first job's
+    # are drawn in these two segments, in the job's process, while the worker starts.
+    Marker("save model, log artifacts, describe run", r"model \(epoch \d+\) saved to"),
     Marker("evaluate: test features", r"test features from the cache"),
-    Marker("evaluate: metrics + 3 figures, log to MLflow", r"^test accuracy"),
+    Marker("evaluate: metrics, reports, log to MLflow", r"^test accuracy"),
 )
 # A two-phase `finetune=top20` run (cut-point cache or images).
 FINETUNE_MARKERS = (

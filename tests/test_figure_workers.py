@@ -59,7 +59,6 @@ def test_without_a_sweep_figures_are_drawn_here(tmp_path: Path) -> None:
 
 def test_a_started_worker_draws_in_another_process(worker: int, tmp_path: Path) -> None:
     assert drawn_by(figure_workers.draw(pid_file, tmp_path / "a.png")) == worker != os.getpid()
-    assert drawn_by(figure_workers.draw(pid_file, tmp_path / "b.png", here=True)) == os.getpid()
 
 
 def test_the_first_figure_is_drawn_here_while_the_worker_starts(tmp_path: Path) -> None:
@@ -76,6 +75,58 @@ def test_a_figure_from_the_worker_is_the_same_png(worker: int, tmp_path: Path) -
     there = figure_workers.draw(plots.plot_confusion_matrix, confusion, classes, tmp_path / "there.png")
     here = plots.plot_confusion_matrix(confusion, classes, tmp_path / "here.png")
     assert there.path().read_bytes() == here.read_bytes()
+
+
+def test_without_a_worker_a_follow_up_runs_at_once(tmp_path: Path) -> None:
+    assert not figure_workers.defers()
+    done: list[list[Path]] = []
+    figure_workers.follow([figure_workers.draw(pid_file, tmp_path / "a.png")], done.append, "job a")
+    assert done == [[tmp_path / "a.png"]]
+
+
+def test_follow_ups_run_once_their_figures_are_written_and_in_order(worker: int, tmp_path: Path) -> None:
+    """A job's follow-up (log its figures, then its test metrics) waits for its figures, and the
+    next job's waits behind it even when its own are written: MLflow gets them in job order."""
+    assert figure_workers.defers()
+    done: list[str] = []
+    slow = figure_workers.draw(slow_pid_file, tmp_path / "slow.png")
+    figure_workers.follow([slow], lambda paths: done.append(f"job 0: {paths[0].read_text()}"), "job 0")
+    quick = figure_workers.draw(pid_file, tmp_path / "quick.png")
+    figure_workers.follow([quick], lambda paths: done.append(f"job 1: {paths[0].read_text()}"), "job 1")
+    assert done == [], "the first figure takes a second"
+    figure_workers.collect(wait=False)
+    assert done == []
+    figure_workers.collect(wait=True)
+    assert done == [f"job 0: {worker}", f"job 1: {worker}"]
+
+
+def test_a_follow_up_that_fails_warns_and_the_next_one_runs(
+    worker: int, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="transferlab.figure_workers")
+    done: list[Path] = []
+    figure_workers.follow(
+        [figure_workers.draw(failing_plot, tmp_path / "x.png")], done.extend, "the evaluation of run 1"
+    )
+    figure_workers.follow([figure_workers.draw(pid_file, tmp_path / "a.png")], done.extend, "the evaluation of run 2")
+    figure_workers.collect(wait=True)
+    assert "the evaluation of run 1 did not complete: cannot draw x.png" in caplog.text
+    assert done == [tmp_path / "a.png"]
+
+
+def test_stopping_the_sweep_runs_every_follow_up_first(tmp_path: Path) -> None:
+    figure_workers.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while drawn_by(figure_workers.draw(pid_file, tmp_path / "probe")) == os.getpid():
+            assert time.monotonic() < deadline, "the figure worker did not start"
+            time.sleep(0.1)
+        done: list[Path] = []
+        figure_workers.follow([figure_workers.draw(slow_pid_file, tmp_path / "slow.png")], done.extend, "job 0")
+        assert done == []
+    finally:
+        figure_workers.stop()
+    assert done == [tmp_path / "slow.png"] and not figure_workers.defers()
 
 
 def test_a_failing_job_waits_for_its_figures_before_its_folder_goes(worker: int, tmp_path: Path) -> None:

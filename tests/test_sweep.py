@@ -19,12 +19,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN
+from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN, job_outputs
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from transferlab import tracking
 from transferlab.config import MlflowConfig, compose, config_hash
+from transferlab.paths import StagePaths
 from transferlab.sweep import ERROR_FILE, SweepInfo, free_memory, job_name_and_tags, sweep_keys
 from transferlab.sweep_bookkeeping import best_row
 
@@ -201,6 +202,23 @@ def test_grid_sweep_is_one_parent_with_a_child_per_job(grid_sweep: Sweep) -> Non
         assert {"final_val_accuracy", "test_accuracy", "test_macro_f1"} <= set(run.data.metrics)
     # The pipeline run planted with job 2's config is no child of this sweep: job 2 trained.
     assert grid_sweep.summary.set_index("job").loc[TRAINED_JOBS[0], "status"] == "FINISHED"
+
+
+@pytest.mark.slow
+def test_every_finished_job_has_its_figures_on_disk_and_in_its_run(grid_sweep: Sweep) -> None:
+    """Later jobs leave their figures to follow them (drawn in the figure worker while the next
+    job trains): by the sweep's end each is in its job's folder and run, before the test metrics."""
+    figures = ["confusion_matrix.png", "misclassified.png", "reliability.png", "training_curves.png"]
+    finished = grid_sweep.summary[grid_sweep.summary["status"] == "FINISHED"]
+    for job, run_id in zip(finished["job"], finished["run_id"], strict=True):
+        paths = StagePaths(grid_sweep.root, output_root=grid_sweep.sweep_dir / str(job))
+        assert job_outputs(paths, grid_sweep.client) == run_id, "the folder holds the run's results, figures too"
+        logged = [Path(a.path).name for a in grid_sweep.client.list_artifacts(run_id, "figures")]
+        assert sorted(logged) == figures
+        drawn = [paths.training_curves, *(paths.evaluation / "figures" / name for name in figures[:3])]
+        assert all(png.stat().st_size > 0 for png in drawn)
+    job_logs = "".join(log.read_text() for log in grid_sweep.sweep_dir.glob("*/*.log"))
+    assert "(in the figure worker)" in job_logs, "later jobs' figures were drawn in the worker"
 
 
 @pytest.mark.slow

@@ -1,10 +1,15 @@
-"""Figures drawn in a worker process while a sweep job goes on with its other work.
+"""Figures drawn in a worker process while a sweep goes on with its jobs.
 
-A later sweep job spends about a third of its time in matplotlib, on one core, while the
-machine's other core idles. A sweep started in this process (`start`, called by the sweep's
-callback) gets one worker process; `draw` hands it a plot function and its data and returns at
-once, and the job collects the figure (`Drawing.path`) only when it logs it. Without a worker
-(single runs, jobs in joblib or Ray worker processes), `draw` draws at once, in this process.
+A later sweep job spent a third of its time in matplotlib, on one core, while the machine's
+other core idled. A sweep started in this process (`start`, called by the sweep's callback)
+gets one worker process; `draw` hands it a plot function and its data and returns at once.
+Without a worker (single runs, jobs in joblib or Ray worker processes), `draw` draws at once,
+in this process.
+
+A job collects a figure either itself (`Drawing.path`), or, while a worker draws (`defers`),
+leaves it to follow the job: `follow` runs what needs the files (logging them to MLflow, then
+the test metrics) once they are written, at a later `follow` or `collect`, while the next job
+trains. The sweep collects every one before it ends, also when it is stopped (`stop`).
 
 The worker is a fresh interpreter (spawned: forking a process that runs TensorFlow is unsafe)
 that imports only matplotlib and what the plot functions need. It ignores Ctrl-C and SIGTERM,
@@ -21,11 +26,13 @@ import logging
 import multiprocessing
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
+
+from transferlab.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,8 @@ _pool: ProcessPoolExecutor | None = None
 _warm_up_done: Future[None] | None = None
 _started = False
 _failures = 0
+# Figures that follow their job, with what to do once they are written: oldest first.
+_followers: list[tuple[list[Drawing], Callable[[list[Path]], None], str]] = []
 
 
 class Drawing:
@@ -49,6 +58,10 @@ class Drawing:
     def __init__(self, future: Future[Path] | None, plot: Callable[..., Path], args: tuple, kwargs: dict) -> None:
         self._future, self._plot, self._args, self._kwargs = future, plot, args, kwargs
         self._path: Path | None = None if future is not None else plot(*args, **kwargs)
+
+    def done(self) -> bool:
+        """True once the figure is written (or its drawing failed)."""
+        return self._future is None or self._future.done()
 
     def settle(self) -> None:
         """Wait (at most `TIMEOUT_S`) until the worker is done with it, whatever the outcome: before
@@ -86,15 +99,15 @@ def start() -> None:
     _started, _failures = True, 0
 
 
-def draw(plot: Callable[..., Path], *args: Any, here: bool = False, **kwargs: Any) -> Drawing:
-    """`plot(*args, **kwargs)` in the worker once it is ready; else (or with `here`) here, at once.
+def draw(plot: Callable[..., Path], *args: Any, **kwargs: Any) -> Drawing:
+    """`plot(*args, **kwargs)` in the worker once it is ready; else here, at once.
 
     `plot` is a module-level function returning the path it wrote; its arguments are pickled.
     The first call starts the worker, which imports the plotting modules while this process
     goes on (the sweep's first job draws its own figures, while its backbone pass no longer
     needs both cores).
     """
-    pool = None if here else _ready_pool()
+    pool = _ready_pool()
     if pool is None:
         return Drawing(None, plot, args, kwargs)
     try:
@@ -105,9 +118,38 @@ def draw(plot: Callable[..., Path], *args: Any, here: bool = False, **kwargs: An
     return Drawing(future, plot, args, kwargs)
 
 
+def defers() -> bool:
+    """True while a worker draws, or is starting to: a job may leave its figures to `follow` it."""
+    return _started and _failures < MAX_FAILURES
+
+
+def follow(drawings: Sequence[Drawing], then: Callable[[list[Path]], None], what: str) -> None:
+    """`then(paths)` once every one of `drawings` is written: now if they are, else at a later
+    `follow` or `collect`. Follow-ups run in the order they were given; `what` names them in a
+    warning when one fails."""
+    _followers.append((list(drawings), then, what))
+    collect(wait=False)
+
+
+def collect(*, wait: bool) -> None:
+    """Run the follow-ups whose figures are written, oldest first, up to the first one still
+    being drawn; with `wait`, every one (each figure waited for at most `TIMEOUT_S`, then drawn
+    here). One that fails is skipped with a warning: it belongs to a job that has already ended."""
+    while _followers:
+        drawings, then, what = _followers[0]
+        if not wait and not all(drawing.done() for drawing in drawings):
+            return
+        del _followers[0]
+        try:
+            then([drawing.path() for drawing in drawings])
+        except Exception as exc:  # the plot's or the store's own error
+            log.warning("%s did not complete: %s", what, first_line(exc))
+
+
 def stop() -> None:
-    """Draw in this process again; the idle worker exits."""
+    """Collect every figure that follows a job; then draw in this process again, and the idle worker exits."""
     global _started
+    collect(wait=True)
     _started = False
     _discard_pool(EXIT_GRACE_S)
 

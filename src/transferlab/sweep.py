@@ -205,6 +205,7 @@ def _close_unfinished(sweep_dir: Path) -> None:
     status = "KILLED" if _interrupted or interrupted() else "FAILED"
     try:
         leave_cluster()  # a Ray sweep's jobs end first: nothing runs on in a run closed here
+        figure_workers.stop()  # the figures and test metrics of jobs that finished reach MLflow
         _close_parent(sweep_dir, status)
     except Exception as exc:  # the interpreter is shutting down; never mask the original error
         print(f"could not close the sweep's MLflow parent run: {exc}", file=sys.stderr)

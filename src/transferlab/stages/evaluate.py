@@ -14,10 +14,15 @@ run holds both validation and test results.
 All of it is one unit. The folder is built aside; its files go to MLflow first, then the test
 metrics in one batch, and the folder is swapped in last. A kill leaves the previous folder
 whole (and MLflow holding the previous metrics, or all the new ones), never a mix of the two.
+A sweep job with a figure worker leaves its figures to follow it (`figure_workers.follow`):
+they are drawn into the folder once it is in place and logged, then the test metrics, while the
+next job trains; a job whose test metrics MLflow lacks is trained again by a resumed sweep.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 from pathlib import Path
@@ -31,7 +36,7 @@ from transferlab.atomic import replace_dir
 from transferlab.config import Config
 from transferlab.console import keras_progress
 from transferlab.descriptions import with_test_results
-from transferlab.errors import DataError, ModelError, stop_if_received
+from transferlab.errors import DataError, ModelError, interrupts_deferred, stop_if_received
 from transferlab.images import square_positions, test_time_views
 from transferlab.inference import load_model, model_crops, model_image_size
 from transferlab.locks import stage_lock
@@ -213,7 +218,7 @@ def _draw_figures(
     report: ClassificationReport,
     reliability: Calibration,
 ) -> list[figure_workers.Drawing]:
-    """The three figures; the photo grid, the slowest, goes to the figure worker when there is one."""
+    """The three figures, in the figure worker when there is one."""
     confusion_png, misclassified_png, reliability_png = targets
     y_true = np.asarray(test.labels)
     picked = most_confident_mistakes(y_true, probabilities, cfg.evaluate.misclassified)
@@ -228,9 +233,15 @@ def _draw_figures(
         misclassified_png,
         THUMBNAIL_SIZE,
     )
-    confusion = figure_workers.draw(plots.plot_confusion_matrix, report.confusion, classes, confusion_png, here=True)
-    calibration_figure = figure_workers.draw(plots.plot_reliability, reliability, reliability_png, here=True)
+    confusion = figure_workers.draw(plots.plot_confusion_matrix, report.confusion, classes, confusion_png)
+    calibration_figure = figure_workers.draw(plots.plot_reliability, reliability, reliability_png)
     return [confusion, mistakes, calibration_figure]
+
+
+def _log_figures_then_metrics(run: tracking.Run, metrics: dict[str, float], figures: list[Path]) -> None:
+    for figure in figures:
+        run.log_artifact(figure, FIGURE_ARTIFACT_DIR)
+    run.log_metrics(metrics)  # last, in one batch: test metrics in MLflow mean the reports are there too
 
 
 def evaluate(
@@ -269,24 +280,34 @@ def _evaluate(
     reliability = calibration(y_true, probabilities, bins=cfg.evaluate.calibration_bins)
     metrics = metrics_dict(report, reliability, len(test))
 
-    with replace_dir(paths.evaluation) as folder:
-        metrics_json, per_class_csv, confusion_csv = (
-            _staged(folder, paths, file) for file in (paths.metrics, paths.per_class, paths.confusion)
-        )
-        metrics_json.write_text(json.dumps({**metrics, RUN_ID_KEY: record.run_id}, indent=2) + "\n")
-        per_class_frame(report, classes).to_csv(per_class_csv, index=False)
-        confusion_frame(y_true, np.argmax(probabilities, axis=1), classes).to_csv(confusion_csv, index=False)
-        targets = [_staged(folder, paths, file) for file in figure_files(paths)]
-        figures = _draw_figures(targets, cfg, test, classes, probabilities, report, reliability)
-        log.info("logging the evaluation to MLflow run %s", record.run_id)
-        with figure_workers.settled(*figures), store.reopen_run(record.run_id) as run:
-            run.log_datasets(split_datasets(cfg, paths, ["test"]))
-            for file in (metrics_json, per_class_csv, confusion_csv):
-                run.log_artifact(file, ARTIFACT_DIR)
-            for figure in figures:
-                run.log_artifact(figure.path(), FIGURE_ARTIFACT_DIR)
-            run.description = with_test_results(run.description, metrics, cfg.evaluate.top_k)
-            run.log_metrics(metrics)  # last, in one batch: test metrics in MLflow mean the reports are there too
+    # In a sweep with a figure worker, the figures follow the job: drawn into the folder once it
+    # is in place, and logged with the test metrics while the next job trains. A stop meanwhile
+    # waits until the folder is in place and its figures are on their way.
+    follows = figure_workers.defers()
+    with interrupts_deferred() if follows else contextlib.nullcontext():
+        with replace_dir(paths.evaluation) as folder:
+            metrics_json, per_class_csv, confusion_csv = (
+                _staged(folder, paths, file) for file in (paths.metrics, paths.per_class, paths.confusion)
+            )
+            metrics_json.write_text(json.dumps({**metrics, RUN_ID_KEY: record.run_id}, indent=2) + "\n")
+            per_class_frame(report, classes).to_csv(per_class_csv, index=False)
+            confusion_frame(y_true, np.argmax(probabilities, axis=1), classes).to_csv(confusion_csv, index=False)
+            figures = []
+            if not follows:
+                staged = [_staged(folder, paths, file) for file in figure_files(paths)]
+                figures = _draw_figures(staged, cfg, test, classes, probabilities, report, reliability)
+            log.info("logging the evaluation to MLflow run %s", record.run_id)
+            with figure_workers.settled(*figures), store.reopen_run(record.run_id) as run:
+                run.log_datasets(split_datasets(cfg, paths, ["test"]))
+                for file in (metrics_json, per_class_csv, confusion_csv):
+                    run.log_artifact(file, ARTIFACT_DIR)
+                run.description = with_test_results(run.description, metrics, cfg.evaluate.top_k)
+                if not follows:
+                    _log_figures_then_metrics(run, metrics, [figure.path() for figure in figures])
+        if follows:
+            drawings = _draw_figures(figure_files(paths), cfg, test, classes, probabilities, report, reliability)
+            then = functools.partial(_log_figures_then_metrics, store.run(record.run_id), metrics)
+            figure_workers.follow(drawings, then, f"the evaluation of MLflow run {record.run_id}")
     log.info(
         "test accuracy %.4f, top-%d %.4f, macro F1 %.4f, log loss %.4f, ECE %.4f (MLflow run %s)",
         report.accuracy,

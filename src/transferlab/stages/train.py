@@ -9,6 +9,8 @@ only the chief does all that; the other workers train along and keep nothing (`_
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import shutil
@@ -24,7 +26,7 @@ from transferlab import atomic, figure_workers, keras_saving, tracking
 from transferlab.checkpoint import Checkpointer, CheckpointState
 from transferlab.config import Config, config_hash
 from transferlab.descriptions import training_description
-from transferlab.errors import TransferlabError, stop_if_received
+from transferlab.errors import TransferlabError, interrupts_deferred, stop_if_received
 from transferlab.locks import stage_lock
 from transferlab.manifests import SplitDataset, check_splits_fresh, load_classes, split_datasets, splits_digest
 from transferlab.paths import StagePaths
@@ -259,16 +261,41 @@ def _save_outputs(
 
     `models/` (model.keras + run.json), `reports/history.csv` and `reports/training_curves.png`
     are built aside and replaced together as the very last step, so they always hold one run's
-    results: the previous run's until then.
+    results: the previous run's until then. A sweep job with a figure worker leaves the curves to
+    follow it (`figure_workers.follow`): drawn once the rest is in place, and logged while the
+    next job trains; a stop meanwhile waits until the rest is in place and the curves are on
+    their way.
     """
-    from transferlab.plots import plot_training_curves
-
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
-    outputs = atomic.replace_together(paths.models, [paths.history, paths.training_curves])
-    with outputs as (models, (history_csv, curves_png)):
+    follows = figure_workers.defers()
+    with interrupts_deferred() if follows else contextlib.nullcontext():
+        _write_outputs(cfg, paths, run, trainer, classifier, history, datasets, saved_model, with_curves=not follows)
+        if follows:
+            curves = _draw_curves(history, paths.training_curves, trainer.kept_epoch)
+            figure_workers.follow(
+                [curves], functools.partial(_log_curves, run), f"the curves of MLflow run {run.run_id}"
+            )
+    log.info("model (epoch %d) saved to %s; MLflow run %s", trainer.kept_epoch, paths.model_file, run.run_id)
+
+
+def _write_outputs(
+    cfg: Config,
+    paths: StagePaths,
+    run: tracking.Run,
+    trainer: Trainer,
+    classifier: Classifier,
+    history: pd.DataFrame,
+    datasets: list[SplitDataset],
+    saved_model: SavedModelReport | None,
+    *,
+    with_curves: bool,
+) -> None:
+    """The unit of `_save_outputs`, the curves in it `with_curves`."""
+    together = [paths.history, paths.training_curves] if with_curves else [paths.history]
+    with atomic.replace_together(paths.models, together) as (models, (history_csv, *curves_png)):
         history.to_csv(history_csv, index=False)
-        curves = figure_workers.draw(plot_training_curves, history, curves_png, kept_epoch=trainer.kept_epoch)
-        with figure_workers.settled(curves):  # drawn into the folder a failure would remove
+        curves = [_draw_curves(history, png, trainer.kept_epoch) for png in curves_png]
+        with figure_workers.settled(*curves):  # drawn into the folder a failure would remove
             run.log_artifact(history_csv)
             run.log_artifact(paths.classes)
             kept = kept_row(history, trainer.kept_epoch)
@@ -299,9 +326,19 @@ def _save_outputs(
                 run.discard_logged_models()  # a killed earlier attempt may have logged one (or left it PENDING)
                 run.log_model(model_file, list(trainer.classes), trainer.image_size)
                 stop_if_received()  # a stop while the model was logged: models/ stays as it was
-            run.log_artifact(curves.path(), "figures")
+            _log_curves(run, [curve.path() for curve in curves])
             run.record.write(models / paths.run_file.name)
-    log.info("model (epoch %d) saved to %s; MLflow run %s", trainer.kept_epoch, paths.model_file, run.run_id)
+
+
+def _draw_curves(history: pd.DataFrame, path: Path, kept_epoch: int) -> figure_workers.Drawing:
+    from transferlab.plots import plot_training_curves
+
+    return figure_workers.draw(plot_training_curves, history, path, kept_epoch=kept_epoch)
+
+
+def _log_curves(run: tracking.Run, curves: list[Path]) -> None:
+    for curve in curves:
+        run.log_artifact(curve, "figures")
 
 
 def _saved_by(paths: StagePaths, run_id: str) -> bool:
