@@ -79,6 +79,39 @@ def test_a_run_is_registered_once_and_aliases_move(project: Project) -> None:
 
 
 @pytest.mark.slow
+def test_candidate_moves_only_to_a_better_model_of_the_same_splits(
+    colour_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sweep's best child becomes @candidate unless @candidate holds a model trained on the same
+    splits with a higher validation accuracy; it is registered either way."""
+    store = tracking.open_store(MLFLOW, tmp_path)
+    name = "sweeps-classifier"
+
+    def sweep_best(splits: str, accuracy: float) -> str:
+        with store.start_run(run_name=f"{splits}-{accuracy}", tags={tracking.TAG_MANIFEST_HASH: splits}) as run:
+            run.log_metrics({registry.VALIDATION_METRIC: accuracy})
+            run.log_model(colour_model, CLASSES, 64)
+        return run.run_id
+
+    def candidate() -> str:
+        return store.alias_version(name, registry.CANDIDATE_ALIAS)
+
+    caplog.set_level(logging.INFO, logger="transferlab.registry")
+    assert registry.register_candidate(store, name, sweep_best("splits-a", 0.90)) == "1" == candidate()
+    assert registry.register_candidate(store, name, sweep_best("splits-a", 0.85)) == "2"
+    assert candidate() == "1", "a worse model of the same splits does not take the alias"
+    assert (
+        f"{name}@candidate stays at version 1 (validation accuracy 0.9000 on the same splits); this sweep's best "
+        f"is version 2 (0.8500): `transferlab promote 2 --alias candidate` moves the alias to it"
+    ) in caplog.text
+    assert registry.register_candidate(store, name, sweep_best("splits-a", 0.95)) == "3" == candidate()
+    assert f"{name}@candidate is version 3" in caplog.text and "was version 1)" in caplog.text
+    assert registry.register_candidate(store, name, sweep_best("splits-b", 0.70)) == "4" == candidate(), (
+        "accuracies on other splits are not compared"
+    )
+
+
+@pytest.mark.slow
 def test_promote_refuses_what_it_cannot_resolve_in_one_line(project: Project) -> None:
     store = project.store
     cases = {

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 CANDIDATE_ALIAS = "candidate"  # a sweep's best child
 DEFAULT_ALIAS = "champion"  # `transferlab promote` without --alias
+VALIDATION_METRIC = "final_val_accuracy"  # the saved model's: what @candidate compares
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -42,9 +43,53 @@ def register_run_model(
         version = store.register_version(name, model_uri, run_id)
         log.info("registered the model of run %s as %s version %s", run_id, name, version)
     if alias:
+        previous = store.alias_version(name, alias)
         store.set_alias(name, alias, version)
-        log.info("%s@%s is version %s (run %s)", name, alias, version, run_id)
+        moved = f", was version {previous}" if previous and previous != version else ""
+        log.info("%s@%s is version %s (run %s%s)", name, alias, version, run_id, moved)
     return version
+
+
+def register_candidate(store: tracking.Store, name: str, run_id: str) -> str:
+    """Register run `run_id`'s model (a sweep's best child) and move `name@candidate` to it, unless
+    the version @candidate names was trained on the same splits and reached a higher validation
+    accuracy: then the alias stays, and a warning says how to move it anyway. Returns the version."""
+    held = store.alias_version(name, CANDIDATE_ALIAS)
+    held_score = _same_splits_score(store, name, held, run_id) if held else None
+    new_score = _validation_accuracy(store, run_id)
+    stays = held_score is not None and new_score is not None and held_score > new_score
+    version = register_run_model(store, name, run_id, alias=None if stays else CANDIDATE_ALIAS)
+    if stays:
+        log.warning(
+            "%s@%s stays at version %s (validation accuracy %.4f on the same splits); this sweep's best is "
+            "version %s (%.4f): `transferlab promote %s --alias %s` moves the alias to it",
+            name,
+            CANDIDATE_ALIAS,
+            held,
+            held_score,
+            version,
+            new_score,
+            version,
+            CANDIDATE_ALIAS,
+        )
+    return version
+
+
+def _same_splits_score(store: tracking.Store, name: str, version: str, run_id: str) -> float | None:
+    """The validation accuracy of version `version`'s run if it was trained on the same splits as
+    `run_id`; None if not, or if that run is gone."""
+    try:
+        held_run = store.model_version_run(name, version)
+    except TransferlabError:
+        return None
+    if store.run_status(held_run) is None:
+        return None
+    splits = [store.run(run).tags().get(tracking.TAG_MANIFEST_HASH) for run in (held_run, run_id)]
+    return _validation_accuracy(store, held_run) if splits[0] is not None and splits[0] == splits[1] else None
+
+
+def _validation_accuracy(store: tracking.Store, run_id: str) -> float | None:
+    return store.run(run_id).metrics().get(VALIDATION_METRIC)
 
 
 def promote(store: tracking.Store, name: str, version_or_run: str, alias: str) -> str:

@@ -192,8 +192,9 @@ def succeeded(table: pd.DataFrame) -> bool:
 
 
 def _register_candidate(store: tracking.Store, name: str, run_id: str) -> None:
-    """The best child's model as `name@candidate`; a registry failure loses nothing, so it only warns."""
+    """The best child's model as `name@candidate` (`registry.register_candidate`); a registry failure
+    loses nothing, so it only warns."""
     try:
-        registry.register_run_model(store, name, run_id, alias=registry.CANDIDATE_ALIAS)
+        registry.register_candidate(store, name, run_id)
     except TransferlabError as exc:
         log.warning("best child not registered (%s): `transferlab promote %s --alias candidate`", exc, run_id)

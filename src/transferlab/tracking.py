@@ -311,6 +311,9 @@ class Run:
         """The latest value of every metric of the run."""
         return dict(self._client.get_run(self.run_id).data.metrics)
 
+    def tags(self) -> dict[str, str]:
+        return dict(self._client.get_run(self.run_id).data.tags)
+
     def logged_steps(self, metric: str) -> set[int]:
         """Steps of `metric` already in the store (a resumed run must not log them twice)."""
         return {m.step for m in self._client.get_metric_history(self.run_id, metric)}
