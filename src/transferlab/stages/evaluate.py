@@ -25,6 +25,7 @@ import contextlib
 import functools
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -209,21 +210,26 @@ def _staged(folder: Path, paths: StagePaths, file: Path) -> Path:
     return folder / file.relative_to(paths.evaluation)
 
 
-def _draw_figures(
-    targets: list[Path],
-    cfg: Config,
-    test: Manifest,
-    classes: list[str],
-    probabilities: np.ndarray,
-    report: ClassificationReport,
-    reliability: Calibration,
-) -> list[figure_workers.Drawing]:
+@dataclass(frozen=True)
+class _Scores:
+    """The test split scored: what the reports and figures are made of."""
+
+    test: Manifest
+    classes: list[str]
+    probabilities: np.ndarray
+    report: ClassificationReport
+    reliability: Calibration
+    metrics: dict[str, float]
+
+
+def _draw_figures(targets: list[Path], cfg: Config, scores: _Scores) -> list[figure_workers.Drawing]:
     """The three figures, in the figure worker when there is one."""
     confusion_png, misclassified_png, reliability_png = targets
-    y_true = np.asarray(test.labels)
+    classes, probabilities = scores.classes, scores.probabilities
+    y_true = np.asarray(scores.test.labels)
     picked = most_confident_mistakes(y_true, probabilities, cfg.evaluate.misclassified)
     predicted = np.argmax(probabilities, axis=1)
-    photos = test.absolute_paths
+    photos = scores.test.absolute_paths
     mistakes = figure_workers.draw(
         plots.plot_misclassified_files,
         [Path(photos[i]) for i in picked],
@@ -233,9 +239,40 @@ def _draw_figures(
         misclassified_png,
         THUMBNAIL_SIZE,
     )
-    confusion = figure_workers.draw(plots.plot_confusion_matrix, report.confusion, classes, confusion_png)
-    calibration_figure = figure_workers.draw(plots.plot_reliability, reliability, reliability_png)
+    confusion = figure_workers.draw(plots.plot_confusion_matrix, scores.report.confusion, classes, confusion_png)
+    calibration_figure = figure_workers.draw(plots.plot_reliability, scores.reliability, reliability_png)
     return [confusion, mistakes, calibration_figure]
+
+
+def _write_reports(
+    cfg: Config,
+    paths: StagePaths,
+    store: tracking.Store,
+    record: tracking.RunRecord,
+    scores: _Scores,
+    *,
+    with_figures: bool,
+) -> None:
+    """The unit of the module docstring: `reports/evaluation/` and its MLflow logging, the figures
+    and the test metrics in it `with_figures`."""
+    with replace_dir(paths.evaluation) as folder:
+        metrics_json, per_class_csv, confusion_csv = (
+            _staged(folder, paths, file) for file in (paths.metrics, paths.per_class, paths.confusion)
+        )
+        metrics_json.write_text(json.dumps({**scores.metrics, RUN_ID_KEY: record.run_id}, indent=2) + "\n")
+        per_class_frame(scores.report, scores.classes).to_csv(per_class_csv, index=False)
+        predicted = np.argmax(scores.probabilities, axis=1)
+        confusion_frame(np.asarray(scores.test.labels), predicted, scores.classes).to_csv(confusion_csv, index=False)
+        staged = [_staged(folder, paths, file) for file in figure_files(paths)]
+        figures = _draw_figures(staged, cfg, scores) if with_figures else []
+        log.info("logging the evaluation to MLflow run %s", record.run_id)
+        with figure_workers.settled(*figures), store.reopen_run(record.run_id) as run:
+            run.log_datasets(split_datasets(cfg, paths, ["test"]))
+            for file in (metrics_json, per_class_csv, confusion_csv):
+                run.log_artifact(file, ARTIFACT_DIR)
+            run.description = with_test_results(run.description, scores.metrics, cfg.evaluate.top_k)
+            if with_figures:
+                _log_figures_then_metrics(run, scores.metrics, [figure.path() for figure in figures])
 
 
 def _log_figures_then_metrics(run: tracking.Run, metrics: dict[str, float], figures: list[Path]) -> None:
@@ -278,35 +315,17 @@ def _evaluate(
     y_true = np.asarray(test.labels)
     report = classification_report(y_true, probabilities, top_k=cfg.evaluate.top_k)
     reliability = calibration(y_true, probabilities, bins=cfg.evaluate.calibration_bins)
-    metrics = metrics_dict(report, reliability, len(test))
+    scores = _Scores(test, classes, probabilities, report, reliability, metrics_dict(report, reliability, len(test)))
 
     # In a sweep with a figure worker, the figures follow the job: drawn into the folder once it
     # is in place, and logged with the test metrics while the next job trains. A stop meanwhile
     # waits until the folder is in place and its figures are on their way.
     follows = figure_workers.defers()
     with interrupts_deferred() if follows else contextlib.nullcontext():
-        with replace_dir(paths.evaluation) as folder:
-            metrics_json, per_class_csv, confusion_csv = (
-                _staged(folder, paths, file) for file in (paths.metrics, paths.per_class, paths.confusion)
-            )
-            metrics_json.write_text(json.dumps({**metrics, RUN_ID_KEY: record.run_id}, indent=2) + "\n")
-            per_class_frame(report, classes).to_csv(per_class_csv, index=False)
-            confusion_frame(y_true, np.argmax(probabilities, axis=1), classes).to_csv(confusion_csv, index=False)
-            figures = []
-            if not follows:
-                staged = [_staged(folder, paths, file) for file in figure_files(paths)]
-                figures = _draw_figures(staged, cfg, test, classes, probabilities, report, reliability)
-            log.info("logging the evaluation to MLflow run %s", record.run_id)
-            with figure_workers.settled(*figures), store.reopen_run(record.run_id) as run:
-                run.log_datasets(split_datasets(cfg, paths, ["test"]))
-                for file in (metrics_json, per_class_csv, confusion_csv):
-                    run.log_artifact(file, ARTIFACT_DIR)
-                run.description = with_test_results(run.description, metrics, cfg.evaluate.top_k)
-                if not follows:
-                    _log_figures_then_metrics(run, metrics, [figure.path() for figure in figures])
+        _write_reports(cfg, paths, store, record, scores, with_figures=not follows)
         if follows:
-            drawings = _draw_figures(figure_files(paths), cfg, test, classes, probabilities, report, reliability)
-            then = functools.partial(_log_figures_then_metrics, store.run(record.run_id), metrics)
+            drawings = _draw_figures(figure_files(paths), cfg, scores)
+            then = functools.partial(_log_figures_then_metrics, store.run(record.run_id), scores.metrics)
             figure_workers.follow(drawings, then, f"the evaluation of MLflow run {record.run_id}")
     log.info(
         "test accuracy %.4f, top-%d %.4f, macro F1 %.4f, log loss %.4f, ECE %.4f (MLflow run %s)",
@@ -319,4 +338,4 @@ def _evaluate(
         record.run_id,
     )
     log.info("%s", tracking.results_line(paths, record))
-    return metrics
+    return scores.metrics
