@@ -32,7 +32,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from transferlab.errors import first_line
+from transferlab.errors import first_line, interrupts_deferred
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,18 @@ def defers() -> bool:
     return _started and _failures < MAX_FAILURES
 
 
+@contextlib.contextmanager
+def outputs_followed() -> Iterator[bool]:
+    """Whether a job's figures may follow it (`defers`); when they may, Ctrl-C and SIGTERM wait
+    until the block ends, so the job's folder goes in place with its figures on their way, or
+    neither does."""
+    if not defers():
+        yield False
+        return
+    with interrupts_deferred():
+        yield True
+
+
 def follow(drawings: Sequence[Drawing], then: Callable[[list[Path]], None], what: str) -> None:
     """`then(paths)` once every one of `drawings` is written: now if they are, else at a later
     `follow` or `collect`. Follow-ups run in the order they were given; `what` names them in a
@@ -157,7 +169,7 @@ def stop() -> None:
 def _ready_pool() -> ProcessPoolExecutor | None:
     """The worker, if started and done importing; starts it when there is none."""
     global _pool, _warm_up_done
-    if not _started or _failures >= MAX_FAILURES:
+    if not defers():
         return None
     if _pool is None:
         context = multiprocessing.get_context("spawn")  # it imports __main__: our entry points guard it

@@ -21,7 +21,6 @@ next job trains; a job whose test metrics MLflow lacks is trained again by a res
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -37,7 +36,7 @@ from transferlab.atomic import replace_dir
 from transferlab.config import Config
 from transferlab.console import keras_progress
 from transferlab.descriptions import with_test_results
-from transferlab.errors import DataError, ModelError, interrupts_deferred, stop_if_received
+from transferlab.errors import DataError, ModelError, stop_if_received
 from transferlab.images import square_positions, test_time_views
 from transferlab.inference import load_model, model_crops, model_image_size
 from transferlab.locks import stage_lock
@@ -320,8 +319,7 @@ def _evaluate(
     # In a sweep with a figure worker, the figures follow the job: drawn into the folder once it
     # is in place, and logged with the test metrics while the next job trains. A stop meanwhile
     # waits until the folder is in place and its figures are on their way.
-    follows = figure_workers.defers()
-    with interrupts_deferred() if follows else contextlib.nullcontext():
+    with figure_workers.outputs_followed() as follows:
         _write_reports(cfg, paths, store, record, scores, with_figures=not follows)
         if follows:
             drawings = _draw_figures(figure_files(paths), cfg, scores)

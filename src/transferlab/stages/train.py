@@ -9,7 +9,6 @@ only the chief does all that; the other workers train along and keep nothing (`_
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -26,7 +25,7 @@ from transferlab import atomic, figure_workers, keras_saving, tracking
 from transferlab.checkpoint import Checkpointer, CheckpointState
 from transferlab.config import Config, config_hash
 from transferlab.descriptions import training_description
-from transferlab.errors import TransferlabError, interrupts_deferred, stop_if_received
+from transferlab.errors import TransferlabError, stop_if_received
 from transferlab.locks import stage_lock
 from transferlab.manifests import SplitDataset, check_splits_fresh, load_classes, split_datasets, splits_digest
 from transferlab.paths import StagePaths
@@ -267,8 +266,7 @@ def _save_outputs(
     their way.
     """
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
-    follows = figure_workers.defers()
-    with interrupts_deferred() if follows else contextlib.nullcontext():
+    with figure_workers.outputs_followed() as follows:
         _write_outputs(cfg, paths, run, trainer, classifier, history, datasets, saved_model, with_curves=not follows)
         if follows:
             curves = _draw_curves(history, paths.training_curves, trainer.kept_epoch)
