@@ -55,9 +55,10 @@ def register_candidate(store: tracking.Store, name: str, run_id: str) -> str:
     the version @candidate names was trained on the same splits and reached a higher validation
     accuracy: then the alias stays, and a warning says how to move it anyway. Returns the version."""
     held = store.alias_version(name, CANDIDATE_ALIAS)
-    held_score = _same_splits_score(store, name, held, run_id) if held else None
-    new_score = _validation_accuracy(store, run_id)
-    stays = held_score is not None and new_score is not None and held_score > new_score
+    splits, score = _splits_and_score(store, run_id)
+    held_splits, held_score = _splits_and_score(store, _version_run(store, name, held)) if held else (None, None)
+    comparable = splits is not None and splits == held_splits and score is not None and held_score is not None
+    stays = comparable and held_score > score
     version = register_run_model(store, name, run_id, alias=None if stays else CANDIDATE_ALIAS)
     if stays:
         log.warning(
@@ -68,28 +69,26 @@ def register_candidate(store: tracking.Store, name: str, run_id: str) -> str:
             held,
             held_score,
             version,
-            new_score,
+            score,
             version,
             CANDIDATE_ALIAS,
         )
     return version
 
 
-def _same_splits_score(store: tracking.Store, name: str, version: str, run_id: str) -> float | None:
-    """The validation accuracy of version `version`'s run if it was trained on the same splits as
-    `run_id`; None if not, or if that run is gone."""
+def _version_run(store: tracking.Store, name: str, version: str) -> str | None:
     try:
-        held_run = store.model_version_run(name, version)
+        return store.model_version_run(name, version)
     except TransferlabError:
         return None
-    if store.run_status(held_run) is None:
-        return None
-    splits = [store.run(run).tags().get(tracking.TAG_MANIFEST_HASH) for run in (held_run, run_id)]
-    return _validation_accuracy(store, held_run) if splits[0] is not None and splits[0] == splits[1] else None
 
 
-def _validation_accuracy(store: tracking.Store, run_id: str) -> float | None:
-    return store.run(run_id).metrics().get(VALIDATION_METRIC)
+def _splits_and_score(store: tracking.Store, run_id: str | None) -> tuple[str | None, float | None]:
+    """The splits digest a run trained on and its validation accuracy; Nones for a run that is gone."""
+    found = store.find_run(run_id) if run_id else None
+    if found is None:
+        return None, None
+    return found.data.tags.get(tracking.TAG_MANIFEST_HASH), found.data.metrics.get(VALIDATION_METRIC)
 
 
 def promote(store: tracking.Store, name: str, version_or_run: str, alias: str) -> str:

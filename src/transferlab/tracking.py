@@ -36,6 +36,7 @@ from transferlab.paths import StagePaths, tracking_root
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow.entities import Run as MlflowRun
     from mlflow.tracking import MlflowClient
 
     from transferlab.manifests import SplitDataset
@@ -311,9 +312,6 @@ class Run:
         """The latest value of every metric of the run."""
         return dict(self._client.get_run(self.run_id).data.metrics)
 
-    def tags(self) -> dict[str, str]:
-        return dict(self._client.get_run(self.run_id).data.tags)
-
     def logged_steps(self, metric: str) -> set[int]:
         """Steps of `metric` already in the store (a resumed run must not log them twice)."""
         return {m.step for m in self._client.get_metric_history(self.run_id, metric)}
@@ -435,12 +433,17 @@ class Store:
         """A handle on an existing run (no check that it exists)."""
         return Run(self, run_id)
 
-    def run_status(self, run_id: str) -> str | None:
-        """RUNNING / FINISHED / FAILED / KILLED, or None if the run does not exist."""
+    def find_run(self, run_id: str) -> MlflowRun | None:
+        """The run (its info, params, metrics and tags), or None if it does not exist."""
         try:
-            return self.client.get_run(run_id).info.status
+            return self.client.get_run(run_id)
         except Exception:
             return None
+
+    def run_status(self, run_id: str) -> str | None:
+        """RUNNING / FINISHED / FAILED / KILLED, or None if the run does not exist."""
+        found = self.find_run(run_id)
+        return found.info.status if found else None
 
     def search(self, filter_string: str, max_results: int = 1) -> list[str]:
         """Ids of this experiment's runs matching `filter_string`, newest first."""
