@@ -7,7 +7,8 @@ accuracy; the table reports test accuracy and test ECE beside it, as mean ± sta
 over the seeds, with the mean wall time of a run (train + evaluate).
 
 A sweep skips the seeds it already finished (`sweep.skip_finished`), so an interrupted study
-resumes where it stopped. Writes reports/study.md and reports/study.json.
+resumes where it stopped. Writes reports/study.md and reports/study.json, and at the end
+reports/study_errors.md and .png: the test photos every run got wrong (`persistent_errors`).
 
     STUDY_DATA      class folders (default ../shared/data/flower_photos_dev)
     STUDY_WEIGHTS   no-top weights (default ../shared/weights/mobilenet_v2_..._0.35_224_no_top.h5)
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from transferlab import tracking
+from transferlab import console, tracking
 from transferlab.config import load_params
 from transferlab.manifests import Manifest, load_classes, load_manifest
 from transferlab.paths import StagePaths
@@ -166,7 +167,7 @@ POINTS = (
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    console.configure()  # also keeps MLflow's progress bars off (one per report it reads back)
     data, weights = study_inputs("study")
     seeds = os.environ.get("STUDY_SEEDS", "0 1 2").split()
     wanted = os.environ.get("STUDY_POINTS", "").split()
@@ -178,6 +179,7 @@ def main() -> None:
         if not wanted or point.name in wanted:
             run_point(workdir, point, base, seeds)
             _report(workdir, seeds, data)
+    _errors_report(workdir)
 
 
 def study_inputs(command: str) -> tuple[Path, Path]:
@@ -219,13 +221,17 @@ def scratch_project() -> Path:
 
 def train_and_val(workdir: Path) -> Manifest:
     """The training and validation photos of the study's split as one manifest (never its test photos)."""
+    train, val = (split_manifest(workdir, name) for name in ("train", "val"))
+    return Manifest(train.raw_root, train.paths + val.paths, train.labels + val.labels, train.classes)
+
+
+def split_manifest(workdir: Path, split: str) -> Manifest:
+    """One split of the study's scratch project."""
     paths = StagePaths(workdir)
     if not paths.classes.is_file():
         sys.exit(f"{paths.classes} not found: run `make study` first (it splits the data)")
-    classes = load_classes(paths.classes)
     raw = paths.raw_dataset(load_params(workdir / "params.yaml").data.name)
-    train, val = (load_manifest(paths.manifest(name), raw, classes) for name in ("train", "val"))
-    return Manifest(raw, train.paths + val.paths, train.labels + val.labels, classes)
+    return load_manifest(paths.manifest(split), raw, load_classes(paths.classes))
 
 
 def prepare(workdir: Path, base: tuple[str, ...]) -> None:
@@ -305,10 +311,15 @@ def _run_seconds(store: tracking.Store, run_id: str) -> float:
     return (info.end_time - info.start_time) / 1000 if info.end_time else float("nan")
 
 
-def _report(workdir: Path, seeds: list[str], data: Path) -> None:
-    """The table of every point with a finished sweep, this run's or an earlier one's."""
+def _summaries(workdir: Path) -> list[tuple[Point, Path]]:
+    """The points with a finished sweep, this run's or an earlier one's, and their summary tables."""
     summaries = [(point, workdir / "sweeps" / point.name / "sweep_summary.csv") for point in POINTS]
-    rows = [row for point, summary in summaries if summary.is_file() for row in _summarise(workdir, point, summary)]
+    return [(point, summary) for point, summary in summaries if summary.is_file()]
+
+
+def _report(workdir: Path, seeds: list[str], data: Path) -> None:
+    """The table of every point with a finished sweep."""
+    rows = [row for point, summary in _summaries(workdir) for row in _summarise(workdir, point, summary)]
     reports = REPO_ROOT / "reports"
     reports.mkdir(exist_ok=True)
     (reports / "study.json").write_text(json.dumps({"data": str(data), "seeds": seeds, "points": rows}, indent=2))
@@ -323,6 +334,22 @@ def _report(workdir: Path, seeds: list[str], data: Path) -> None:
     table = "\n".join(lines)
     (reports / "study.md").write_text(f"Seeds {', '.join(seeds)} on {data.name}; mean ± std.\n\n{table}\n")
     log.info("study table (reports/study.md):\n%s", table)
+
+
+def _errors_report(workdir: Path) -> None:
+    """reports/study_errors.md and .png: the test photos that every finished run of the study got wrong."""
+    from transferlab.config import MlflowConfig
+    from transferlab.persistent_errors import read_test_predictions, write_report
+
+    groups = {
+        f"{point.name} (`{overrides}`)": list(runs["run_id"])
+        for point, summary in _summaries(workdir)
+        for overrides, runs in finished_groups(point, summary)
+    }
+    store = tracking.open_store(MlflowConfig(experiment="study"), workdir)
+    run_ids = [run_id for ids in groups.values() for run_id in ids]
+    predictions = read_test_predictions(store, run_ids, split_manifest(workdir, "test"))
+    write_report(predictions, groups, REPO_ROOT / "reports" / "study_errors.md")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ DPI = 110
 PNG_COMPRESS_LEVEL = 1
 # Above this many classes the confusion heat map drops per-cell numbers.
 ANNOTATE_MAX_CLASSES = 20
+MISCLASSIFIED_TITLE = "Most confidently misclassified test images"
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -122,8 +123,10 @@ def plot_misclassified(
     predicted: Sequence[str],
     confidence: Sequence[float],
     path: Path,
+    title: str = MISCLASSIFIED_TITLE,
 ) -> Path:
-    """A grid of images captioned `true -> predicted (confidence)`; images are RGB in [0, 255], one size.
+    """A grid of images captioned `true -> predicted (confidence)` under `title`; images are RGB in
+    [0, 255], one size.
 
     The grid is one mosaic image under one set of axes, which draws in a fraction of the time
     of a subplot per image.
@@ -144,7 +147,7 @@ def plot_misclassified(
         ax.text(left + size / 2, top - 2, caption, ha="center", va="bottom", fontsize=8)
     ax.imshow(mosaic)
     ax.axis("off")
-    fig.suptitle("Most confidently misclassified test images")
+    fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -155,6 +158,7 @@ def plot_misclassified_files(
     confidence: Sequence[float],
     path: Path,
     thumbnail_size: int,
+    title: str = MISCLASSIFIED_TITLE,
 ) -> Path:
     """`plot_misclassified` of the photos in `files`, read here as thumbnails of `thumbnail_size`
     (central squares; in a figure worker, off the job's path); unreadable ones are left out."""
@@ -174,6 +178,7 @@ def plot_misclassified_files(
         [predicted[i] for i in kept],
         [confidence[i] for i in kept],
         path,
+        title,
     )
 
 
