@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from transferlab.atomic import replace_dir
-from transferlab.config import SYNTHETIC_SOURCE, Config, DataConfig
+from transferlab.config import SYNTHETIC_SOURCE, Config, DataConfig, local_source
 from transferlab.errors import DownloadError
 from transferlab.locks import stage_lock
 from transferlab.paths import StagePaths
@@ -55,7 +55,7 @@ def _download(cfg: Config, paths: StagePaths) -> Path:
             extract_archive(archive, tmp, limits)
             check_class_folders(tmp, source)
     else:
-        local = _local_source(source, target_dir)
+        local = _local_source(source, paths.root, target_dir)
         if local.is_dir():
             _ignore_checksum(data_cfg, "a folder source")
             with replace_dir(target_dir) as tmp:
@@ -71,11 +71,12 @@ def _download(cfg: Config, paths: StagePaths) -> Path:
     return target_dir
 
 
-def _local_source(source: str, target_dir: Path) -> Path:
-    """The existing local file or folder `source` names, refusing one the stage would overwrite."""
-    if "://" in source:
+def _local_source(source: str, root: Path, target_dir: Path) -> Path:
+    """The existing local file or folder `source` names (`config.local_source`: a relative path is
+    taken from the project `root`), refusing one the stage would overwrite."""
+    path = local_source(source, root)
+    if path is None:  # synthetic and http(s) are handled before
         raise DownloadError(f"data.source {source!r}: only http(s) URLs, local paths and 'synthetic' are supported")
-    path = Path(source).expanduser().resolve()
     if not path.exists():
         raise DownloadError(
             f"data.source {source} does not exist: give an http(s) URL, a .tgz/.tar/.zip, a folder "

@@ -55,9 +55,8 @@ PER_CLASS_COLUMNS = ["class", "precision", "recall", "f1", "support"]
 THUMBNAIL_SIZE = 160
 # The key of metrics.json naming the MLflow run that holds these results (`dvc exp show` lists it).
 RUN_ID_KEY = "mlflow_run_id"
-# MLflow artifact folders inside the training run.
+# The MLflow artifact folder of the reports inside the training run (figures: tracking.FIGURE_ARTIFACT_DIR).
 ARTIFACT_DIR = "evaluation"
-FIGURE_ARTIFACT_DIR = "figures"
 
 
 def figure_files(paths: StagePaths) -> list[Path]:
@@ -276,7 +275,7 @@ def _write_reports(
 
 def _log_figures_then_metrics(run: tracking.Run, metrics: dict[str, float], figures: list[Path]) -> None:
     for figure in figures:
-        run.log_artifact(figure, FIGURE_ARTIFACT_DIR)
+        run.log_artifact(figure, tracking.FIGURE_ARTIFACT_DIR)
     run.log_metrics(metrics)  # last, in one batch: test metrics in MLflow mean the reports are there too
 
 

@@ -336,7 +336,7 @@ def _draw_curves(history: pd.DataFrame, path: Path, kept_epoch: int) -> figure_w
 
 def _log_curves(run: tracking.Run, curves: list[Path]) -> None:
     for curve in curves:
-        run.log_artifact(curve, "figures")
+        run.log_artifact(curve, tracking.FIGURE_ARTIFACT_DIR)
 
 
 def _saved_by(paths: StagePaths, run_id: str) -> bool:
