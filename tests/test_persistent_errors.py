@@ -71,7 +71,7 @@ def test_photos_wrong_in_every_run_are_found_counted_and_drawn(
         "blue/f.jpg": 0,
     }
     assert predictions.always_wrong().to_dict("records") == [
-        {"photo": "red/b.jpg", "actual": "red", "predicted": "blue (2), green (1)"}
+        {"photo": "red/b.jpg", "actual": "red", "predicted": "blue (2), green (1)", "top": "blue", "share": 2 / 3}
     ]
 
     report = write_report(predictions, {"first two": scored[:2], "last": scored[2:]}, tmp_path / "errors.md")

@@ -44,16 +44,24 @@ class TestPredictions:
         return self.predicted.ne(self.actual, axis=0)
 
     def always_wrong(self) -> pd.DataFrame:
-        """The photos every run got wrong: `photo`, `actual`, and `predicted` as `class (runs)`,
-        most frequent first."""
+        """The photos every run got wrong: `photo`, `actual`, `predicted` as `class (runs)` most
+        frequent first, and that most frequent class with the share of runs predicting it (`top`,
+        `share`)."""
         wrong = self.wrong()
         photos = wrong.index[wrong.all(axis=1)] if len(wrong.columns) else wrong.index[:0]
         rows = []
         for photo in photos:
             counts = self.predicted.loc[photo].value_counts()
-            predicted = ", ".join(f"{name} ({count})" for name, count in counts.items())
-            rows.append({"photo": photo, "actual": self.actual[photo], "predicted": predicted})
-        return pd.DataFrame(rows, columns=["photo", "actual", "predicted"])
+            rows.append(
+                {
+                    "photo": photo,
+                    "actual": self.actual[photo],
+                    "predicted": ", ".join(f"{name} ({count})" for name, count in counts.items()),
+                    "top": counts.index[0],
+                    "share": counts.iloc[0] / len(wrong.columns),
+                }
+            )
+        return pd.DataFrame(rows, columns=["photo", "actual", "predicted", "top", "share"])
 
 
 def read_test_predictions(store: tracking.Store, run_ids: Sequence[str], test: Manifest) -> TestPredictions:
@@ -107,12 +115,11 @@ def write_report(predictions: TestPredictions, groups: Mapping[str, Sequence[str
     markdown.parent.mkdir(parents=True, exist_ok=True)
     markdown.write_text("\n".join(lines) + "\n")
     figure = markdown.with_suffix(".png")
-    top = [predictions.predicted.loc[photo].value_counts() for photo in always["photo"]]
     plot_misclassified_files(
         [predictions.test.raw_root / photo for photo in always["photo"]],
         list(always["actual"]),
-        [counts.index[0] for counts in top],
-        [counts.iloc[0] / runs for counts in top],
+        list(always["top"]),
+        list(always["share"]),
         figure,
         THUMBNAIL_SIZE,
         title=f"Test photos all {runs} runs got wrong (share of runs predicting that class)",

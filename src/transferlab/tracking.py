@@ -64,11 +64,11 @@ TAG_SWEEPER = "transferlab.sweeper"
 TAG_LAUNCHER = "transferlab.launcher"
 TAG_PARENT_RUN = "mlflow.parentRunId"
 TAG_DVC_EXP_NAME = "transferlab.dvc_exp_name"  # set when the run is a stage of `dvc exp run`
-FIGURE_ARTIFACT_DIR = "figures"  # a run's figures: training curves (train), evaluation figures (evaluate)
 TAG_DVC_EXP_REF = "transferlab.dvc_exp_ref"  # the git ref DVC commits the experiment to, after the run
 TAG_DVC_EXP_BASELINE = "transferlab.dvc_exp_baseline"  # the commit the experiment starts from
 TAG_DESCRIPTION = "mlflow.note.content"  # the run's description (markdown) in the UI
 INPUT_TAG_DATA_SOURCE = "transferlab.data_source"  # on each dataset input: where the images came from
+FIGURE_ARTIFACT_DIR = "figures"  # a run's figures: training curves (train), evaluation figures (evaluate)
 
 # Defaults for MLflow's HTTP client (a dead server: about 7 s per call; a hung one: 4 x 30 s).
 HTTP_LIMITS = {
