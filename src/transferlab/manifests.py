@@ -40,6 +40,11 @@ class Manifest:
     def absolute_paths(self) -> list[str]:
         return [str(self.raw_root / p) for p in self.paths]
 
+    @property
+    def label_names(self) -> list[str]:
+        """The class name of every image, in order."""
+        return [self.classes[i] for i in self.labels]
+
 
 @dataclass(frozen=True, eq=False)
 class SplitDataset:

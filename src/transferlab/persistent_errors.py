@@ -37,7 +37,7 @@ class TestPredictions:
 
     @property
     def actual(self) -> pd.Series:
-        return pd.Series([self.test.classes[i] for i in self.test.labels], index=self.predicted.index)
+        return pd.Series(self.test.label_names, index=self.predicted.index)
 
     def wrong(self) -> pd.DataFrame:
         """True where a run got a photo wrong."""
@@ -47,7 +47,7 @@ class TestPredictions:
         """The photos every run got wrong: `photo`, `actual`, `predicted` as `class (runs)` most
         frequent first, and that most frequent class with the share of runs predicting it (`top`,
         `share`)."""
-        wrong = self.wrong()
+        actual, wrong = self.actual, self.wrong()
         photos = wrong.index[wrong.all(axis=1)] if len(wrong.columns) else wrong.index[:0]
         rows = []
         for photo in photos:
@@ -55,7 +55,7 @@ class TestPredictions:
             rows.append(
                 {
                     "photo": photo,
-                    "actual": self.actual[photo],
+                    "actual": actual[photo],
                     "predicted": ", ".join(f"{name} ({count})" for name, count in counts.items()),
                     "top": counts.index[0],
                     "share": counts.iloc[0] / len(wrong.columns),
@@ -70,7 +70,7 @@ def read_test_predictions(store: tracking.Store, run_ids: Sequence[str], test: M
     A run without one (not evaluated yet), or whose table is not of this manifest (another
     split), is left out with a warning.
     """
-    actual = [test.classes[i] for i in test.labels]
+    actual = test.label_names
     columns = {}
     with tempfile.TemporaryDirectory() as scratch:
         for run_id in run_ids:
