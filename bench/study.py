@@ -137,6 +137,12 @@ POINTS = (
         "the whole backbone fine-tuned on the defaults (no cut to cache at: fresh flips every epoch)",
         ("finetune=all",),
     ),
+    Point(
+        "finetune-strong",
+        "the whole backbone fine-tuned for at most 20 epochs on fresh strong augmentation (flips, rotation, zoom, "
+        "shifts, contrast), after a head trained on 10 cached strong views at the 3 squares",
+        ("finetune=all", "finetune.epochs=20", "augment=strong", "augment.crops=3"),
+    ),
     Point("views", "augment=light: 10 cached augmented views per image, at 224 px", (AT_224, "augment=light")),
     Point(
         "top60",

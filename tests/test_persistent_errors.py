@@ -70,6 +70,9 @@ def test_photos_wrong_in_every_run_are_found_counted_and_drawn(
         "blue/e.jpg": 0,
         "blue/f.jpg": 0,
     }
+    assert predictions.majority_vote_accuracy(scored[2:]) == 5 / 6  # one run: its own accuracy
+    # Runs 2 and 3 split on d.jpg (blue, green): a tie counts as wrong (counted right, 5 / 6).
+    assert predictions.majority_vote_accuracy(scored[1:]) == 4 / 6
     assert predictions.always_wrong().to_dict("records") == [
         {"photo": "red/b.jpg", "actual": "red", "predicted": "blue (2), green (1)", "top": "blue", "share": 2 / 3}
     ]
@@ -78,8 +81,10 @@ def test_photos_wrong_in_every_run_are_found_counted_and_drawn(
     text = report.read_text()
     assert "3 runs, 6 test photos. Wrong in every run: **1**; right in every run: 4." in text
     assert "no run of these settings can score above 83.3%" in text
-    assert "| 2 | first two | 66.7 | 2 | 2 |" in text  # b and d wrong in both
-    assert "| 1 | last | 83.3 | 1 | 1 |" in text
+    # d.jpg's three votes tie (red, blue, green): a tie counts as wrong, so the vote misses b and d.
+    assert "A majority vote of all 3 runs scores 66.7%." in text
+    assert "| 2 | first two | 66.7 | 66.7 | 2 | 2 |" in text  # b and d wrong in both
+    assert "| 1 | last | 83.3 | 83.3 | 1 | 1 |" in text
     assert "| red/b.jpg | red | blue (2), green (1) |" in text
     with Image.open(report.with_suffix(".png")) as grid:
         assert grid.format == "PNG" and grid.width > 100

@@ -43,6 +43,14 @@ class TestPredictions:
         """True where a run got a photo wrong."""
         return self.predicted.ne(self.actual, axis=0)
 
+    def majority_vote_accuracy(self, runs: Sequence[str]) -> float:
+        """The share of photos whose true class gets more of these runs' votes than any other class
+        (a tie counts as wrong): what an ensemble voting with these runs would score."""
+        predicted = self.predicted[list(runs)]
+        right = predicted.eq(self.actual, axis=0).sum(axis=1)
+        other_votes = [predicted.eq(name).sum(axis=1).where(self.actual != name, 0) for name in self.test.classes]
+        return float((right > pd.concat(other_votes, axis=1).max(axis=1)).mean())
+
     def always_wrong(self) -> pd.DataFrame:
         """The photos every run got wrong: `photo`, `actual`, `predicted` as `class (runs)` most
         frequent first, and that most frequent class with the share of runs predicting it (`top`,
@@ -99,17 +107,19 @@ def write_report(predictions: TestPredictions, groups: Mapping[str, Sequence[str
     lines = [
         f"# Test photos every run gets wrong\n\n{runs} runs, {photos} test photos. Wrong in every run: "
         f"**{len(always)}**; right in every run: {int((~wrong).all(axis=1).sum())}. If the {len(always)} stay "
-        f"wrong, no run of these settings can score above {1 - len(always) / max(photos, 1):.1%}.\n",
-        "| runs | settings | mean accuracy % | wrong in every run | wrong in some run |",
-        "|---:|---|---:|---:|---:|",
+        f"wrong, no run of these settings can score above {1 - len(always) / max(photos, 1):.1%}. "
+        f"A majority vote of all {runs} runs scores {predictions.majority_vote_accuracy(wrong.columns):.1%}.\n",
+        "| runs | settings | mean accuracy % | majority vote % | wrong in every run | wrong in some run |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for group, names in groups.items():
         part = wrong[[name for name in names if name in wrong.columns]]
         if part.columns.empty:
             continue
         mean_accuracy = 100 * (1 - part.to_numpy().mean())
+        vote = 100 * predictions.majority_vote_accuracy(part.columns)
         every, some = int(part.all(axis=1).sum()), int(part.any(axis=1).sum())
-        lines.append(f"| {len(part.columns)} | {group} | {mean_accuracy:.1f} | {every} | {some} |")
+        lines.append(f"| {len(part.columns)} | {group} | {mean_accuracy:.1f} | {vote:.1f} | {every} | {some} |")
     lines += ["", "| photo | true class | predicted (runs) |", "|---|---|---|"]
     lines += [f"| {row.photo} | {row.actual} | {row.predicted} |" for row in always.itertuples()]
     markdown.parent.mkdir(parents=True, exist_ok=True)
