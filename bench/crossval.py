@@ -49,7 +49,7 @@ from study import (
     train_and_val,
 )
 
-from transferlab import tracking
+from transferlab import console, tracking
 from transferlab.config import MlflowConfig
 
 DEFAULT_POINTS = (
@@ -263,7 +263,7 @@ def report(settings: list[Setting]) -> str:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    console.configure()
     workdir = scratch_project()
     seeds = os.environ.get("CV_SPLITS", "1 2 3 4 5 6").split()
     wanted = os.environ.get("CV_POINTS", DEFAULT_POINTS).split()

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from study import SHARED, scratch_project, train_and_val
 
+from transferlab import console
 from transferlab.backbones import imagenet_weights_filename
 from transferlab.config import ModelConfig
 from transferlab.manifests import Manifest
@@ -84,7 +85,7 @@ def describe(scores: dict[str, list[tuple[float, float]]]) -> str:
 
 def main() -> None:
     """Cross-validated accuracy and log loss of each size, with and without test-time flipping: a line per size."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    console.configure()
     workdir = scratch_project()
     backbone = os.environ.get("SIZES_BACKBONE", "mobilenet_v2")
     if backbone not in ALPHAS:
