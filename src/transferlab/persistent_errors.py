@@ -46,9 +46,9 @@ class TestPredictions:
     def majority_vote_accuracy(self, runs: Sequence[str]) -> float:
         """The share of photos whose true class gets more of these runs' votes than any other class
         (a tie counts as wrong): what an ensemble voting with these runs would score."""
-        predicted = self.predicted[list(runs)]
-        right = predicted.eq(self.actual, axis=0).sum(axis=1)
-        other_votes = [predicted.eq(name).sum(axis=1).where(self.actual != name, 0) for name in self.test.classes]
+        predicted, actual = self.predicted[list(runs)], self.actual
+        right = predicted.eq(actual, axis=0).sum(axis=1)
+        other_votes = [predicted.eq(name).sum(axis=1).where(actual != name, 0) for name in self.test.classes]
         return float((right > pd.concat(other_votes, axis=1).max(axis=1)).mean())
 
     def always_wrong(self) -> pd.DataFrame:
