@@ -79,6 +79,11 @@ POINTS = (
         "3 squares along the long side, test-time flipping and 3 crops",
     ),
     Point(
+        "ensemble",
+        "3 heads of different seeds (each with its own cached views) averaged into the saved one",
+        ("train.ensemble=3",),
+    ),
+    Point(
         "no-crops",
         "the previous defaults: central squares only (2 cached flipped views, no test-time crops)",
         ("model.test_time_crops=1", "augment.crops=1", "augment.cached_views=2"),

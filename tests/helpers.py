@@ -530,3 +530,46 @@ def job_outputs(paths: StagePaths, client: MlflowClient) -> str | None:
         logged = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith("test_")}
         assert on_disk and logged == pytest.approx(on_disk), f"{paths.evaluation} is not run {run_id}'s evaluation"
     return run_id
+
+
+def mlflow_client(paths: StagePaths) -> MlflowClient:
+    """A client of the MLflow store that `tiny_cfg` runs in `paths` log to."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking.tracking_uri(tiny_cfg().mlflow, paths.root))
+
+
+def run_cli(paths: StagePaths, *args: str, **popen: object) -> subprocess.Popen:
+    """`transferlab ARGS` in the project `paths`, unbuffered, its output and errors in one pipe."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [str(VENV_BIN / "transferlab"), *args],
+        cwd=paths.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def train_killed_after(paths: StagePaths, state_file: Path, epochs: int) -> None:
+    """`transferlab train` in the project `paths`, killed (SIGKILL, with its children) once the
+    checkpoint state `state_file` records `epochs` finished epochs."""
+    proc = run_cli(paths, "train", start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state_file.is_file() and json.loads(state_file.read_text())["epochs_done"] >= epochs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+
+
+def train_to_the_end(paths: StagePaths) -> str:
+    """`transferlab train` in the project `paths`, which must succeed; its output."""
+    proc = run_cli(paths, "train")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    return out

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import VENV_BIN, tiny_cfg, widen_photos
-from mlflow.tracking import MlflowClient
+from helpers import mlflow_client, run_cli, tiny_cfg, train_killed_after, train_to_the_end, widen_photos
 
 from transferlab import errors, tracking
 from transferlab.config import write_params
@@ -25,23 +22,6 @@ from transferlab.stages.train import train
 from transferlab.trainer import plan_phases
 
 pytestmark = pytest.mark.slow
-
-
-def mlflow_client(paths: StagePaths) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking.tracking_uri(tiny_cfg().mlflow, paths.root))
-
-
-def run_cli(paths: StagePaths, *args: str, **popen: object) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [str(VENV_BIN / "transferlab"), *args],
-        cwd=paths.root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **popen,
-    )
 
 
 def test_one_epoch_writes_model_and_a_complete_mlflow_run(prepared_project: StagePaths) -> None:
@@ -232,25 +212,11 @@ def test_resume_restores_optimizer_schedule_and_stopping_state_exactly(prepared_
         "mlflow.log_model=false",
     )
     write_params(cfg, paths.root / "params.yaml")
-    proc = run_cli(paths, "train")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:]
+    train_to_the_end(paths)
     uninterrupted = pd.read_csv(paths.history)
 
-    proc = run_cli(paths, "train", start_new_session=True)
-    state_file = paths.checkpoints / "state.json"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state_file.is_file() and json.loads(state_file.read_text())["epochs_done"] >= 2:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    proc = run_cli(paths, "train")
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-2000:]
-    assert "resuming after epoch" in out
+    train_killed_after(paths, paths.checkpoints / "state.json", epochs=2)
+    assert "resuming after epoch" in train_to_the_end(paths)
     pd.testing.assert_frame_equal(pd.read_csv(paths.history), uninterrupted)
 
 

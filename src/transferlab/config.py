@@ -38,6 +38,7 @@ MAX_NAME_LENGTH = 128  # data.name becomes a folder name (and temporary names bu
 MAX_EXPERIMENT_NAME_LENGTH = 500  # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH
 MAX_PARAM_VALUE_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH: every key is logged as a param
 MAX_LEARNING_RATE = 10.0
+MAX_ENSEMBLE = 32  # heads a run may average: each trains as long as one run's head
 MAX_TEST_TIME_CROPS = 9  # each crop is one more backbone pass (two with flipping) for every prediction
 
 
@@ -255,6 +256,7 @@ class TrainConfig:
     plateau: PlateauConfig = field(default_factory=PlateauConfig)
     early_stopping: EarlyStoppingConfig | None = field(default_factory=EarlyStoppingConfig)
     calibrate: bool = True
+    ensemble: int = 1  # heads trained with different seeds on the frozen backbone, averaged into one
     seed: int = 123
     deterministic: bool = False
     strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"
@@ -273,6 +275,7 @@ class TrainConfig:
         _require(
             0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs", "in [0, train.epochs - 1]", self.warmup_epochs
         )
+        _require(1 <= self.ensemble <= MAX_ENSEMBLE, "train.ensemble", f"in [1, {MAX_ENSEMBLE}]", self.ensemble)
         _require_seed("train.seed", self.seed)
         self.plateau.check()
         if self.early_stopping is not None:
@@ -355,10 +358,26 @@ class Config:
     def check(self) -> None:
         for section in dataclasses.fields(self):
             getattr(self, section.name).check()
+        self._check_ensemble()
         for key, value in flatten(self).items():  # each is logged as an MLflow param
             length = len(str(value))
             limit = MAX_PARAM_VALUE_LENGTH
             _require(length <= limit, key, f"at most {limit} characters long (MLflow's limit)", length)
+
+    def _check_ensemble(self) -> None:
+        """An ensemble's heads are averaged into one, which needs one frozen backbone they all share."""
+        members = self.train.ensemble
+        if members == 1:
+            return
+        if self.finetune.unfreeze != 0:
+            raise ConfigError(
+                f"train.ensemble={members} averages heads trained on a frozen backbone, but finetune.unfreeze is "
+                f"{self.finetune.unfreeze!r}: set train.ensemble=1 to fine-tune"
+            )
+        if self.train.strategy == "multi_worker":
+            raise ConfigError(
+                f"train.ensemble={members} cannot train under train.strategy=multi_worker: set train.ensemble=1"
+            )
 
     @property
     def image_size(self) -> int:

@@ -37,6 +37,7 @@ IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)
 POOL_LAYER = "pool"
 HEAD_MODEL = "head"
 LOGITS_LAYER = "logits"
+HEAD_BATCHNORM_LAYER = "head_batchnorm"
 TEMPERATURE_LAYER = "temperature"
 MIRROR_LAYER = "mirror"  # in a saved model with test-time flipping
 SINGLE_VIEW_MODEL = "single_view"  # in a saved model with test-time crops: the model of one square
@@ -136,7 +137,7 @@ def build_head(num_features: int, num_classes: int, cfg: ModelConfig, seed: int 
     if cfg.head_batchnorm:
         # momentum 0.9 (Keras: 0.99): inference statistics settle within a few dozen steps, which
         # matters on small datasets where an epoch is only a handful of batches.
-        x = keras.layers.BatchNormalization(momentum=0.9, name="head_batchnorm")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=HEAD_BATCHNORM_LAYER)(x)
     x = keras.layers.Dropout(cfg.dropout, seed=seed, name="head_dropout")(x)
     # float32 from here on keeps softmax stable under a mixed_float16 policy.
     initializer = keras.initializers.GlorotUniform(seed=seed)
@@ -164,6 +165,33 @@ def head_logits(head: keras.Model) -> keras.Model:
     import keras
 
     return keras.Model(head.input, head.get_layer(LOGITS_LAYER).output, name="head_logits")
+
+
+def head_affine(head: keras.Model) -> tuple[np.ndarray, np.ndarray]:
+    """The head's logits as one affine map of the pooled features, (kernel, bias), at inference.
+
+    Dropout is the identity there, and a head BatchNormalization scales and shifts each feature by
+    its moving statistics, which folds into the Dense layer's kernel and bias.
+    """
+    kernel, bias = (np.asarray(w, dtype=np.float64) for w in head.get_layer(LOGITS_LAYER).get_weights())
+    if HEAD_BATCHNORM_LAYER in {layer.name for layer in head.layers}:
+        norm = head.get_layer(HEAD_BATCHNORM_LAYER)
+        gamma, beta, mean, variance = (np.asarray(w, dtype=np.float64) for w in norm.get_weights())
+        scale = gamma / np.sqrt(variance + norm.epsilon)
+        bias = bias + (beta - scale * mean) @ kernel
+        kernel = scale[:, None] * kernel
+    return kernel, bias
+
+
+def set_head_affine(head: keras.Model, kernel: np.ndarray, bias: np.ndarray) -> None:
+    """Make the head's logits the affine map (kernel, bias) of the pooled features (`head_affine`);
+    a head BatchNormalization becomes the identity (up to float32 rounding of its epsilon)."""
+    if HEAD_BATCHNORM_LAYER in {layer.name for layer in head.layers}:
+        norm = head.get_layer(HEAD_BATCHNORM_LAYER)
+        size = len(kernel)
+        identity = [np.ones(size), np.zeros(size), np.zeros(size), np.full(size, 1.0 - norm.epsilon)]
+        norm.set_weights([w.astype("float32") for w in identity])
+    head.get_layer(LOGITS_LAYER).set_weights([kernel.astype("float32"), bias.astype("float32")])
 
 
 def run_head(head: keras.Model, pooled: np.ndarray) -> np.ndarray:

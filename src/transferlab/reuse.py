@@ -77,9 +77,12 @@ _backbone: _KeptBackbone | None = None
 _heads: OrderedDict[tuple[object, ...], _KeptHead] = OrderedDict()
 
 
-def classifier(cfg: ModelConfig, num_classes: int, image_size: int, seed: int) -> Classifier:
-    """`build_classifier` with the kept backbone and head, when there are such; kept for next time."""
-    backbone = _reusable_backbone(cfg, image_size)
+def classifier(
+    cfg: ModelConfig, num_classes: int, image_size: int, seed: int, backbone: keras.Model | None = None
+) -> Classifier:
+    """`build_classifier` with the kept backbone and head, when there are such; kept for next time.
+    A `backbone` given (the one an ensemble's members share) is used as it is."""
+    backbone = backbone or _reusable_backbone(cfg, image_size)
     head = _reusable_head(int(backbone.output.shape[-1]), num_classes, cfg, seed)
     return build_classifier(cfg, num_classes, image_size, seed=seed, backbone=backbone, head=head)
 

@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -141,9 +142,24 @@ class SavedModelReport:
 class Trainer:
     """Holds one run's data, model and checkpoint state while the phases execute."""
 
-    def __init__(self, cfg: Config, paths: StagePaths, run: tracking.Run | None, state: CheckpointState) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        paths: StagePaths,
+        run: tracking.Run | None,
+        state: CheckpointState,
+        *,
+        checkpoints: Path | None = None,
+        metric_prefix: str = "",
+        backbone: keras.Model | None = None,
+    ) -> None:
+        """`checkpoints` (default `paths.checkpoints`) holds the state's files; epoch metrics reach
+        MLflow with `metric_prefix` before their names; a `backbone` given is trained on instead of
+        a new one (an ensemble member's: ensemble.py)."""
         self.cfg, self.paths, self.run, self.state = cfg, paths, run, state
-        self.checkpointer = Checkpointer(paths.checkpoints)
+        self.checkpointer = Checkpointer(checkpoints or paths.checkpoints)
+        self.metric_prefix = metric_prefix
+        self.backbone = backbone
         self.cache = FeatureCache.of_project(paths, cfg.train)
         self.image_size = cfg.image_size
         self.classes = load_classes(paths.classes)
@@ -161,7 +177,8 @@ class Trainer:
         """Run every phase not yet over; return the classifier with the epoch to keep restored."""
         from transferlab import reuse
 
-        classifier = reuse.classifier(self.cfg.model, len(self.classes), self.image_size, self.cfg.train.seed)
+        seed = self.cfg.train.seed
+        classifier = reuse.classifier(self.cfg.model, len(self.classes), self.image_size, seed, self.backbone)
         self.weights_digest = reuse.backbone_digest(classifier.backbone)
         self.phases = [_feasible(phase, classifier) for phase in plan_phases(self.cfg)]
         carried = not resumed  # the in-memory weights are the state's (nothing trained yet, or trained here)
@@ -178,6 +195,14 @@ class Trainer:
             self._restore_best(self._final_fit(classifier).model)
             log.info("restored epoch %d, the best by %s", self.state.best_epoch, monitored_metric(self.cfg.train))
         return classifier
+
+    def log_missing_epochs(self) -> None:
+        """Epochs checkpointed before a kill but not yet logged reach MLflow exactly once."""
+        assert self.run is not None
+        logged = self.run.logged_steps(self.metric_prefix + "val_accuracy")
+        for row in self.state.history:
+            if row["epoch"] not in logged:
+                self.run.log_metrics({self.metric_prefix + k: row[k] for k in EPOCH_METRICS}, step=row["epoch"])
 
     @property
     def kept_epoch(self) -> int:
@@ -381,7 +406,7 @@ class Trainer:
             decisions.append(f"early stopping after epoch {epoch}: best epoch {state.best_epoch}")
         self.checkpointer.save(state, model, phase.kind, best=verdict.improved and self.keep_best)
         if self.run is not None:  # None: a multi_worker peer, which logs nothing
-            self.run.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=epoch)
+            self.run.log_metrics({self.metric_prefix + k: row[k] for k in EPOCH_METRICS}, step=epoch)
         return decisions
 
     # --- restoring --------------------------------------------------------------------------------
@@ -417,18 +442,18 @@ class Trainer:
     def finish_model(self, classifier: Classifier) -> SavedModelReport | None:
         """Put into the classifier what the saved model adds to the trained one, as configured: a
         temperature fitted on the validation split (`train.calibrate`), test-time flipping
-        (`model.test_time_flip`) and crops (`model.test_time_crops`). None when none is on: the
-        trained model is saved as it is.
+        (`model.test_time_flip`) and crops (`model.test_time_crops`). None when none is on and the
+        head is one member's (no `train.ensemble`): the trained model is saved as it is.
         """
         from transferlab.metrics import calibration, fit_temperature, log_loss, mean_probabilities
         from transferlab.model import attach_head, head_logits, run_head, with_temperature
 
         calibrate, flip, crops = self.cfg.train.calibrate, self.cfg.model.test_time_flip, self.cfg.model.test_time_crops
-        if not (calibrate or self.cfg.model.averages_test_time_views):
+        if not (calibrate or self.cfg.model.averages_test_time_views or self.cfg.train.ensemble > 1):
             return None
         to_logits = head_logits(classifier.head)
         views = test_time_views(crops, flip)
-        logits = np.stack([run_head(to_logits, self._validation_pooled(classifier, *view)) for view in views])
+        logits = np.stack([run_head(to_logits, pooled) for pooled in self.validation_features(classifier)])
         labels = np.asarray(self.val_set.labels)
         temperature = fit_temperature(labels, logits) if calibrate else 1.0
         if calibrate:
@@ -453,6 +478,12 @@ class Trainer:
                 report.val_ece,
             )
         return report
+
+    def validation_features(self, classifier: Classifier) -> list[np.ndarray]:
+        """Pooled backbone features of the validation images in each view the saved model averages
+        (`images.test_time_views`: squares along the long side, and their mirror images)."""
+        views = test_time_views(self.cfg.model.test_time_crops, self.cfg.model.test_time_flip)
+        return [self._validation_pooled(classifier, *view) for view in views]
 
     def _validation_pooled(
         self, classifier: Classifier, position: float = CENTRE, mirrored: bool = False

@@ -25,12 +25,13 @@ from transferlab import atomic, figure_workers, keras_saving, tracking
 from transferlab.checkpoint import Checkpointer, CheckpointState
 from transferlab.config import Config, config_hash
 from transferlab.descriptions import training_description
+from transferlab.ensemble import Member, train_ensemble
 from transferlab.errors import TransferlabError, stop_if_received
 from transferlab.locks import stage_lock
 from transferlab.manifests import SplitDataset, check_splits_fresh, load_classes, split_datasets, splits_digest
 from transferlab.paths import StagePaths
 from transferlab.registry import register_run_model
-from transferlab.trainer import EPOCH_METRICS, HISTORY_COLUMNS, SavedModelReport, Trainer
+from transferlab.trainer import HISTORY_COLUMNS, SavedModelReport, Trainer
 
 if TYPE_CHECKING:
     from transferlab.model import Classifier
@@ -66,14 +67,6 @@ def final_validation(saved_model: SavedModelReport | None, kept: pd.Series) -> t
     if saved_model is not None:
         return saved_model.val_accuracy, saved_model.val_loss
     return float(kept["val_accuracy"]), float(kept["val_loss"])
-
-
-def _relog_missing_epochs(run: tracking.Run, state: CheckpointState) -> None:
-    """Epochs checkpointed before a kill but not yet logged reach MLflow exactly once."""
-    logged = run.logged_steps("val_accuracy")
-    for row in state.history:
-        if row["epoch"] not in logged:
-            run.log_metrics({k: row[k] for k in EPOCH_METRICS}, step=row["epoch"])
 
 
 def _resumable_state(store: tracking.Store, checkpointer: Checkpointer, cfg_hash: str) -> CheckpointState | None:
@@ -160,15 +153,18 @@ def _train_as_chief(
         precision_policy(cfg.train),
     ):
         state = resume or checkpointer.begin(run.run_id, cfg_hash)
-        if resume:
-            _relog_missing_epochs(run, state)
         run.log_config(cfg)
         run.log_dict(cfg.to_dict(), "config.yaml")
         datasets = split_datasets(cfg, paths)
         run.log_datasets(datasets)
+        members: list[Member] = []
         with strategy.scope():
             trainer = Trainer(cfg, paths, run, state)
+            if resume:
+                trainer.log_missing_epochs()
             classifier = trainer.train(resumed=resume is not None)
+            if cfg.train.ensemble > 1:
+                classifier, members = train_ensemble(cfg, paths, run, cfg_hash, trainer, classifier)
         if workers > 1:  # its variables are the workers' collectives: the chief goes on alone, with a copy
             classifier = local_copy(classifier, cfg.model, len(trainer.classes), trainer.image_size)
             strategy = tf.distribute.get_strategy()
@@ -179,7 +175,7 @@ def _train_as_chief(
         if resume is not None and _saved_by(paths, run.run_id):
             log.info("%s already holds run %s (saved before a kill): closing the run", paths.models, run.run_id)
         else:
-            _save_outputs(cfg, paths, run, trainer, classifier, state, datasets, saved_model)
+            _save_outputs(cfg, paths, run, trainer, classifier, state, datasets, saved_model, members)
         if register_model and cfg.mlflow.log_model and cfg.mlflow.registered_model:
             _register(run, cfg.mlflow.registered_model)
     checkpointer.clear()
@@ -254,6 +250,7 @@ def _save_outputs(
     state: CheckpointState,
     datasets: list[SplitDataset],
     saved_model: SavedModelReport | None,
+    members: list[Member],
 ) -> None:
     """Write the model, its run record, the history and the curves as one unit; log them and
     describe the run.
@@ -267,7 +264,9 @@ def _save_outputs(
     """
     history = pd.DataFrame(state.history, columns=HISTORY_COLUMNS)
     with figure_workers.outputs_followed() as follows:
-        _write_outputs(cfg, paths, run, trainer, classifier, history, datasets, saved_model, with_curves=not follows)
+        _write_outputs(
+            cfg, paths, run, trainer, classifier, history, datasets, saved_model, members, with_curves=not follows
+        )
         if follows:
             curves = _draw_curves(history, paths.training_curves, trainer.kept_epoch)
             figure_workers.follow(
@@ -285,6 +284,7 @@ def _write_outputs(
     history: pd.DataFrame,
     datasets: list[SplitDataset],
     saved_model: SavedModelReport | None,
+    members: list[Member],
     *,
     with_curves: bool,
 ) -> None:
@@ -316,7 +316,8 @@ def _write_outputs(
                 images,
                 len(trainer.classes),
                 digest,
-                test_time_val_accuracy=final_accuracy if cfg.model.averages_test_time_views else None,
+                test_time_val_accuracy=final_accuracy if cfg.model.averages_test_time_views or members else None,
+                ensemble=[(m.seed, m.kept_epoch, m.val_accuracy) for m in members],
             )
             model_file = models / paths.model_file.name
             keras_saving.save(classifier.model, model_file)
