@@ -82,7 +82,8 @@ def classifier(
 ) -> Classifier:
     """`build_classifier` with the kept backbone and head, when there are such; kept for next time.
     A `backbone` given (the one an ensemble's members share) is used as it is."""
-    backbone = backbone or _reusable_backbone(cfg, image_size)
+    if backbone is None:
+        backbone = _reusable_backbone(cfg, image_size)
     head = _reusable_head(int(backbone.output.shape[-1]), num_classes, cfg, seed)
     return build_classifier(cfg, num_classes, image_size, seed=seed, backbone=backbone, head=head)
 

@@ -202,7 +202,12 @@ class Trainer:
         logged = self.run.logged_steps(self.metric_prefix + "val_accuracy")
         for row in self.state.history:
             if row["epoch"] not in logged:
-                self.run.log_metrics({self.metric_prefix + k: row[k] for k in EPOCH_METRICS}, step=row["epoch"])
+                self._log_epoch(row)
+
+    def _log_epoch(self, row: Mapping[str, Any]) -> None:
+        """One history row's metrics in MLflow, at its epoch, under this trainer's metric names."""
+        assert self.run is not None
+        self.run.log_metrics({self.metric_prefix + k: row[k] for k in EPOCH_METRICS}, step=row["epoch"])
 
     @property
     def kept_epoch(self) -> int:
@@ -406,7 +411,7 @@ class Trainer:
             decisions.append(f"early stopping after epoch {epoch}: best epoch {state.best_epoch}")
         self.checkpointer.save(state, model, phase.kind, best=verdict.improved and self.keep_best)
         if self.run is not None:  # None: a multi_worker peer, which logs nothing
-            self.run.log_metrics({self.metric_prefix + k: row[k] for k in EPOCH_METRICS}, step=epoch)
+            self._log_epoch(row)
         return decisions
 
     # --- restoring --------------------------------------------------------------------------------
