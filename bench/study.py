@@ -359,6 +359,9 @@ def _errors_report(workdir: Path) -> None:
     }
     store = tracking.open_store(MlflowConfig(experiment="study"), workdir)
     run_ids = [run_id for ids in groups.values() for run_id in ids]
+    if not run_ids:
+        log.info("no finished runs: no report of test photos every run got wrong")
+        return
     predictions = read_test_predictions(store, run_ids, split_manifest(workdir, "test"))
     write_report(predictions, groups, REPO_ROOT / "reports" / "study_errors.md")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,7 @@ import pytest
 from helpers import REPO_ROOT, mlflow_client, tiny_cfg, train_killed_after, train_to_the_end
 
 from transferlab.config import MAX_SEED, ConfigError, ModelConfig, compose, write_params
-from transferlab.ensemble import member_checkpoints, member_seed
+from transferlab.ensemble import Member, mean_affine, member_checkpoints, member_seed, without_learners_of_nothing
 from transferlab.paths import StagePaths
 from transferlab.stages.train import train
 
@@ -65,6 +66,35 @@ def test_an_ensemble_that_cannot_be_averaged_is_one_line_at_the_door(overrides, 
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
+def _member(index: int, accuracy: float, weight: float) -> Member:
+    return Member(index, 10 + index, 1, np.full((4, 3), weight), np.full(3, weight), accuracy)
+
+
+def test_a_member_that_learned_nothing_is_left_out_of_the_average_with_a_one_line_warning(caplog) -> None:
+    labels = np.array([0, 0, 1, 1, 2, 2, 2])  # always answering class 2 scores 3/7
+    members = [_member(0, 6 / 7, 1.0), _member(1, 3 / 7, 5.0), _member(2, 4 / 7, 3.0)]
+    with caplog.at_level(logging.WARNING, logger="transferlab.ensemble"):
+        chosen = without_learners_of_nothing(members, labels)
+    assert [member.averaged for member in chosen] == [True, False, True]
+    kernel, bias = mean_affine(chosen)
+    np.testing.assert_allclose(kernel, 2.0)
+    np.testing.assert_allclose(bias, 2.0)
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert warning.startswith("ensemble member 1 (seed 11) learned nothing (validation accuracy 0.4286 alone")
+    assert warning.endswith("left out of the average") and "\n" not in warning
+
+
+def test_when_no_member_learned_anything_all_are_averaged_and_the_warning_says_so(caplog) -> None:
+    labels = np.array([0, 1, 2, 2])
+    members = [_member(0, 0.5, 1.0), _member(1, 0.25, 3.0)]
+    with caplog.at_level(logging.WARNING, logger="transferlab.ensemble"):
+        chosen = without_learners_of_nothing(members, labels)
+    assert all(member.averaged for member in chosen)
+    np.testing.assert_allclose(mean_affine(chosen)[0], 2.0)
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert warning.startswith("no ensemble member beat always answering the most frequent class (validation")
+
+
 def _head_map(paths: StagePaths) -> np.ndarray:
     """The saved model's logits as one affine map of the pooled features (small_cnn's head has a
     BatchNormalization, folded in), as kernel rows over a bias row."""
@@ -82,12 +112,16 @@ ENSEMBLE = ("train.ensemble=3", "train.epochs=4", "train.learning_rate=0.05", "t
 def test_an_ensemble_saves_the_mean_of_its_members_heads_and_logs_every_member(prepared_project: StagePaths) -> None:
     """The saved head is the mean of the heads that single runs with the members' seeds train, and
     MLflow has every member's epochs, kept epoch and validation accuracy."""
+    import keras
+
     from transferlab.small_cnn import SmallCNN
 
     paths = prepared_project
     weights = paths.root / "small_cnn.weights.h5"  # the same backbone for every seed, as ImageNet weights are
+    keras.utils.set_random_seed(0)
     SmallCNN(input_shape=(64, 64, 3)).save_weights(weights)
-    fixed = (*ENSEMBLE, f"model.weights={weights}")
+    # A gentler rate than ENSEMBLE's, at which every member learns: one that learns nothing is left out.
+    fixed = (*ENSEMBLE, "train.epochs=8", "train.learning_rate=0.003", f"model.weights={weights}")
     cfg = tiny_cfg(*fixed)
     result = train(cfg, paths)
     ensemble = _head_map(paths)
@@ -104,13 +138,14 @@ def test_an_ensemble_saves_the_mean_of_its_members_heads_and_logs_every_member(p
     assert not np.allclose(singles[0], singles[1], atol=1e-3), "the members differ"
 
     metrics = run.data.metrics
+    assert metrics["ensemble_heads_averaged"] == 3
     assert metrics["member_0/best_epoch"] == metrics["best_epoch"] == result.best_epoch
     for member in range(3):
         assert 0 <= metrics[f"member_{member}/val_accuracy"] <= 1
     for member in (1, 2):
         epochs = int(metrics[f"member_{member}/best_epoch"])
         steps = [m.step for m in client.get_metric_history(result.run_id, f"member_{member}/val_loss")]
-        assert sorted(steps) == list(range(1, len(steps) + 1)) and epochs <= len(steps) <= 4
+        assert sorted(steps) == list(range(1, len(steps) + 1)) and epochs <= len(steps) <= 8
     seeds = ", ".join(str(member_seed(cfg.train.seed, member)) for member in range(3))
     assert f"**Ensemble** of 3 heads (seeds {seeds}; best epochs" in run.data.tags["mlflow.note.content"]
     pd.testing.assert_frame_equal(result.history, histories[0])  # the run's history and curves are member 0's

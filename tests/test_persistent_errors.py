@@ -73,6 +73,8 @@ def test_photos_wrong_in_every_run_are_found_counted_and_drawn(
     assert predictions.majority_vote_accuracy(scored[2:]) == 5 / 6  # one run: its own accuracy
     # Runs 2 and 3 split on d.jpg (blue, green): a tie counts as wrong (counted right, 5 / 6).
     assert predictions.majority_vote_accuracy(scored[1:]) == 4 / 6
+    with pytest.raises(ValueError, match="at least one run"):
+        predictions.majority_vote_accuracy([])
     assert predictions.always_wrong().to_dict("records") == [
         {"photo": "red/b.jpg", "actual": "red", "predicted": "blue (2), green (1)", "top": "blue", "share": 2 / 3}
     ]
@@ -88,3 +90,7 @@ def test_photos_wrong_in_every_run_are_found_counted_and_drawn(
     assert "| red/b.jpg | red | blue (2), green (1) |" in text
     with Image.open(report.with_suffix(".png")) as grid:
         assert grid.format == "PNG" and grid.width > 100
+
+    unscored = read_test_predictions(store, [unevaluated], test_split)  # every run left out
+    empty = write_report(unscored, {"none": [unevaluated]}, tmp_path / "empty.md").read_text()
+    assert "0 runs, 6 test photos." in empty and "majority vote of all" not in empty

@@ -78,12 +78,12 @@ def training_description(
     classes: int,
     digest: str,
     test_time_val_accuracy: float | None = None,
-    ensemble: Sequence[tuple[int, int, float]] = (),
+    ensemble: Sequence[tuple[int, int, float, bool]] = (),
 ) -> str:
     """Backbone, data, phases and the best epoch of a finished training run; with
     `test_time_val_accuracy`, the saved model's, which averages test-time views (flips, crops);
-    with `ensemble` (seed, kept epoch and validation accuracy of each member, ensemble.py), the
-    heads averaged into the saved one."""
+    with `ensemble` (seed, kept epoch, validation accuracy and whether it is averaged in, of each
+    member; ensemble.py), the heads averaged into the saved one."""
     counts = ", ".join(f"{n} {split.replace('val', 'validation')}" for split, n in images.items())
     data = f"**{cfg.data.name}**: {classes} classes; {counts} images (splits `{digest}`)."
     lines = [f"{_backbone(cfg)} on {data}", "", *_phase_rows(phases, history), ""]
@@ -95,17 +95,20 @@ def training_description(
         views = [f"crops ({cfg.model.test_time_crops})"] if cfg.model.test_time_crops > 1 else []
         views += ["flipping"] if cfg.model.test_time_flip else []
         adds = [f"test-time {' and '.join(views)}"] if views else []
-        adds += [f"{len(ensemble)} heads averaged"] if ensemble else []
+        adds += [f"{sum(averaged for *_, averaged in ensemble)} heads averaged"] if ensemble else []
         lines[-1] += f" With {', '.join(adds)} (the saved model): validation accuracy **{test_time_val_accuracy:.3f}**."
     if ensemble:
-        seeds = ", ".join(str(seed) for seed, _, _ in ensemble)
-        epochs = ", ".join(str(epoch) for _, epoch, _ in ensemble)
-        alone = ", ".join(f"{accuracy:.3f}" for _, _, accuracy in ensemble)
+        seeds = ", ".join(str(seed) for seed, *_ in ensemble)
+        epochs = ", ".join(str(epoch) for _, epoch, *_ in ensemble)
+        alone = ", ".join(f"{accuracy:.3f}" for _, _, accuracy, _ in ensemble)
+        idle = [str(seed) for seed, _, _, averaged in ensemble if not averaged]
+        seeds_word = "seeds" if len(idle) > 1 else "seed"
+        left_out = f" Left out of the average, having learned nothing: {seeds_word} {', '.join(idle)}." if idle else ""
         lines += [
             "",
             f"**Ensemble** of {len(ensemble)} heads (seeds {seeds}; best epochs {epochs}; the table and best "
             f"epoch above are the first's), averaged into the saved one. Validation accuracy of each alone: "
-            f"{alone}.",
+            f"{alone}.{left_out}",
         ]
     return "\n".join(lines)
 

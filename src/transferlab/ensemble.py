@@ -15,6 +15,10 @@ are the run's curves, history and `best_epoch`; member i's epochs reach MLflow a
 `member_<i>/loss`, `member_<i>/val_accuracy`, ...; and every member's kept epoch and validation
 accuracy alone as `member_<i>/best_epoch` and `member_<i>/val_accuracy` (with the saved model's
 test-time views, before calibration), beside the run's `final_val_accuracy`.
+
+A member that learned nothing (validation accuracy alone no better than always answering the
+most frequent validation class) would only blur the others' logits: it is left out of the mean,
+with a warning, unless no member learned anything. `ensemble_heads_averaged` counts the rest.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Member:
     kernel: np.ndarray
     bias: np.ndarray
     val_accuracy: float = float("nan")  # alone, with the saved model's test-time views, uncalibrated
+    averaged: bool = True  # False: it learned nothing, and the saved head leaves it out
 
 
 def member_seed(seed: int, member: int) -> int:
@@ -103,16 +108,54 @@ def train_ensemble(
             trainer.log_missing_epochs()
         classifier = trainer.train(resumed=resumed)
         members.append(_capture(trainer, classifier, index))
-    members = _scored(members, trainer.validation_features(classifier), trainer.val_set.labels)
-    set_head_affine(
-        classifier.head, np.mean([m.kernel for m in members], axis=0), np.mean([m.bias for m in members], axis=0)
-    )
+    labels = np.asarray(trainer.val_set.labels)
+    members = without_learners_of_nothing(_scored(members, trainer.validation_features(classifier), labels), labels)
+    set_head_affine(classifier.head, *mean_affine(members))
     for member in members:
         name = f"member_{member.index}"
         run.log_metrics({f"{name}/best_epoch": member.kept_epoch, f"{name}/val_accuracy": member.val_accuracy})
+    averaged = sum(m.averaged for m in members)
+    run.log_metrics({"ensemble_heads_averaged": averaged})
     alone = ", ".join(f"{m.val_accuracy:.4f}" for m in members)
-    log.info("ensemble of %d heads averaged into one; validation accuracy of each alone: %s", len(members), alone)
+    log.info(
+        "ensemble: %d of %d heads averaged into one; validation accuracy of each alone: %s",
+        averaged,
+        len(members),
+        alone,
+    )
     return classifier, members
+
+
+def mean_affine(members: list[Member]) -> tuple[np.ndarray, np.ndarray]:
+    """The mean kernel and bias of the members averaged in: one head whose logits are the mean of theirs."""
+    averaged = [m for m in members if m.averaged]
+    return np.mean([m.kernel for m in averaged], axis=0), np.mean([m.bias for m in averaged], axis=0)
+
+
+def without_learners_of_nothing(members: list[Member], labels: np.ndarray) -> list[Member]:
+    """`members`, those no more accurate alone than always answering the most frequent validation
+    class marked as left out of the average (a warning each), unless that would leave none."""
+    floor = float(np.bincount(labels).max() / len(labels))
+    idle = [m for m in members if m.val_accuracy <= floor]
+    if len(idle) == len(members):
+        log.warning(
+            "no ensemble member beat always answering the most frequent class (validation accuracy %.4f): "
+            "all %d are averaged; try more epochs or another learning rate",
+            floor,
+            len(members),
+        )
+        return members
+    for member in idle:
+        log.warning(
+            "ensemble member %d (seed %d) learned nothing (validation accuracy %.4f alone, the most frequent "
+            "class alone %.4f): left out of the average",
+            member.index,
+            member.seed,
+            member.val_accuracy,
+            floor,
+        )
+    left_out = {m.index for m in idle}
+    return [dataclasses.replace(m, averaged=m.index not in left_out) for m in members]
 
 
 def _capture(trainer: Trainer, classifier: Classifier, index: int) -> Member:

@@ -46,6 +46,8 @@ class TestPredictions:
     def majority_vote_accuracy(self, runs: Sequence[str]) -> float:
         """The share of photos whose true class gets more of these runs' votes than any other class
         (a tie counts as wrong): what an ensemble voting with these runs would score."""
+        if not len(runs):
+            raise ValueError("a majority vote needs at least one run")
         predicted, actual = self.predicted[list(runs)], self.actual
         right = predicted.eq(actual, axis=0).sum(axis=1)
         other_votes = [predicted.eq(name).sum(axis=1).where(actual != name, 0) for name in self.test.classes]
@@ -104,11 +106,15 @@ def write_report(predictions: TestPredictions, groups: Mapping[str, Sequence[str
     wrong = predictions.wrong()
     runs, photos = len(wrong.columns), len(wrong)
     always = predictions.always_wrong()
+    vote = (
+        f" A majority vote of all {runs} runs scores {predictions.majority_vote_accuracy(wrong.columns):.1%}."
+        if runs
+        else ""
+    )
     lines = [
         f"# Test photos every run gets wrong\n\n{runs} runs, {photos} test photos. Wrong in every run: "
         f"**{len(always)}**; right in every run: {int((~wrong).all(axis=1).sum())}. If the {len(always)} stay "
-        f"wrong, no run of these settings can score above {1 - len(always) / max(photos, 1):.1%}. "
-        f"A majority vote of all {runs} runs scores {predictions.majority_vote_accuracy(wrong.columns):.1%}.\n",
+        f"wrong, no run of these settings can score above {1 - len(always) / max(photos, 1):.1%}.{vote}\n",
         "| runs | settings | mean accuracy % | majority vote % | wrong in every run | wrong in some run |",
         "|---:|---|---:|---:|---:|---:|",
     ]

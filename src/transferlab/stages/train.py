@@ -317,7 +317,7 @@ def _write_outputs(
                 len(trainer.classes),
                 digest,
                 test_time_val_accuracy=final_accuracy if cfg.model.averages_test_time_views or members else None,
-                ensemble=[(m.seed, m.kept_epoch, m.val_accuracy) for m in members],
+                ensemble=[(m.seed, m.kept_epoch, m.val_accuracy, m.averaged) for m in members],
             )
             model_file = models / paths.model_file.name
             keras_saving.save(classifier.model, model_file)
