@@ -69,14 +69,18 @@ def test_a_model_with_test_time_views_adds_its_own_validation_accuracy(overrides
     )
 
 
-def test_an_ensemble_names_its_members_and_what_each_scored_alone() -> None:
+def _ensemble_description(members: list[tuple[int, int, float, bool]]) -> str:
+    """A 3-member ensemble run's description; member 0 kept epoch 2 of 2 (validation 0.75)."""
     cfg = tiny_cfg("train.epochs=2", "train.ensemble=3")
     history = pd.DataFrame(
         {"epoch": [1, 2], "phase": ["head", "head"], "val_accuracy": [0.5, 0.75], "val_loss": [1.0, 0.7]}
     )
     images = {"train": 20, "val": 8, "test": 8}
-    members = [(123, 2, 0.75, True), (7, 1, 0.625, True), (9, 2, 0.875, True)]
-    text = training_description(cfg, plan_phases(cfg), history, kept_row(history, 2), images, 3, "0123", 0.9, members)
+    return training_description(cfg, plan_phases(cfg), history, kept_row(history, 2), images, 3, "0123", 0.9, members)
+
+
+def test_an_ensemble_names_its_members_and_what_each_scored_alone() -> None:
+    text = _ensemble_description([(123, 2, 0.75, True), (7, 1, 0.625, True), (9, 2, 0.875, True)])
     assert (
         "With test-time crops (3) and flipping, 3 heads averaged (the saved model): validation accuracy **0.900**."
         in text
@@ -88,13 +92,7 @@ def test_an_ensemble_names_its_members_and_what_each_scored_alone() -> None:
 
 
 def test_an_ensemble_says_which_members_it_left_out_and_counts_only_the_averaged() -> None:
-    cfg = tiny_cfg("train.epochs=2", "train.ensemble=3")
-    history = pd.DataFrame(
-        {"epoch": [1, 2], "phase": ["head", "head"], "val_accuracy": [0.5, 0.75], "val_loss": [1.0, 0.7]}
-    )
-    images = {"train": 20, "val": 8, "test": 8}
-    members = [(123, 2, 0.75, True), (7, 1, 0.375, False), (9, 2, 0.875, True)]
-    text = training_description(cfg, plan_phases(cfg), history, kept_row(history, 2), images, 3, "0123", 0.9, members)
+    text = _ensemble_description([(123, 2, 0.75, True), (7, 1, 0.375, False), (9, 2, 0.875, True)])
     assert "With test-time crops (3) and flipping, 2 heads averaged (the saved model)" in text
     assert text.endswith("0.750, 0.375, 0.875. Left out of the average, having learned nothing: seed 7.")
 
