@@ -53,8 +53,8 @@ from transferlab import console, tracking
 from transferlab.config import MlflowConfig
 
 DEFAULT_POINTS = (
-    "defaults ensemble no-crops test-time-crops no-test-time-flip no-flips smoothing head-bn weight-decay grid flips "
-    "resolution finetune finetune-all"
+    "defaults adam-head no-power ensemble no-crops test-time-crops no-test-time-flip no-flips smoothing head-bn "
+    "weight-decay grid flips resolution finetune finetune-all"
 )
 POOL_NAME = "flower_photos_cv"
 SCORES = ("final_val_accuracy", "test_accuracy", "test_log_loss", "test_ece")

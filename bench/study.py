@@ -56,6 +56,9 @@ class Point:
 # fine-tuning cost minutes per seed. Points marked "at 224 px" keep the size they were measured
 # at before MobileNetV2's default became 288 px.
 AT_224 = "data.image_size=224"
+# The head as the previous defaults trained it: points about Adam's settings (and the BatchNorm an
+# L-BFGS fit leaves as the identity) keep their meaning with these.
+ADAM_HEAD = ("train.head_solver=adam", "model.feature_power=1.0")
 POINTS = (
     Point("recipe", "the published recipe (BN head, Adam 1e-2, 2 epochs, 224 px)", ("+experiment=reference",)),
     Point(
@@ -75,13 +78,24 @@ POINTS = (
     ),
     Point(
         "defaults",
-        "the defaults: frozen, no BN, Adam 1e-3, early stopping, calibrated, 288 px, 3 cached flipped views at the "
-        "3 squares along the long side, test-time flipping and 3 crops",
+        "the defaults: frozen, the head fitted by L-BFGS on square-rooted features (L2 chosen on validation), "
+        "calibrated, 288 px, 3 cached flipped views at the 3 squares along the long side, test-time flipping and "
+        "3 crops",
     ),
     Point(
         "ensemble",
         "3 heads of different seeds (each with its own cached views) averaged into the saved one",
         ("train.ensemble=3",),
+    ),
+    Point(
+        "adam-head",
+        "the previous defaults: the head stepped by Adam 1e-3 with early stopping, no power normalisation",
+        ADAM_HEAD,
+    ),
+    Point(
+        "no-power",
+        "the L-BFGS head on the pooled features as they are (no power normalisation)",
+        ("model.feature_power=1.0",),
     ),
     Point(
         "no-crops",
@@ -101,16 +115,20 @@ POINTS = (
     ),
     Point("uncalibrated", "what temperature scaling buys", ("train.calibrate=false",)),
     Point("smoothing", "label smoothing 0.1 on the defaults", ("train.label_smoothing=0.1",)),
-    Point("head-bn", "the recipe's BatchNorm in the head, all else default", ("model.head_batchnorm=true",)),
+    Point(
+        "head-bn",
+        "the recipe's BatchNorm in the Adam head of the previous defaults",
+        (*ADAM_HEAD, "model.head_batchnorm=true"),
+    ),
     Point(
         "weight-decay",
-        "AdamW's decoupled weight decay on the defaults' head",
-        ("train.optimizer=adamw", "train.weight_decay=0.01,0.1"),
+        "AdamW's decoupled weight decay on the Adam head of the previous defaults",
+        (*ADAM_HEAD, "train.optimizer=adamw", "train.weight_decay=0.01,0.1"),
     ),
     Point(
         "grid",
-        "dropout x learning rate around the defaults",
-        ("model.dropout=0.2,0.5", "train.learning_rate=0.0003,0.001,0.003"),
+        "dropout x learning rate around the Adam head of the previous defaults",
+        (*ADAM_HEAD, "model.dropout=0.2,0.5", "train.learning_rate=0.0003,0.001,0.003"),
     ),
     Point(
         "flips",

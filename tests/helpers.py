@@ -38,7 +38,8 @@ SYNTHETIC_OVERRIDES = (
     "data.synthetic.image_size=64",
     "data.image_size=64",
 )
-TINY_MODEL = ("model=small_cnn", "train.batch_size=8")
+# Adam: plumbing tests count, kill and resume the head's epochs; test_linear_head tests the L-BFGS default.
+TINY_MODEL = ("model=small_cnn", "train.batch_size=8", "train.head_solver=adam")
 # Library internals no user can act on, as they reached the terminal before console.configure():
 # absl's preamble and absl/glog lines ("I0000 00:00:1795893590.097380   26424 port.cc:153] oneDNN custom
 # operations are on..."), TensorFlow Lite's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",

@@ -85,8 +85,8 @@ def test_only_a_folder_without_results_is_removed(tmp_path: Path, files: dict[st
 RAY_PLUGIN = importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is not None
 LAUNCHERS = "basic, joblib, ray, ray_aws" if RAY_PLUGIN else "basic, joblib, ray"
 MISSPELT_KEY_LINE = (
-    "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, head_batchnorm, test_time_crops, "
-    "test_time_flip, weights)"
+    "ConfigError: unknown key model.dropuot (known: alpha, backbone, dropout, feature_power, head_batchnorm, "
+    "test_time_crops, test_time_flip, weights)"
 )
 
 

@@ -95,8 +95,8 @@ def test_every_group_has_options() -> None:
         # Hydra said only "Could not override 'model.dropuot'" for these (no `+`).
         pytest.param(
             ["model.dropuot=0.3"],
-            r"^unknown key model\.dropuot \(known: alpha, backbone, dropout, head_batchnorm, test_time_crops, "
-            r"test_time_flip, weights\)$",
+            r"^unknown key model\.dropuot \(known: alpha, backbone, dropout, feature_power, head_batchnorm, "
+            r"test_time_crops, test_time_flip, weights\)$",
             id="misspelt-key",
         ),
         pytest.param(

@@ -69,6 +69,15 @@ def test_a_model_with_test_time_views_adds_its_own_validation_accuracy(overrides
     )
 
 
+def test_an_lbfgs_head_phase_says_it_was_fitted_not_stepped() -> None:
+    cfg = tiny_cfg("train.head_solver=lbfgs")
+    history = pd.DataFrame({"epoch": [1], "phase": ["head"], "val_accuracy": [0.75], "val_loss": [0.7]})
+    text = training_description(cfg, plan_phases(cfg), history, kept_row(history, 1), {"train": 20}, 3, "0123")
+    assert (
+        "| head | 1 | L-BFGS | backbone frozen, head fitted by L-BFGS on cached features of 3 augmented views |" in text
+    )
+
+
 def _ensemble_description(members: list[tuple[int, int, float, bool]]) -> str:
     """A 3-member ensemble run's description; member 0 kept epoch 2 of 2 (validation 0.75)."""
     cfg = tiny_cfg("train.epochs=2", "train.ensemble=3")

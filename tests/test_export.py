@@ -135,6 +135,22 @@ def test_a_model_with_test_time_crops_exports_and_predicts_like_keras(tmp_path: 
         np.testing.assert_allclose([got[c] for c in "abc"], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["savedmodel", "tflite"])
+def test_a_power_normalised_head_exports_and_predicts_like_keras(tmp_path: Path, fmt: str) -> None:
+    from transferlab.config import ModelConfig
+    from transferlab.model import attach_head, build_classifier
+
+    cfg = ModelConfig(backbone="small_cnn", weights=None, feature_power=0.5)
+    classifier = build_classifier(cfg, 3, 32, seed=0)
+    model = attach_head(classifier, classifier.head, test_time_flip=True)
+    model_file = tmp_path / "model.keras"
+    model.save(model_file)
+    (tmp_path / "classes.json").write_text(json.dumps(["a", "b", "c"]))
+    exported = load_export(export_model(model_file, tmp_path / ("model.tflite" if fmt == "tflite" else fmt), fmt))
+    image = probe_image(32)
+    np.testing.assert_allclose(exported.probabilities(image), model.predict(image, verbose=0), atol=1e-5)
+
+
 def test_an_export_input_of_unknown_size_is_refused() -> None:
     from transferlab.export import ExportedClassifier
 

@@ -51,6 +51,48 @@ def test_the_published_recipe_head_has_batchnorm_before_dropout() -> None:
     assert head[:3] == ["pooled_features", "head_batchnorm", "head_dropout"]
 
 
+def test_power_normalisation_takes_signed_roots_with_a_finite_gradient_at_zero() -> None:
+    import tensorflow as tf
+
+    from transferlab.layers import PowerNormalization
+
+    layer = PowerNormalization(0.5)
+    x = tf.constant([[-4.0, 0.0, 0.25, 9.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+    np.testing.assert_allclose(y.numpy(), [[-2.0, 0.0, 0.5, 3.0]], atol=0.035)  # eps moves them by ~eps ** 0.5
+    gradient = tape.gradient(y, x).numpy()
+    assert np.all(np.isfinite(gradient))  # without eps, 0 * inf = NaN at 0, the value of a dead channel
+
+
+def test_a_power_normalised_head_stays_affine_in_its_features_and_survives_saving(tmp_path: Path) -> None:
+    """With `model.feature_power`, the head starts with the power normalisation; its logits are an
+    affine map of `head_features` (what an ensemble averages), and a saved model loads in safe mode."""
+    from transferlab.inference import load_model
+    from transferlab.model import head_affine, head_features, head_logits, run_head
+
+    cfg = ModelConfig(backbone="small_cnn", weights=None, feature_power=0.5, head_batchnorm=True)
+    classifier = build_classifier(cfg, num_classes=3, image_size=32, seed=0)
+    head = classifier.head
+    assert [layer.name for layer in head.layers][:3] == ["pooled_features", "power_normalization", "head_batchnorm"]
+    pooled = np.random.default_rng(0).uniform(0, 6, (5, int(head.input.shape[-1]))).astype("float32")
+    features = head_features(head, pooled)
+    np.testing.assert_allclose(features, np.sqrt(pooled + 1e-3) - np.sqrt(1e-3), rtol=1e-5)
+    kernel, bias = head_affine(head)
+    np.testing.assert_allclose(features @ kernel + bias, run_head(head_logits(head), pooled), rtol=1e-4, atol=1e-4)
+
+    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    classifier.model.save(tmp_path / "model.keras")
+    np.testing.assert_allclose(load_model(tmp_path / "model.keras")(images), classifier.model(images), atol=1e-6)
+
+
+def test_feature_power_outside_zero_to_one_is_one_line_at_the_door() -> None:
+    for power in (0.0, 1.5):
+        with pytest.raises(ConfigError, match=r"model.feature_power must be in \(0, 1\], got"):
+            ModelConfig(backbone="small_cnn", weights=None, feature_power=power).check()
+
+
 def test_mobilenet_preprocessing_maps_pixels_to_unit_range() -> None:
     classifier = build_classifier(ModelConfig("mobilenet_v2", alpha=0.35, weights=None), 3, 32)
     layer = classifier.model.get_layer("scale_to_unit_range")

@@ -98,12 +98,14 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Backbone, its ImageNet (or local) weights and the head's dropout."""
+    """Backbone, its ImageNet (or local) weights, the head and the test-time views of the saved model."""
 
     backbone: str = "efficientnet_b0"
     alpha: float | None = None
     weights: str | None = "imagenet"
     dropout: float = 0.2
+    # The head's first layer maps each pooled feature x to sign(x) * |x| ** feature_power (1: off).
+    feature_power: float = 1.0
     head_batchnorm: bool = False
     # The saved model averages the class probabilities of each image and its mirror image.
     test_time_flip: bool = True
@@ -125,6 +127,7 @@ class ModelConfig:
             ok = self.weights.endswith((".h5", ".keras"))
             _require(ok, "model.weights", "imagenet, null or a .h5/.keras file path", self.weights)
         _require(0 <= self.dropout < 1, "model.dropout", "in [0, 1)", self.dropout)
+        _require(0 < self.feature_power <= 1, "model.feature_power", "in (0, 1]", self.feature_power)
         _require(
             1 <= self.test_time_crops <= MAX_TEST_TIME_CROPS,
             "model.test_time_crops",
@@ -257,6 +260,9 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig | None = field(default_factory=EarlyStoppingConfig)
     calibrate: bool = True
     ensemble: int = 1  # heads trained with different seeds on the frozen backbone, averaged into one
+    # lbfgs: a head phase fed from the feature cache fits the head to convergence at several L2
+    # strengths and keeps the best on validation (linear_head.py); other feeds, and adam, step Adam
+    head_solver: Literal["adam", "lbfgs"] = "adam"
     seed: int = 123
     deterministic: bool = False
     strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"

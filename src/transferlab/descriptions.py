@@ -51,7 +51,8 @@ def backbone_state(phase: Phase, trainable: int | None = None) -> str:
     with `trainable`, the count of unfrozen layers with weights (the log shows it)."""
     views = f" of {phase.views} augmented views" if phase.views > 1 else ""
     if (trainable == 0) if trainable is not None else (phase.unfreeze == 0):
-        return "backbone frozen" + (f", head trained on cached features{views}" if phase.source == "pool" else "")
+        how = "fitted by L-BFGS" if phase.solver == "lbfgs" else "trained"
+        return "backbone frozen" + (f", head {how} on cached features{views}" if phase.source == "pool" else "")
     which = "all backbone layers" if phase.unfreeze == "all" else f"top {phase.unfreeze} backbone layers"
     counted = f"{trainable} with weights; " if trainable is not None else ""
     text = f"{which} unfrozen ({counted}BatchNorm stays frozen)"
@@ -65,7 +66,8 @@ def _phase_rows(phases: Sequence[Phase], history: pd.DataFrame) -> list[str]:
         if epochs.empty:
             continue
         span = f"{epochs.min()}-{epochs.max()}" if len(epochs) > 1 else str(epochs.min())
-        rows.append(f"| {phase.name} | {span} | {phase.learning_rate:g} | {backbone_state(phase)} |")
+        rate = "L-BFGS" if phase.solver == "lbfgs" else f"{phase.learning_rate:g}"
+        rows.append(f"| {phase.name} | {span} | {rate} | {backbone_state(phase)} |")
     return rows
 
 

@@ -2,12 +2,13 @@
 
 Member 0 is the run's own training (seed `train.seed`); members 1 .. N-1 train the same way on
 its backbone, each as a run with a seed derived from the run's would: their own cached augmented
-views, initial weights, dropout masks, batch order and early stopping. A head is affine in the
-pooled features at inference (dropout is the identity, a head BatchNormalization folds into the
-Dense layer), so the mean of the members' logits is the logits of one head whose kernel and bias
-are the means of theirs: the saved model is one head, as small and fast as a single member's,
-and every consumer (evaluate, predict, export, serving) sees an ordinary model. Calibration and
-test-time views go in afterwards, on the averaged head, as for any run.
+views, initial weights, dropout masks, batch order and early stopping. A head is affine in its
+features at inference (the pooled features, power-normalised with `model.feature_power`; dropout
+is the identity, a head BatchNormalization folds into the Dense layer), so the mean of the
+members' logits is the logits of one head whose kernel and bias are the means of theirs: the
+saved model is one head, as small and fast as a single member's, and every consumer (evaluate,
+predict, export, serving) sees an ordinary model. Calibration and test-time views go in
+afterwards, on the averaged head, as for any run.
 
 Each member checkpoints in its own folder inside the run's (`member-<i>/`), so a killed run
 resumes inside the member it was training, after restoring the finished ones. Member 0's epochs
@@ -78,7 +79,7 @@ def train_ensemble(
 ) -> tuple[Classifier, list[Member]]:
     """Train members 1 .. N-1 after member 0 (`first`, trained into `classifier`), average every
     member's head into the last classifier's, log each member's scores; return it and the members."""
-    from transferlab.model import set_head_affine
+    from transferlab.model import head_features, set_head_affine
     from transferlab.seeding import seed_everything
     from transferlab.trainer import Trainer
 
@@ -109,7 +110,8 @@ def train_ensemble(
         classifier = trainer.train(resumed=resumed)
         members.append(_capture(trainer, classifier, index))
     labels = np.asarray(trainer.val_set.labels)
-    members = without_learners_of_nothing(_scored(members, trainer.validation_features(classifier), labels), labels)
+    views = [head_features(classifier.head, pooled) for pooled in trainer.validation_features(classifier)]
+    members = without_learners_of_nothing(_scored(members, views, labels), labels)
     set_head_affine(classifier.head, *mean_affine(members))
     for member in members:
         name = f"member_{member.index}"
@@ -169,7 +171,7 @@ def _capture(trainer: Trainer, classifier: Classifier, index: int) -> Member:
 
 def _scored(members: list[Member], views: list[np.ndarray], labels: np.ndarray) -> list[Member]:
     """The members with their validation accuracy alone: the mean of their probabilities over the
-    saved model's test-time views (`views`: pooled validation features of each)."""
+    saved model's test-time views (`views`: the head's features of the validation images in each)."""
     from transferlab.metrics import mean_probabilities
 
     def accuracy(member: Member) -> float:

@@ -43,3 +43,25 @@ class CropView(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "index": self.index}
+
+
+@keras.saving.register_keras_serializable(package="transferlab")
+class PowerNormalization(keras.layers.Layer):
+    """sign(x) * ((|x| + eps)^power - eps^power), elementwise: power normalisation of pooled features.
+
+    It compresses the large activations a few channels reach, so the head weighs many moderate
+    features instead of a few large ones. `eps` keeps the gradient finite at 0 (a channel pooled
+    to exactly 0, as a dead ReLU's is) when a fine-tuned backbone trains through it; it moves the
+    values by at most eps^power (0.03 at power 0.5).
+    """
+
+    def __init__(self, power: float, epsilon: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.power, self.epsilon = power, epsilon
+
+    def call(self, features: Any) -> Any:
+        ops = keras.ops
+        return ops.sign(features) * (ops.power(ops.abs(features) + self.epsilon, self.power) - self.epsilon**self.power)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "power": self.power, "epsilon": self.epsilon}

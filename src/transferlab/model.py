@@ -4,7 +4,7 @@ The model takes RGB pixels in [0, 255] and carries the backbone's own preprocess
 the input pipeline, `predict` and the served model never need to know which backbone it is:
 
     image -> preprocessing -> backbone (inference mode) -> GlobalAveragePooling -> head
-    head:  [BatchNormalization] -> Dropout -> Dense logits -> / temperature -> softmax
+    head:  [power normalisation] -> [BatchNormalization] -> Dropout -> Dense logits -> / temperature -> softmax
 
 The temperature is 1 while training; calibration (`with_temperature`) sets it from the
 validation split, inside the saved model, so every consumer gets calibrated probabilities.
@@ -38,6 +38,7 @@ POOL_LAYER = "pool"
 HEAD_MODEL = "head"
 LOGITS_LAYER = "logits"
 HEAD_BATCHNORM_LAYER = "head_batchnorm"
+POWER_LAYER = "power_normalization"
 TEMPERATURE_LAYER = "temperature"
 MIRROR_LAYER = "mirror"  # in a saved model with test-time flipping
 SINGLE_VIEW_MODEL = "single_view"  # in a saved model with test-time crops: the model of one square
@@ -125,15 +126,21 @@ def build_backbone(cfg: ModelConfig, image_size: int) -> keras.Model:
 
 
 def build_head(num_features: int, num_classes: int, cfg: ModelConfig, seed: int | None = None) -> keras.Model:
-    """GlobalAveragePooling's successor: [BatchNormalization] -> Dropout -> Dense logits -> softmax.
+    """GlobalAveragePooling's successor: [power normalisation] -> [BatchNormalization] -> Dropout ->
+    Dense logits -> softmax. Power normalisation (`model.feature_power` below 1) needs no cache of
+    its own: the cached pooled features go in as they are.
 
     With `seed`, the initial weights and the dropout masks follow from it alone, not from how
     much of the global random state earlier layer constructions drew.
     """
     import keras
 
+    from transferlab.layers import PowerNormalization
+
     inputs = keras.Input((num_features,), name="pooled_features")
     x = inputs
+    if cfg.feature_power != 1:
+        x = PowerNormalization(cfg.feature_power, dtype="float32", name=POWER_LAYER)(x)
     if cfg.head_batchnorm:
         # momentum 0.9 (Keras: 0.99): inference statistics settle within a few dozen steps, which
         # matters on small datasets where an epoch is only a handful of batches.
@@ -167,8 +174,17 @@ def head_logits(head: keras.Model) -> keras.Model:
     return keras.Model(head.input, head.get_layer(LOGITS_LAYER).output, name="head_logits")
 
 
+def head_features(head: keras.Model, pooled: np.ndarray) -> np.ndarray:
+    """What the head's affine part (`head_affine`) maps to logits: the pooled features, power-
+    normalised when the head starts with that (`model.feature_power`)."""
+    if POWER_LAYER not in {layer.name for layer in head.layers}:
+        return np.asarray(pooled)
+    return run_head(head.get_layer(POWER_LAYER), pooled)
+
+
 def head_affine(head: keras.Model) -> tuple[np.ndarray, np.ndarray]:
-    """The head's logits as one affine map of the pooled features, (kernel, bias), at inference.
+    """The head's logits as one affine map of its features (`head_features`), (kernel, bias), at
+    inference.
 
     Dropout is the identity there, and a head BatchNormalization scales and shifts each feature by
     its moving statistics, which folds into the Dense layer's kernel and bias.
@@ -184,7 +200,7 @@ def head_affine(head: keras.Model) -> tuple[np.ndarray, np.ndarray]:
 
 
 def set_head_affine(head: keras.Model, kernel: np.ndarray, bias: np.ndarray) -> None:
-    """Make the head's logits the affine map (kernel, bias) of the pooled features (`head_affine`);
+    """Make the head's logits the affine map (kernel, bias) of its features (`head_affine`);
     a head BatchNormalization becomes the identity (up to float32 rounding of its epsilon)."""
     if HEAD_BATCHNORM_LAYER in {layer.name for layer in head.layers}:
         norm = head.get_layer(HEAD_BATCHNORM_LAYER)
@@ -194,8 +210,8 @@ def set_head_affine(head: keras.Model, kernel: np.ndarray, bias: np.ndarray) -> 
     head.get_layer(LOGITS_LAYER).set_weights([kernel.astype("float32"), bias.astype("float32")])
 
 
-def run_head(head: keras.Model, pooled: np.ndarray) -> np.ndarray:
-    """The head (or `head_logits`) on pooled features, in one eager call.
+def run_head(head: keras.Model | keras.layers.Layer, pooled: np.ndarray) -> np.ndarray:
+    """The head (or `head_logits`, or one of its layers) on pooled features, in one eager call.
 
     `predict` would first trace a predict function for this tiny model, which costs more
     than running it on a whole split; one eager call takes milliseconds.

@@ -164,7 +164,14 @@ def _reusable_head(num_features: int, num_classes: int, cfg: ModelConfig, seed: 
     fresh = build_head(num_features, num_classes, cfg, seed)
     if tf.distribute.has_strategy():  # its variables belong to this job's strategy
         return fresh
-    key = (num_features, num_classes, cfg.head_batchnorm, cfg.dropout, keras.config.dtype_policy().name)
+    key = (
+        num_features,
+        num_classes,
+        cfg.feature_power,
+        cfg.head_batchnorm,
+        cfg.dropout,
+        keras.config.dtype_policy().name,
+    )
     kept = _heads.get(key)
     if kept is None:
         _heads[key] = _KeptHead(fresh, _calls_recorded(fresh))

@@ -81,6 +81,7 @@ class Phase:
     unfreeze: int | Literal["all"]
     source: Source
     views: int  # cached augmented views per training image (1: the images themselves)
+    solver: Literal["adam", "lbfgs"] = "adam"  # lbfgs: one convex fit (linear_head.py), a phase of one epoch
 
     @property
     def kind(self) -> ModelKind:
@@ -104,7 +105,10 @@ def plan_phases(cfg: Config) -> list[Phase]:
     head_unfreeze = 0 if ft.two_phase else ft.unfreeze
     tc = cfg.train
     feed = _source(cfg, head_unfreeze)
-    phases = [Phase("head", tc.epochs, tc.learning_rate, tc.warmup_epochs, tc.schedule, head_unfreeze, *feed)]
+    head = Phase("head", tc.epochs, tc.learning_rate, tc.warmup_epochs, tc.schedule, head_unfreeze, *feed)
+    if tc.head_solver == "lbfgs" and head.source == "pool":  # other feeds have no fixed features to fit on
+        head = dataclasses.replace(head, epochs=1, solver="lbfgs")
+    phases = [head]
     if ft.two_phase:
         assert ft.learning_rate is not None
         schedule = ft.schedule or tc.schedule
@@ -220,6 +224,10 @@ class Trainer:
 
         fit = self._prepare(classifier, phase)
         self.last_fit = fit
+        if phase.solver == "lbfgs":  # the first phase, of one epoch: nothing to resume or carry over
+            start_phase(self.state, phase.name)
+            self._solve_head(classifier, fit, phase)
+            return
         schedule = learning_rate_schedule(
             phase.schedule, phase.learning_rate, phase.epochs, phase.warmup_epochs, fit.steps_per_epoch
         )
@@ -254,6 +262,41 @@ class Trainer:
                 shuffle=False,  # the datasets shuffle themselves, seeded
                 verbose=0,
             )
+        self.state.finished_phases.append(phase.name)
+        self.checkpointer.write_state(self.state)
+
+    def _solve_head(self, classifier: Classifier, fit: Fit, phase: Phase) -> None:
+        """The head phase as one convex fit per L2 strength on the cached features (linear_head.py),
+        recorded as one epoch: the kept solution's scores. Every strength's scores reach MLflow as
+        `l2_search/*` at steps 1, 2, ... and the kept strength as `head_l2`."""
+        from transferlab.linear_head import best_fit, search_l2
+        from transferlab.model import head_features, set_head_affine
+
+        train = fit.train_activations
+        assert train is not None and phase.source == "pool"
+        views = np.asarray(train.arrays[0], dtype=np.float64)  # (views, images, features)
+        features = head_features(classifier.head, views.reshape(-1, views.shape[-1]))
+        labels = np.tile(np.asarray(train.labels), views.shape[0])
+        val_labels = np.asarray(self.val_set.labels)
+        val_features = head_features(classifier.head, np.asarray(fit.val_inputs))
+        log.info("head: L-BFGS on %d cached views of %d images, frozen backbone", views.shape[0], views.shape[1])
+        classes = len(self.classes)
+        fits = search_l2(features, labels, val_features, val_labels, classes, self.cfg.train.label_smoothing)
+        kept = best_fit(fits)
+        set_head_affine(classifier.head, kept.kernel, kept.bias)
+        log.info("head: kept l2 %g (validation loss %.4f, accuracy %.4f)", kept.l2, kept.val_loss, kept.val_accuracy)
+        if self.run is not None:
+            for step, tried in enumerate(fits, start=1):
+                scores = {"l2": tried.l2, "val_loss": tried.val_loss, "val_accuracy": tried.val_accuracy}
+                self.run.log_metrics({f"{self.metric_prefix}l2_search/{k}": v for k, v in scores.items()}, step=step)
+            self.run.log_metrics({f"{self.metric_prefix}head_l2": kept.l2})
+        logs = {
+            "loss": kept.loss,
+            "accuracy": kept.accuracy,
+            "val_loss": kept.val_loss,
+            "val_accuracy": kept.val_accuracy,
+        }
+        self.finish_epoch(fit.model, phase, self.state.epochs_done + 1, logs, learning_rate=float("nan"))
         self.state.finished_phases.append(phase.name)
         self.checkpointer.write_state(self.state)
 
@@ -384,15 +427,20 @@ class Trainer:
 
         return EpochMonitor()
 
-    def finish_epoch(self, model: keras.Model, phase: Phase, epoch: int, logs: dict[str, float]) -> list[str]:
+    def finish_epoch(
+        self, model: keras.Model, phase: Phase, epoch: int, logs: dict[str, float], learning_rate: float | None = None
+    ) -> list[str]:
         """Record an epoch: history, best model, plateau, early stopping, checkpoint, MLflow.
 
-        Returns what was decided (a lower learning rate, early stopping), for the log.
+        The learning rate recorded is the optimizer's unless `learning_rate` is given (NaN: none, an
+        L-BFGS head). Returns what was decided (a lower learning rate, early stopping), for the log.
         """
         import keras
 
         cfg, state = self.cfg.train, self.state
-        rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+        rate = learning_rate
+        if rate is None:
+            rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
         row = {"epoch": epoch, "phase": phase.name, **{k: float(logs[k]) for k in EPOCH_METRICS[:4]}}
         row["learning_rate"] = rate
         state.history.append(row)
