@@ -262,7 +262,7 @@ class TrainConfig:
     ensemble: int = 1  # heads trained with different seeds on the frozen backbone, averaged into one
     # lbfgs: a head phase fed from the feature cache fits the head to convergence at several L2
     # strengths and keeps the best on validation (linear_head.py); other feeds, and adam, step Adam
-    head_solver: Literal["adam", "lbfgs"] = "adam"
+    head_solver: Literal["adam", "lbfgs"] = "lbfgs"
     seed: int = 123
     deterministic: bool = False
     strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"
