@@ -88,6 +88,7 @@ def test_an_lbfgs_head_phase_is_one_epoch_with_every_strength_in_mlflow(prepared
     assert metrics["head_l2"] == searched["l2"][kept]
     assert metrics["val_loss"] == pytest.approx(searched["val_loss"][kept])
     assert metrics["best_epoch"] == 1
+    assert "learning_rate" not in metrics, "no NaN learning rate in MLflow"
 
 
 @pytest.mark.slow

@@ -209,9 +209,12 @@ class Trainer:
                 self._log_epoch(row)
 
     def _log_epoch(self, row: Mapping[str, Any]) -> None:
-        """One history row's metrics in MLflow, at its epoch, under this trainer's metric names."""
+        """One history row's metrics in MLflow, at its epoch, under this trainer's metric names; a
+        NaN (the learning rate of an L-BFGS head) is left out, as the UI's charts and compare view
+        cannot show it."""
         assert self.run is not None
-        self.run.log_metrics({self.metric_prefix + k: row[k] for k in EPOCH_METRICS}, step=row["epoch"])
+        metrics = {self.metric_prefix + k: row[k] for k in EPOCH_METRICS if not math.isnan(row[k])}
+        self.run.log_metrics(metrics, step=row["epoch"])
 
     @property
     def kept_epoch(self) -> int:
