@@ -214,7 +214,10 @@ def test_the_compare_view_shows_the_childrens_params(demo: Demo, ui: str) -> Non
     url = f"{ui}/#/compare-runs?runs={runs}&experiments={json.dumps([demo.experiment_id])}"
     text = visible_text(render(url.replace(" ", ""), "ui_compare"))
     assert "model.dropout" in text and "0.1" in text and "0.5" in text
-    assert "test_accuracy" in text
+    # The metrics table is a virtualised grid 300 px high: only its first rows, in alphabetical
+    # order, are in the DOM. `test_accuracy` sorts after `system/*`, which a run logs only once it
+    # outlasts MLflow's sampling interval (on a loaded machine), so its row may not be rendered.
+    assert registry.VALIDATION_METRIC in text, "the metric the sweep ranks its children by"
 
 
 def test_the_model_page_shows_versions_and_aliases(demo: Demo, ui: str) -> None:
