@@ -394,27 +394,35 @@ def test_optuna_search_space_composes() -> None:
     assert isinstance(sweeper["sampler"]["seed"], int)
     assert sweeper["direction"] == "maximize"
     assert sweeper["n_trials"] >= 1
-    assert set(sweeper["params"]) == {"train.learning_rate", "model.dropout", "finetune", "augment"}
-    assert sweeper["params"]["train.learning_rate"].startswith("tag(log")
+    space = {"finetune", "finetune.learning_rate", "model.dropout", "model.feature_power", "augment"}
+    assert set(sweeper["params"]) == space, "what the default L-BFGS head and fine-tuning respond to"
+    assert sweeper["params"]["finetune.learning_rate"].startswith("tag(log")
 
 
 @pytest.mark.slow
 def test_optuna_sweep_runs_trials_as_children(sweep_project: Path) -> None:
-    # Fix the two expensive knobs (fine-tuning, augmentation): Optuna searches the other two.
+    # Fix the two expensive knobs (fine-tuning, augmentation): Optuna searches the others, and
+    # train.learning_rate, added to the space on the command line as for an Adam head.
     fixed = ("finetune=frozen", "augment=none", "hydra.sweep.dir=outputs/sweeps/optuna")
-    done = run_train_cli(sweep_project, "-m", *TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2", *fixed)
+    head_rate = "train.learning_rate=tag(log, interval(0.0001, 0.1))"
+    done = run_train_cli(
+        sweep_project, "-m", *TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2", head_rate, *fixed
+    )
     assert "Best parameters" in done.stdout + done.stderr
     client = client_for(sweep_project)
     parent = parent_of_sweep(client, sweep_project / "outputs" / "sweeps" / "optuna")
     assert parent.info.run_name == "optuna-optuna"
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[tracking.TAG_SWEEP_KEYS] == "train.learning_rate model.dropout"
+    keys = "finetune.learning_rate model.dropout model.feature_power train.learning_rate"
+    assert parent.data.tags[tracking.TAG_SWEEP_KEYS] == keys
     children = children_of(client, parent)
     assert len(children) == 2 and {run.info.status for run in children} == {"FINISHED"}
     for run in children:
-        assert 1e-4 <= float(run.data.params["train.learning_rate"]) <= 0.1
+        assert 1e-5 <= float(run.data.params["finetune.learning_rate"]) <= 1e-3
         assert 0.0 <= float(run.data.params["model.dropout"]) <= 0.6
-        assert run.info.run_name.startswith("train.learning_rate=")
+        assert run.data.params["model.feature_power"] in {"0.5", "1.0"}
+        assert 1e-4 <= float(run.data.params["train.learning_rate"]) <= 0.1
+        assert run.info.run_name.startswith("finetune.learning_rate=")
     assert parent.data.tags[tracking.TAG_BEST_CHILD] in {run.info.run_id for run in children}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_summary.csv", "optimization_results.yaml", "multirun.yaml"} <= artifacts
