@@ -277,7 +277,7 @@ class Trainer:
 
         train = fit.train_activations
         assert train is not None and phase.source == "pool"
-        views = np.asarray(train.arrays[0], dtype=np.float64)  # (views, images, features)
+        views = np.asarray(train.arrays[0], dtype=np.float32)  # (views, images, features)
         features = head_features(classifier.head, views.reshape(-1, views.shape[-1]))
         labels = np.tile(np.asarray(train.labels), views.shape[0])
         val_labels = np.asarray(self.val_set.labels)
