@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import REPO_ROOT, mlflow_client, tiny_cfg, train_killed_after, train_to_the_end
+from PIL import Image
 
+from transferlab import plots
 from transferlab.config import compose, write_params
 from transferlab.linear_head import L2_STRENGTHS, PATIENCE, best_fit, fit_logistic, search_l2, targets
 from transferlab.paths import StagePaths
 from transferlab.stages.train import train
 
 CONF = REPO_ROOT / "conf"
+
+
+def _panels(curves_png: Path) -> int:
+    """How many panels the training curves have (each is 5 inches wide)."""
+    with Image.open(curves_png) as image:
+        return round(image.width / (5 * plots.DPI))
 
 
 def _blobs(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,6 +99,7 @@ def test_an_lbfgs_head_phase_is_one_epoch_with_every_strength_in_mlflow(prepared
     assert metrics["val_loss"] == pytest.approx(searched["val_loss"][kept])
     assert metrics["best_epoch"] == 1
     assert "learning_rate" not in metrics, "no NaN learning rate in MLflow"
+    assert _panels(paths.training_curves) == 3, "loss, accuracy and the L2 search"
 
 
 @pytest.mark.slow
@@ -117,5 +127,6 @@ def test_a_fine_tuning_run_after_an_lbfgs_head_resumes_after_a_kill_as_if_uninte
     out = train_to_the_end(paths)
     assert "resuming after epoch" in out and "L-BFGS" not in out, "the head is not fitted again"
     assert paths.history.read_text() == uninterrupted
+    assert _panels(paths.training_curves) == 3, "the checkpoint kept the L2 search for the curves"
     steps = [m.step for m in mlflow_client(paths).get_metric_history(killed_run, "val_loss")]
     assert sorted(steps) == list(range(1, 8)), "every epoch logged exactly once"

@@ -48,6 +48,19 @@ def test_training_curves(tmp_path: Path) -> None:
     assert_png(out)
 
 
+def test_training_curves_gain_a_panel_for_an_l2_search(tmp_path: Path) -> None:
+    searched = [
+        {"l2": l2, "loss": 0.1 / i, "accuracy": 0.9, "val_loss": 0.3 + (i - 3) ** 2 / 100, "val_accuracy": 0.88}
+        for i, l2 in enumerate((0.1, 0.03, 0.01, 0.003), start=1)
+    ]
+    one_epoch = two_phase_history().head(1)
+    plain = plots.plot_training_curves(one_epoch, tmp_path / "plain.png")
+    with_search = plots.plot_training_curves(one_epoch, tmp_path / "search.png", kept_epoch=1, l2_search=searched)
+    assert_png(with_search)
+    with Image.open(plain) as two_panels, Image.open(with_search) as three_panels:
+        assert three_panels.width == two_panels.width * 3 // 2 and three_panels.height == two_panels.height
+
+
 def test_training_curves_tolerate_missing_columns_and_empty_history(tmp_path: Path) -> None:
     partial = two_phase_history()[["epoch", "loss", "accuracy"]]
     assert_png(plots.plot_training_curves(partial, tmp_path / "partial.png"))

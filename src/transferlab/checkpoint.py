@@ -59,6 +59,8 @@ class CheckpointState:
     best_kind: ModelKind | None = None
     epochs_without_improvement: int = 0
     epochs_since_lr_change: int = 0
+    # An L-BFGS head phase's strengths tried, in order, with their scores (`linear_head.LinearFit`).
+    l2_search: list[dict[str, float]] = field(default_factory=list)
 
 
 class Checkpointer:

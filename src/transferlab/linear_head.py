@@ -44,6 +44,16 @@ class LinearFit:
     val_loss: float
     val_accuracy: float
 
+    def scores(self) -> dict[str, float]:
+        """Its strength and scores, as the checkpoint state and the training curves keep them."""
+        return {
+            "l2": self.l2,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "val_loss": self.val_loss,
+            "val_accuracy": self.val_accuracy,
+        }
+
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)

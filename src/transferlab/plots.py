@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from transferlab.metrics import Calibration
 
@@ -55,20 +57,30 @@ def _epoch_axis(history: pd.DataFrame) -> np.ndarray:
     return np.arange(1, len(history) + 1)
 
 
-def plot_training_curves(history: pd.DataFrame, path: Path, kept_epoch: int | None = None) -> Path:
+def plot_training_curves(
+    history: pd.DataFrame,
+    path: Path,
+    kept_epoch: int | None = None,
+    l2_search: Sequence[dict[str, float]] = (),
+) -> Path:
     """Loss and accuracy per epoch, training and validation, with phase boundaries marked.
 
     `history` has the columns of `reports/history.csv`
     (`epoch,phase,loss,accuracy,val_loss,val_accuracy,learning_rate`); missing ones are skipped.
-    `kept_epoch`, the epoch whose weights the model keeps (early stopping), is marked too.
+    `kept_epoch`, the epoch whose weights the model keeps (early stopping), is marked too. With
+    `l2_search` (an L-BFGS head's strengths, strongest first: `linear_head.LinearFit.scores`), a
+    third panel shows how the head scored at each: that phase is one epoch in the other two.
     """
     if history.empty:
         return _message_figure("no training history", path)
     x = _epoch_axis(history)
-    fig = Figure(figsize=(10, 4), layout="constrained")
     panels = (("loss", "Loss"), ("accuracy", "Accuracy"))
+    columns = len(panels) + (1 if l2_search else 0)
+    fig = Figure(figsize=(5 * columns, 4), layout="constrained")
+    if l2_search:
+        _draw_l2_search(fig.add_subplot(1, columns, columns), l2_search)
     for i, (metric, title) in enumerate(panels, start=1):
-        ax = fig.add_subplot(1, 2, i)
+        ax = fig.add_subplot(1, columns, i)
         for column, label in ((metric, "train"), (f"val_{metric}", "validation")):
             if column in history:
                 ax.plot(x, history[column].to_numpy(dtype=float), marker="o", markersize=3, label=label)
@@ -86,10 +98,33 @@ def plot_training_curves(history: pd.DataFrame, path: Path, kept_epoch: int | No
             ax.axvline(float(kept_epoch), color="green", linewidth=1.5, alpha=0.6, label=f"kept: epoch {kept_epoch}")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("Training curves")
     return _save(fig, path)
+
+
+def _draw_l2_search(ax: Axes, l2_search: Sequence[dict[str, float]]) -> None:
+    """Loss (training, validation) and validation accuracy against the L2 strength, weaker to the
+    right, the kept strength (lowest validation loss) marked."""
+    strengths = np.array([fit["l2"] for fit in l2_search])
+    ax.plot(strengths, [fit["loss"] for fit in l2_search], marker="o", markersize=3, label="train loss")
+    ax.plot(strengths, [fit["val_loss"] for fit in l2_search], marker="o", markersize=3, label="validation loss")
+    kept = min(l2_search, key=lambda fit: fit["val_loss"])
+    ax.axvline(kept["l2"], color="green", linewidth=1.5, alpha=0.6, label=f"kept: l2 {kept['l2']:g}")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("L2 strength (weaker to the right)")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    accuracy = ax.twinx()
+    accuracy.plot(
+        strengths, [fit["val_accuracy"] for fit in l2_search], color="C4", marker="s", markersize=3, linestyle=":"
+    )
+    accuracy.set_ylabel("validation accuracy (dotted)", color="C4")
+    ax.set_title("Head: L-BFGS fits by L2 strength")
+    ax.legend()
 
 
 def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: Path) -> Path:

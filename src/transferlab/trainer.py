@@ -288,9 +288,10 @@ class Trainer:
         kept = best_fit(fits)
         set_head_affine(classifier.head, kept.kernel, kept.bias)
         log.info("head: kept l2 %g (validation loss %.4f, accuracy %.4f)", kept.l2, kept.val_loss, kept.val_accuracy)
+        self.state.l2_search = [fit.scores() for fit in fits]
         if self.run is not None:
-            for step, tried in enumerate(fits, start=1):
-                scores = {"l2": tried.l2, "val_loss": tried.val_loss, "val_accuracy": tried.val_accuracy}
+            for step, tried in enumerate(self.state.l2_search, start=1):
+                scores = {k: tried[k] for k in ("l2", "val_loss", "val_accuracy")}
                 self.run.log_metrics({f"{self.metric_prefix}l2_search/{k}": v for k, v in scores.items()}, step=step)
             self.run.log_metrics({f"{self.metric_prefix}head_l2": kept.l2})
         logs = {

@@ -268,7 +268,7 @@ def _save_outputs(
             cfg, paths, run, trainer, classifier, history, datasets, saved_model, members, with_curves=not follows
         )
         if follows:
-            curves = _draw_curves(history, paths.training_curves, trainer.kept_epoch)
+            curves = _draw_curves(history, paths.training_curves, trainer)
             figure_workers.follow(
                 [curves], functools.partial(_log_curves, run), f"the curves of MLflow run {run.run_id}"
             )
@@ -292,7 +292,7 @@ def _write_outputs(
     together = [paths.history, paths.training_curves] if with_curves else [paths.history]
     with atomic.replace_together(paths.models, together) as (models, (history_csv, *curves_png)):
         history.to_csv(history_csv, index=False)
-        curves = [_draw_curves(history, png, trainer.kept_epoch) for png in curves_png]
+        curves = [_draw_curves(history, png, trainer) for png in curves_png]
         with figure_workers.settled(*curves):  # drawn into the folder a failure would remove
             run.log_artifact(history_csv)
             run.log_artifact(paths.classes)
@@ -329,10 +329,11 @@ def _write_outputs(
             run.record.write(models / paths.run_file.name)
 
 
-def _draw_curves(history: pd.DataFrame, path: Path, kept_epoch: int) -> figure_workers.Drawing:
+def _draw_curves(history: pd.DataFrame, path: Path, trainer: Trainer) -> figure_workers.Drawing:
     from transferlab.plots import plot_training_curves
 
-    return figure_workers.draw(plot_training_curves, history, path, kept_epoch=kept_epoch)
+    kept, searched = trainer.kept_epoch, trainer.state.l2_search
+    return figure_workers.draw(plot_training_curves, history, path, kept_epoch=kept, l2_search=searched)
 
 
 def _log_curves(run: tracking.Run, curves: list[Path]) -> None:
