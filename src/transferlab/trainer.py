@@ -222,15 +222,21 @@ class Trainer:
         return (self.state.best_epoch or self.state.epochs_done) if self.keep_best else self.state.epochs_done
 
     def _run_phase(self, classifier: Classifier, phase: Phase, resuming: bool, carried: bool) -> None:
-        from transferlab.model import learning_rate_schedule, load_training_state
-        from transferlab.reuse import compile_for_job
-
         fit = self._prepare(classifier, phase)
         self.last_fit = fit
         if phase.solver == "lbfgs":  # the first phase, of one epoch: nothing to resume or carry over
             start_phase(self.state, phase.name)
             self._solve_head(classifier, fit, phase)
-            return
+        else:
+            self._step_phase(classifier, fit, phase, resuming, carried)
+        self.state.finished_phases.append(phase.name)
+        self.checkpointer.write_state(self.state)
+
+    def _step_phase(self, classifier: Classifier, fit: Fit, phase: Phase, resuming: bool, carried: bool) -> None:
+        """The phase's epochs of the optimizer, from where a killed run stopped when `resuming`."""
+        from transferlab.model import learning_rate_schedule, load_training_state
+        from transferlab.reuse import compile_for_job
+
         schedule = learning_rate_schedule(
             phase.schedule, phase.learning_rate, phase.epochs, phase.warmup_epochs, fit.steps_per_epoch
         )
@@ -265,8 +271,6 @@ class Trainer:
                 shuffle=False,  # the datasets shuffle themselves, seeded
                 verbose=0,
             )
-        self.state.finished_phases.append(phase.name)
-        self.checkpointer.write_state(self.state)
 
     def _solve_head(self, classifier: Classifier, fit: Fit, phase: Phase) -> None:
         """The head phase as one convex fit per L2 strength on the cached features (linear_head.py),
@@ -291,18 +295,11 @@ class Trainer:
         self.state.l2_search = [fit.scores() for fit in fits]
         if self.run is not None:
             for step, tried in enumerate(self.state.l2_search, start=1):
-                scores = {k: tried[k] for k in ("l2", "val_loss", "val_accuracy")}
-                self.run.log_metrics({f"{self.metric_prefix}l2_search/{k}": v for k, v in scores.items()}, step=step)
+                logged = {f"{self.metric_prefix}l2_search/{k}": tried[k] for k in ("l2", "val_loss", "val_accuracy")}
+                self.run.log_metrics(logged, step=step)
             self.run.log_metrics({f"{self.metric_prefix}head_l2": kept.l2})
-        logs = {
-            "loss": kept.loss,
-            "accuracy": kept.accuracy,
-            "val_loss": kept.val_loss,
-            "val_accuracy": kept.val_accuracy,
-        }
-        self.finish_epoch(fit.model, phase, self.state.epochs_done + 1, logs, learning_rate=float("nan"))
-        self.state.finished_phases.append(phase.name)
-        self.checkpointer.write_state(self.state)
+        # The kept solution's scores are the epoch's logs (finish_epoch reads its metrics from them).
+        self.finish_epoch(fit.model, phase, self.state.epochs_done + 1, kept.scores(), learning_rate=float("nan"))
 
     # --- feeding a phase ------------------------------------------------------------------------
 
