@@ -120,13 +120,24 @@ def test_a_fine_tuning_run_after_an_lbfgs_head_resumes_after_a_kill_as_if_uninte
     write_params(cfg, paths.root / "params.yaml")
     train_to_the_end(paths)
     uninterrupted = paths.history.read_text()
+    client = mlflow_client(paths)
+    refit = {k: v for k, v in client.get_run(_run_id(paths)).data.metrics.items() if k.startswith("refit_")}
 
     state_file = paths.checkpoints / "state.json"
     train_killed_after(paths, state_file, epochs=3)  # the head's epoch and two of fine-tuning
     killed_run = json.loads(state_file.read_text())["run_id"]
     out = train_to_the_end(paths)
-    assert "resuming after epoch" in out and "L-BFGS" not in out, "the head is not fitted again"
+    assert "resuming after epoch" in out and "head: L-BFGS" not in out, "phase 1 is not fitted again"
     assert paths.history.read_text() == uninterrupted
     assert _panels(paths.training_curves) == 3, "the checkpoint kept the L2 search for the curves"
-    steps = [m.step for m in mlflow_client(paths).get_metric_history(killed_run, "val_loss")]
+    steps = [m.step for m in client.get_metric_history(killed_run, "val_loss")]
     assert sorted(steps) == list(range(1, 8)), "every epoch logged exactly once"
+    assert _run_id(paths) == killed_run and len(refit) == 4
+    resumed = client.get_run(killed_run).data.metrics
+    assert {k: resumed[k] for k in refit} == pytest.approx(refit), "the head refitted after fine-tuning, as before"
+
+
+def _run_id(paths: StagePaths) -> str:
+    from transferlab.tracking import RunRecord
+
+    return RunRecord.read(paths.run_file).run_id

@@ -106,7 +106,7 @@ def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths, ca
     history = result.history
     assert history["phase"].tolist() == ["head", "finetune"]
     assert history["learning_rate"].tolist() == pytest.approx([cfg.train.learning_rate, 0.0001])
-    head, finetune = _phase_lines(caplog)
+    head, finetune, refit = _phase_lines(caplog)
     lr = cfg.train.learning_rate
     views = "cached features of 3 augmented views"  # the default flips, one at each of the 3 squares
     assert head == f"head: backbone frozen, head trained on {views}; epochs 1..1 at learning rate {lr:g}"
@@ -114,6 +114,7 @@ def test_two_phase_finetune_records_both_phases(prepared_project: StagePaths, ca
     assert finetune.endswith("with weights; BatchNorm stays frozen); epochs 2..2 at learning rate 0.0001")
     # small_cnn has no frozen layer below its top 20: that phase trains on images, its flips fresh
     assert "this phase trains on images: fresh augmentation every epoch" in caplog.text
+    assert refit == "finetune: the head is not refitted: phase finetune trained on images"
 
 
 def test_augmented_training_bypasses_the_feature_cache(
@@ -251,6 +252,44 @@ def test_cut_point_cache_trains_the_unfrozen_top_like_the_full_network(prepared_
     full = train(tiny_cfg(*common, "train.feature_cache=false"), prepared_project).history
     assert (cut["val_accuracy"] - full["val_accuracy"]).abs().max() <= 0.005
     np.testing.assert_allclose(cut["val_loss"], full["val_loss"], rtol=0.02)
+
+
+# Fine-tuning at a cut (small_cnn's top 2 layers), the saved model as trained: no calibration, no test-time views.
+REFIT = (
+    "train.head_solver=lbfgs",
+    "finetune.unfreeze=2",
+    "finetune.epochs=3",
+    "finetune.learning_rate=0.0003",
+    "train.early_stopping=null",
+    "train.calibrate=false",
+    "model.test_time_flip=false",
+    "model.test_time_crops=1",
+    "mlflow.log_model=false",
+)
+
+
+def test_after_fine_tuning_the_head_refitted_on_the_new_features_is_kept_when_it_validates_better(
+    prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = prepared_project
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        result = train(tiny_cfg(*REFIT), paths)
+    run = mlflow_client(paths).get_run(result.run_id)
+    logged = run.data.metrics
+    trained = result.history["val_loss"].iloc[-1]  # the fine-tuned head's, at the last (kept) epoch
+    assert "finetune: refitting the head by L-BFGS on 3 cached views of" in caplog.text
+    assert logged["refit_l2"] > 0 and 0 <= logged["refit_val_accuracy"] <= 1
+    assert logged["refit_kept"] == float(logged["refit_val_loss"] < trained)
+    saved_loss, _ = _validation_loss(paths.model_file, paths)
+    assert saved_loss == pytest.approx(min(logged["refit_val_loss"], trained), abs=2e-3), "the better head is saved"
+    assert logged["final_val_loss"] == pytest.approx(saved_loss, abs=2e-3)
+    outcome = "kept" if logged["refit_kept"] else "the fine-tuned head stays"
+    assert "**Head refitted** after fine-tuning" in run.data.tags["mlflow.note.content"]
+    assert f"against {trained:.3f}: {outcome}." in run.data.tags["mlflow.note.content"]
+
+    again = train(tiny_cfg(*REFIT, "finetune.refit_head=false"), paths)
+    assert not {"refit_l2", "refit_kept"} & set(mlflow_client(paths).get_run(again.run_id).data.metrics)
+    assert _validation_loss(paths.model_file, paths)[0] == pytest.approx(again.history["val_loss"].iloc[-1], abs=2e-3)
 
 
 def test_calibration_puts_a_fitted_temperature_inside_the_saved_model(prepared_project: StagePaths) -> None:

@@ -186,6 +186,9 @@ class FinetuneConfig:
     learning_rate: float | None = None
     warmup_epochs: int = 0
     schedule: Literal["constant", "cosine", "plateau"] | None = None  # None: train.schedule
+    # after fine-tuning from the cut-point cache, fit the head again by L-BFGS on the fine-tuned
+    # features, and keep it when it validates better (trainer.py: `Trainer.refit_head`)
+    refit_head: bool = True
 
     def check(self) -> None:
         if self.unfreeze != "all":

@@ -37,6 +37,15 @@ class Phase(Protocol):
     views: int
 
 
+class Refit(Protocol):
+    """What a description needs of a head refitted after fine-tuning (`trainer.HeadRefit`)."""
+
+    l2: float
+    val_loss: float
+    trained_val_loss: float
+    kept: bool
+
+
 def _backbone(cfg: Config) -> str:
     model = cfg.model
     name = f"**{model.backbone}**" + (f" alpha {model.alpha:g}" if model.alpha is not None else "")
@@ -81,11 +90,13 @@ def training_description(
     digest: str,
     test_time_val_accuracy: float | None = None,
     ensemble: Sequence[tuple[int, int, float, bool]] = (),
+    refit: Refit | None = None,
 ) -> str:
     """Backbone, data, phases and the best epoch of a finished training run; with
     `test_time_val_accuracy`, the saved model's, which averages test-time views (flips, crops);
     with `ensemble` (seed, kept epoch, validation accuracy and whether it is averaged in, of each
-    member; ensemble.py), the heads averaged into the saved one."""
+    member; ensemble.py), the heads averaged into the saved one; with `refit`, the head fitted
+    again after fine-tuning and whether the saved model holds it."""
     counts = ", ".join(f"{n} {split.replace('val', 'validation')}" for split, n in images.items())
     data = f"**{cfg.data.name}**: {classes} classes; {counts} images (splits `{digest}`)."
     lines = [f"{_backbone(cfg)} on {data}", "", *_phase_rows(phases, history), ""]
@@ -98,7 +109,15 @@ def training_description(
         views += ["flipping"] if cfg.model.test_time_flip else []
         adds = [f"test-time {' and '.join(views)}"] if views else []
         adds += [f"{sum(averaged for *_, averaged in ensemble)} heads averaged"] if ensemble else []
+        adds += ["the refitted head"] if refit is not None and refit.kept else []
         lines[-1] += f" With {', '.join(adds)} (the saved model): validation accuracy **{test_time_val_accuracy:.3f}**."
+    if refit is not None:
+        outcome = "kept" if refit.kept else "the fine-tuned head stays"
+        lines += [
+            "",
+            f"**Head refitted** after fine-tuning, by L-BFGS on the fine-tuned features (l2 {refit.l2:g}): "
+            f"validation loss {refit.val_loss:.3f} against {refit.trained_val_loss:.3f}: {outcome}.",
+        ]
     if ensemble:
         seeds = ", ".join(str(seed) for seed, *_ in ensemble)
         epochs = ", ".join(str(epoch) for _, epoch, *_ in ensemble)

@@ -14,10 +14,11 @@ With augmentation and `augment.cached_views: K > 0`, the cached phases train on 
 activations of K augmented views of every training image, cycling through one view per epoch
 (with `augment.crops`, the views are taken in turn at squares along each photo's long side).
 Every epoch is judged (progress.py) and checkpointed; at the end the best epoch's weights are
-restored (with early stopping). Then what the saved model adds goes in (`finish_model`): with
-`train.calibrate`, a temperature fitted on the validation split; with `model.test_time_flip`,
-the mirror image's prediction averaged in; with `model.test_time_crops`, those of squares
-along each photo's long side.
+restored (with early stopping). After fine-tuning from the cut-point cache, the head is fitted
+again by L-BFGS on the fine-tuned features and kept if it validates better (`refit_head`). Then
+what the saved model adds goes in (`finish_model`): with `train.calibrate`, a temperature fitted
+on the validation split; with `model.test_time_flip`, the mirror image's prediction averaged in;
+with `model.test_time_crops`, those of squares along each photo's long side.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
     from transferlab.cut import CutModels
+    from transferlab.linear_head import LinearFit
     from transferlab.model import Classifier
 
 log = logging.getLogger(__name__)
@@ -143,6 +145,27 @@ class SavedModelReport:
     val_ece_uncalibrated: float  # the same model with temperature 1
 
 
+@dataclass(frozen=True)
+class HeadRefit:
+    """The head fitted again after fine-tuning (`Trainer.refit_head`), against the fine-tuned one."""
+
+    search: list[dict[str, float]]  # every L2 strength's scores (`LinearFit.scores`), strongest first
+    l2: float  # the strength kept for the refit head
+    val_loss: float
+    val_accuracy: float
+    trained_val_loss: float  # the fine-tuned head's, at the kept epoch
+    kept: bool  # True: the refit head replaced the fine-tuned one
+
+    def metrics(self) -> dict[str, float]:
+        """Its figures as MLflow metrics (`refit_*`)."""
+        return {
+            "refit_l2": self.l2,
+            "refit_val_loss": self.val_loss,
+            "refit_val_accuracy": self.val_accuracy,
+            "refit_kept": float(self.kept),
+        }
+
+
 class Trainer:
     """Holds one run's data, model and checkpoint state while the phases execute."""
 
@@ -174,6 +197,7 @@ class Trainer:
         self.last_fit: Fit | None = None
         self.phases: list[Phase] = []
         self.weights_digest = ""  # of the pristine backbone: part of every cache key
+        self.refit: HeadRefit | None = None  # the head fitted again after fine-tuning (`refit_head`)
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -276,21 +300,11 @@ class Trainer:
         """The head phase as one convex fit per L2 strength on the cached features (linear_head.py),
         recorded as one epoch: the kept solution's scores. Every strength's scores reach MLflow as
         `l2_search/*` at steps 1, 2, ... and the kept strength as `head_l2`."""
-        from transferlab.linear_head import best_fit, search_l2
-        from transferlab.model import head_features, set_head_affine
-
         train = fit.train_activations
         assert train is not None and phase.source == "pool"
         views = np.asarray(train.arrays[0], dtype=np.float32)  # (views, images, features)
-        features = head_features(classifier.head, views.reshape(-1, views.shape[-1]))
-        labels = np.tile(np.asarray(train.labels), views.shape[0])
-        val_labels = np.asarray(self.val_set.labels)
-        val_features = head_features(classifier.head, np.asarray(fit.val_inputs))
         log.info("head: L-BFGS on %d cached views of %d images, frozen backbone", views.shape[0], views.shape[1])
-        classes = len(self.classes)
-        fits = search_l2(features, labels, val_features, val_labels, classes, self.cfg.train.label_smoothing)
-        kept = best_fit(fits)
-        set_head_affine(classifier.head, kept.kernel, kept.bias)
+        fits, kept = self._search_head(classifier, views, train.labels, np.asarray(fit.val_inputs))
         log.info("head: kept l2 %g (validation loss %.4f, accuracy %.4f)", kept.l2, kept.val_loss, kept.val_accuracy)
         self.state.l2_search = [fit.scores() for fit in fits]
         if self.run is not None:
@@ -300,6 +314,69 @@ class Trainer:
             self.run.log_metrics({f"{self.metric_prefix}head_l2": kept.l2})
         # The kept solution's scores are the epoch's logs (finish_epoch reads its metrics from them).
         self.finish_epoch(fit.model, phase, self.state.epochs_done + 1, kept.scores(), learning_rate=float("nan"))
+
+    def _search_head(
+        self, classifier: Classifier, views: np.ndarray, labels: np.ndarray, val_pooled: np.ndarray
+    ) -> tuple[list[LinearFit], LinearFit]:
+        """Set the head to the L-BFGS solution with the lowest validation loss along the L2
+        strengths, fitted on the pooled features of the training `views` (views, images, features)
+        and scored on `val_pooled`; returns every strength's solution and the kept one."""
+        from transferlab.linear_head import best_fit, search_l2
+        from transferlab.model import head_features, set_head_affine
+
+        features = head_features(classifier.head, views.reshape(-1, views.shape[-1]))
+        tiled = np.tile(np.asarray(labels), views.shape[0])
+        val_features = head_features(classifier.head, val_pooled)
+        val_labels = np.asarray(self.val_set.labels)
+        fits = search_l2(features, tiled, val_features, val_labels, len(self.classes), self.cfg.train.label_smoothing)
+        kept = best_fit(fits)
+        set_head_affine(classifier.head, kept.kernel, kept.bias)
+        return fits, kept
+
+    def refit_head(self, classifier: Classifier) -> HeadRefit | None:
+        """After fine-tuning from the cut-point cache (`finetune.refit_head`): the head fitted
+        again by L-BFGS, as phase 1 fits it, on the pooled features of the cached training views
+        through the fine-tuned backbone, L2 chosen on validation. It replaces the fine-tuned head
+        when its validation loss is lower than that of the kept epoch.
+
+        Nothing of it is checkpointed: it is a function of the kept weights, so a run resumed
+        before its model was saved refits again, to the same head. None when no phase fine-tuned
+        from the cut-point cache (a frozen backbone; a phase on images has no cached views).
+        """
+        from transferlab.model import head_affine, set_head_affine
+
+        if not self.cfg.finetune.refit_head or self.phases[-1].unfreeze == 0:
+            return None
+        fit = self._final_fit(classifier)
+        train = fit.train_activations
+        if fit.cut is None or train is None:
+            log.info("finetune: the head is not refitted: phase %s trained on images", self.phases[-1].name)
+            return None
+        batch = self.cfg.train.batch_size
+        views = np.stack(
+            [
+                fit.cut.to_pooled.predict(_inputs(train.arrays, v), batch_size=batch, verbose=0)
+                for v in range(train.views)
+            ]
+        )
+        log.info("finetune: refitting the head by L-BFGS on %d cached views of %d images", *views.shape[:2])
+        trained = head_affine(classifier.head)
+        fits, refit = self._search_head(classifier, views, train.labels, self._validation_pooled(classifier))
+        trained_loss = next(row["val_loss"] for row in self.state.history if row["epoch"] == self.kept_epoch)
+        kept = refit.val_loss < trained_loss
+        if not kept:
+            set_head_affine(classifier.head, *trained)
+        log.info(
+            "finetune: refitted head (l2 %g): validation loss %.4f against %.4f at epoch %d: %s",
+            refit.l2,
+            refit.val_loss,
+            trained_loss,
+            self.kept_epoch,
+            "kept" if kept else "the fine-tuned head stays",
+        )
+        scores = [fit.scores() for fit in fits]
+        self.refit = HeadRefit(scores, refit.l2, refit.val_loss, refit.val_accuracy, trained_loss, kept)
+        return self.refit
 
     # --- feeding a phase ------------------------------------------------------------------------
 
@@ -497,13 +574,15 @@ class Trainer:
         """Put into the classifier what the saved model adds to the trained one, as configured: a
         temperature fitted on the validation split (`train.calibrate`), test-time flipping
         (`model.test_time_flip`) and crops (`model.test_time_crops`). None when none is on and the
-        head is one member's (no `train.ensemble`): the trained model is saved as it is.
+        head is the trained one (no `train.ensemble`, no refit head kept): the trained model is
+        saved as it is.
         """
         from transferlab.metrics import calibration, fit_temperature, log_loss, mean_probabilities
         from transferlab.model import attach_head, head_logits, run_head, with_temperature
 
         calibrate, flip, crops = self.cfg.train.calibrate, self.cfg.model.test_time_flip, self.cfg.model.test_time_crops
-        if not (calibrate or self.cfg.model.averages_test_time_views or self.cfg.train.ensemble > 1):
+        refitted = self.refit is not None and self.refit.kept
+        if not (calibrate or self.cfg.model.averages_test_time_views or self.cfg.train.ensemble > 1 or refitted):
             return None
         to_logits = head_logits(classifier.head)
         views = test_time_views(crops, flip)
