@@ -149,7 +149,6 @@ class SavedModelReport:
 class HeadRefit:
     """The head fitted again after fine-tuning (`Trainer.refit_head`), against the fine-tuned one."""
 
-    search: list[dict[str, float]]  # every L2 strength's scores (`LinearFit.scores`), strongest first
     l2: float  # the strength kept for the refit head
     val_loss: float
     val_accuracy: float
@@ -361,7 +360,7 @@ class Trainer:
         )
         log.info("finetune: refitting the head by L-BFGS on %d cached views of %d images", *views.shape[:2])
         trained = head_affine(classifier.head)
-        fits, refit = self._search_head(classifier, views, train.labels, self._validation_pooled(classifier))
+        _, refit = self._search_head(classifier, views, train.labels, self._validation_pooled(classifier))
         trained_loss = next(row["val_loss"] for row in self.state.history if row["epoch"] == self.kept_epoch)
         kept = refit.val_loss < trained_loss
         if not kept:
@@ -374,8 +373,7 @@ class Trainer:
             self.kept_epoch,
             "kept" if kept else "the fine-tuned head stays",
         )
-        scores = [fit.scores() for fit in fits]
-        self.refit = HeadRefit(scores, refit.l2, refit.val_loss, refit.val_accuracy, trained_loss, kept)
+        self.refit = HeadRefit(refit.l2, refit.val_loss, refit.val_accuracy, trained_loss, kept)
         return self.refit
 
     # --- feeding a phase ------------------------------------------------------------------------
