@@ -332,25 +332,26 @@ class Trainer:
         set_head_affine(classifier.head, kept.kernel, kept.bias)
         return fits, kept
 
-    def refit_head(self, classifier: Classifier) -> HeadRefit | None:
+    def refit_head(self, classifier: Classifier) -> None:
         """After fine-tuning from the cut-point cache (`finetune.refit_head`): the head fitted
         again by L-BFGS, as phase 1 fits it, on the pooled features of the cached training views
         through the fine-tuned backbone, L2 chosen on validation. It replaces the fine-tuned head
         when its validation loss is lower than that of the kept epoch.
 
-        Nothing of it is checkpointed: it is a function of the kept weights, so a run resumed
-        before its model was saved refits again, to the same head. None when no phase fine-tuned
-        from the cut-point cache (a frozen backbone; a phase on images has no cached views).
+        What it found goes to `self.refit`, which stays None when no phase fine-tuned from the
+        cut-point cache (a frozen backbone; a phase on images has no cached views). Nothing of it
+        is checkpointed: it is a function of the kept weights, so a run resumed before its model
+        was saved refits again, to the same head.
         """
         from transferlab.model import head_affine, set_head_affine
 
         if not self.cfg.finetune.refit_head or self.phases[-1].unfreeze == 0:
-            return None
+            return
         fit = self._final_fit(classifier)
         train = fit.train_activations
         if fit.cut is None or train is None:
             log.info("finetune: the head is not refitted: phase %s trained on images", self.phases[-1].name)
-            return None
+            return
         batch = self.cfg.train.batch_size
         views = np.stack(
             [
@@ -374,7 +375,11 @@ class Trainer:
             "kept" if kept else "the fine-tuned head stays",
         )
         self.refit = HeadRefit(refit.l2, refit.val_loss, refit.val_accuracy, trained_loss, kept)
-        return self.refit
+
+    @property
+    def head_refitted(self) -> bool:
+        """True when the head refitted after fine-tuning replaced the trained one (`refit_head`)."""
+        return self.refit is not None and self.refit.kept
 
     # --- feeding a phase ------------------------------------------------------------------------
 
@@ -579,8 +584,9 @@ class Trainer:
         from transferlab.model import attach_head, head_logits, run_head, with_temperature
 
         calibrate, flip, crops = self.cfg.train.calibrate, self.cfg.model.test_time_flip, self.cfg.model.test_time_crops
-        refitted = self.refit is not None and self.refit.kept
-        if not (calibrate or self.cfg.model.averages_test_time_views or self.cfg.train.ensemble > 1 or refitted):
+        if not (
+            calibrate or self.cfg.model.averages_test_time_views or self.cfg.train.ensemble > 1 or self.head_refitted
+        ):
             return None
         to_logits = head_logits(classifier.head)
         views = test_time_views(crops, flip)

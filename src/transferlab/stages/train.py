@@ -169,10 +169,10 @@ def _train_as_chief(
             classifier = local_copy(classifier, cfg.model, len(trainer.classes), trainer.image_size)
             strategy = tf.distribute.get_strategy()
         with strategy.scope():
-            refit = trainer.refit_head(classifier)
+            trainer.refit_head(classifier)
             saved_model = trainer.finish_model(classifier)
-        if refit is not None:
-            run.log_metrics(refit.metrics())
+        if trainer.refit is not None:
+            run.log_metrics(trainer.refit.metrics())
         if saved_model is not None and saved_model.temperature is not None:
             _log_calibration(run, saved_model)
         if resume is not None and _saved_by(paths, run.run_id):
@@ -310,8 +310,8 @@ def _write_outputs(
             )
             images = {dataset.split: len(dataset.frame) for dataset in datasets}
             digest = datasets[0].digest
-            phases, refit = trainer.phases, trainer.refit
-            saved_differs = cfg.model.averages_test_time_views or members or (refit is not None and refit.kept)
+            phases = trainer.phases
+            saved_differs = cfg.model.averages_test_time_views or members or trainer.head_refitted
             run.description = training_description(
                 cfg,
                 phases,
@@ -322,7 +322,7 @@ def _write_outputs(
                 digest,
                 test_time_val_accuracy=final_accuracy if saved_differs else None,
                 ensemble=[(m.seed, m.kept_epoch, m.val_accuracy, m.averaged) for m in members],
-                refit=refit,
+                refit=trainer.refit,
             )
             model_file = models / paths.model_file.name
             keras_saving.save(classifier.model, model_file)
