@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -218,6 +219,24 @@ def declared_png(width: int, height: int) -> bytes:
     pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def damaged_jpeg(path: Path) -> Path:
+    """A real JPEG (a synthetic class image, 64 px) with a stray marker written into the middle
+    of its compressed data: libjpeg complains of it ("Corrupt JPEG data", "Unsupported marker
+    type") as it decodes. Written to `path`, which is returned."""
+    import numpy as np
+
+    from transferlab.synthetic import CLASSES, JPEG_QUALITY, draw_image
+
+    encoded = io.BytesIO()
+    draw_image(CLASSES[0], 64, np.random.default_rng(0)).save(encoded, "JPEG", quality=JPEG_QUALITY)
+    data = bytearray(encoded.getvalue())
+    middle = len(data) // 2
+    data[middle : middle + 4] = b"\xff\x56\xff\x56"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
 
 
 # --- a project for evaluate: the colour model (conftest's `colour_model`) and 12 test images ---

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import declared_png
+from helpers import damaged_jpeg, declared_png
 from PIL import Image
 
 from transferlab.errors import DataError
@@ -71,6 +71,16 @@ def test_decode_falls_back_to_pillow_for_formats_tensorflow_lacks(tmp_path: Path
 def test_unreadable_bytes_raise_value_error() -> None:
     with pytest.raises(ValueError, match="not a readable image"):
         decode_image_bytes(b"\x00\x01 not an image", 8)
+
+
+def test_a_damaged_jpeg_is_refused_without_libjpeg_messages(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """New-user report: predict printed libjpeg's "Corrupt JPEG data: ..." lines (C code, file
+    descriptor 2) before its own warning; Pillow reads the JPEG first, as the split stage does."""
+    damaged = damaged_jpeg(tmp_path / "damaged.jpg")
+    assert check_image(damaged) is not None
+    with pytest.raises(ValueError, match="not a readable image"):
+        decode_image_bytes(damaged.read_bytes(), 16)
+    assert capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize("landscape", [True, False])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import declared_png
+from helpers import VENV_BIN, damaged_jpeg, declared_png, user_environment
 
 from transferlab.cli import main
 from transferlab.errors import DataError, ModelError
@@ -139,3 +141,17 @@ def test_cli_predict(colour_model: Path, colour_image, tmp_path: Path, capsys: p
     assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] == "blue"
     assert main(["predict", str(tmp_path / "none.keras"), str(image)]) == 2
     assert "ModelError" in capsys.readouterr().err
+
+
+def test_cli_predict_reports_a_damaged_jpeg_in_one_line(colour_model: Path, colour_image, tmp_path: Path) -> None:
+    """New-user report: libjpeg wrote "Corrupt JPEG data: ..." to the terminal (file descriptor 2)
+    before predict's warning. The real console script: one warning for the damaged file, nothing
+    else on stderr, the good file still predicted."""
+    damaged = damaged_jpeg(tmp_path / "images" / "corrupt.jpg")
+    good = colour_image("good.jpg", GREEN)
+    command = [sys.executable, str(VENV_BIN / "transferlab"), "predict", str(colour_model), str(damaged), str(good)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=user_environment())
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = done.stderr.splitlines()
+    assert f"WARNING transferlab.predict: cannot predict {damaged}: not a readable image" in line
+    assert done.stdout.splitlines()[1].split()[:3] == [str(good), "1", "green"]

@@ -10,7 +10,8 @@
   `square_positions`). The training pipeline, evaluate, predict and the served model all call
   it, so what a model sees at serving time is bit-for-bit what it saw in training.
   `decode_image_bytes` is its eager form, with a Pillow fallback for formats TensorFlow
-  cannot read (WebP, TIFF...).
+  cannot read (WebP, TIFF...); Pillow reads a JPEG first, so a damaged one fails with a
+  message rather than libjpeg's lines on file descriptor 2.
 TensorFlow is imported only inside the decode functions.
 """
 
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 
 # Formats `tf.io.decode_image` reads (MPO is the multi-picture JPEG some cameras write).
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP"})
+# Formats TensorFlow decodes with libjpeg, which writes what it finds wrong in damaged data
+# ("Corrupt JPEG data: ...") straight to file descriptor 2.
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 _ACCEPTED = "JPEG, PNG, GIF, BMP"
 # Names the pixels `resize_to_square` makes: part of every feature-cache key, so a change of
 # the decode never reuses features computed by the old one.
@@ -123,9 +127,7 @@ def check_image(path: Path) -> str | None:
                 return problem
             image.verify()
         with open_image(path) as image:
-            # JPEG: decode at 1/8 scale; every compressed byte is still read, so truncation shows.
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
+            _decode_small(image)
     except UnidentifiedImageError:
         return f"not an image ({_ACCEPTED} accepted)"
     except ImageTooLargeError as exc:
@@ -133,6 +135,13 @@ def check_image(path: Path) -> str | None:
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...) on bad data
         return f"corrupt or truncated: {first_line(exc)}"
     return None
+
+
+def _decode_small(image: Image.Image) -> None:
+    """Decode every pixel of `image`, a JPEG at 1/8 scale: every compressed byte is still read, so
+    truncation and damage show (Pillow raises; it keeps libjpeg's messages off the terminal)."""
+    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+    image.load()
 
 
 def check_images(paths: Sequence[Path], *, workers: int | None = None) -> list[str | None]:
@@ -237,7 +246,7 @@ def decode_image_bytes(data: bytes, image_size: int, positions: Sequence[float] 
     """
     import tensorflow as tf
 
-    _check_header(data)
+    _check_readable(data)
     try:
         pixels = decode_and_resize(tf.constant(data), image_size, positions)
     except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
@@ -245,14 +254,18 @@ def decode_image_bytes(data: bytes, image_size: int, positions: Sequence[float] 
     return pixels.numpy().astype(np.float32)
 
 
-def _check_header(data: bytes) -> None:
+def _check_readable(data: bytes) -> None:
+    """The header (its declared size), and for a JPEG every pixel, read by Pillow first: a damaged
+    JPEG is reported as the split stage reports it, without libjpeg's messages on the terminal."""
     try:
-        open_image(io.BytesIO(data)).close()
+        with open_image(io.BytesIO(data)) as image:
+            if image.format in JPEG_FORMATS:
+                _decode_small(image)
     except UnidentifiedImageError as exc:
         raise ValueError("not a readable image (unknown format or corrupt data)") from exc
     except ImageTooLargeError:
         raise
-    except Exception as exc:  # Pillow raises many types on a corrupt header
+    except Exception as exc:  # Pillow raises many types on corrupt data
         raise ValueError(f"not a readable image ({first_line(exc)})") from exc
 
 
