@@ -79,6 +79,36 @@ def test_repro_says_where_the_results_are_also_when_evaluate_did_not_run(dvc_rep
     assert (dvc_repo / "reports" / "evaluation" / "metrics.json").read_text() == "{}\n"
 
 
+STOPPING_STAGE = """stages:
+  check:
+    cmd: >-
+      python -c "import sys; print('DataError: no images', file=sys.stderr); sys.exit({status})"
+"""
+
+
+@pytest.mark.slow
+def test_repro_exits_2_with_the_stages_one_line_when_a_stage_stops_on_bad_input(dvc_repo: Path) -> None:
+    """New-user report: a stage's `DownloadError` line, then DVC's "ERROR: failed to reproduce ..."
+    and status 255. A stage that exits 2 (bad input) has said what is wrong: that line alone, status 2.
+    Any other failure keeps DVC's line and status; plain `dvc repro` is unchanged."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(args, cwd=dvc_repo, env=env, capture_output=True, text=True, timeout=300)
+
+    (dvc_repo / "dvc.yaml").write_text(STOPPING_STAGE.format(status=2))
+    ours = run("transferlab", "repro")
+    assert ours.returncode == 2, ours.stdout + ours.stderr
+    assert ours.stderr.splitlines() == ["DataError: no images"]
+    plain = run("dvc", "repro")
+    assert plain.returncode == 255 and "ERROR: failed to reproduce 'check'" in plain.stderr
+
+    (dvc_repo / "dvc.yaml").write_text(STOPPING_STAGE.format(status=3))
+    crashed = run("transferlab", "repro")
+    assert crashed.returncode == 255
+    assert "ERROR: failed to reproduce 'check': failed to run: " in crashed.stderr
+
+
 def test_exps_view_keeps_the_three_test_metrics_over_the_dropped_ones() -> None:
     import re
 

@@ -84,6 +84,17 @@ def test_dvc_repro_copies_a_folder_source_again_when_its_photos_change(project_c
     assert "Running stage 'download'" not in empty and len(list(raw.rglob("*.png"))) == 6
     (folder / "green").rmdir()
 
+    loose = tmp_path / "loose"  # photos without class folders: `transferlab repro` ends on the stage's line, status 2
+    loose.mkdir()
+    shutil.copy(folder / "red" / "0.png", loose)
+    _run(project_copy, "transferlab", "compose", f"data.source={loose}")
+    stopped = _run(project_copy, "transferlab", "repro", "split", status=2)
+    assert stopped.strip().splitlines()[-1] == (
+        f"DownloadError: data.source {loose} holds no class folders: put each class's images in one"
+    )
+    assert "failed to reproduce" not in stopped and len(list(raw.rglob("*.png"))) == 6
+    _run(project_copy, "transferlab", "compose", f"data.source={folder}")
+
     folder.rename(tmp_path / "elsewhere")  # as in a clone that pulled data/raw/ without the photos
     pulled = _run(project_copy, "transferlab", "repro", "split")
     assert f"data.source {folder} is not on this machine: data/raw as pulled stays in use" in pulled

@@ -5,9 +5,10 @@ untouched:
 - `repro` is `dvc repro ARGS`, once the input paths the params file names exist
   (`refuse_missing_inputs`: DVC would remove a stage's outputs before that stage failed);
   without the closing "Use `dvc push` ..." hint when the project has no DVC remote to push to
-  (DVC prints it after every run that changed something); and with evaluate's closing line,
+  (DVC prints it after every run that changed something); with evaluate's closing line,
   where the results are, when DVC skipped that stage (unchanged, or restored from its run cache)
-  rather than ran it;
+  rather than ran it; and, when a stage stops on bad input (its one line printed, status 2),
+  without DVC's "ERROR: failed to reproduce ..." line after it, exiting 2 as the stage did;
 - `exps` is `dvc exp show ARGS` narrowed to what tells experiments apart: the params that differ
   between them, test accuracy, macro F1, ECE and the MLflow run id (`--only-changed` alone also
   keeps every dependency hash and every other metric).
@@ -78,6 +79,29 @@ class StageSkipped(logging.Handler):
             self.skipped = True
 
 
+class StageReportedError(logging.Filter):
+    """Drops DVC's closing error when `dvc repro` stopped because a stage exited with the status of
+    bad input (`errors.EXIT_USER_ERROR`): that stage already printed its one line. Any other
+    failure (another status, several stages under `--keep-going`, DVC's own errors) stays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from dvc.exceptions import ReproductionError
+        from dvc.stage.exceptions import StageCmdFailedError
+
+        from transferlab.errors import EXIT_USER_ERROR
+
+        error = record.exc_info[1] if record.exc_info else None
+        cause = error.__cause__ if isinstance(error, ReproductionError) else None
+        if isinstance(cause, StageCmdFailedError) and str(cause).endswith(f", exited with {EXIT_USER_ERROR}"):
+            self.seen = True
+            return False
+        return True
+
+
 def _log_results() -> None:
     """Evaluate's closing line, from the files it left (none without `models/run.json`, which
     `dvc repro --allow-missing` may leave missing)."""
@@ -91,16 +115,28 @@ def _log_results() -> None:
 
 def repro(args: Sequence[str]) -> int:
     """`dvc repro ARGS`; the `dvc push` hint only when there is a remote to push to; where the
-    results are also when DVC did not run the evaluate stage, whose last line says it."""
-    evaluate = StageSkipped(EVALUATE_STAGE)
+    results are also when DVC did not run the evaluate stage, whose last line says it; status 2,
+    without DVC's error line, when a stage stopped on bad input (`StageReportedError`)."""
+    import dvc.logger  # noqa: F401 (importing DVC sets up the log handlers filtered below)
+
+    evaluate, reported = StageSkipped(EVALUATE_STAGE), StageReportedError()
     dvc_log = logging.getLogger("dvc")
+    handlers = list(dvc_log.handlers)
     dvc_log.addHandler(evaluate)
+    for handler in handlers:
+        handler.addFilter(reported)
     try:
         status = _reproduce(args)
     finally:
         dvc_log.removeHandler(evaluate)
+        for handler in handlers:
+            handler.removeFilter(reported)
     if status == 0 and evaluate.skipped:
         _log_results()
+    if status and reported.seen:
+        from transferlab.errors import EXIT_USER_ERROR
+
+        return EXIT_USER_ERROR
     return status
 
 
