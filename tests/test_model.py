@@ -256,10 +256,12 @@ OFFLINE_SCRIPT = """
 from transferlab.config import ModelConfig
 from transferlab.errors import ModelError
 from transferlab.model import build_classifier
-try:
-    build_classifier(ModelConfig("efficientnet_b0", weights="imagenet"), 5, 224)
-except ModelError as exc:
-    print("ModelError:", exc)
+for cfg, size in [(ModelConfig("efficientnet_b0", weights="imagenet"), 224),
+                  (ModelConfig("mobilenet_v2", alpha=0.35, weights="imagenet"), 160)]:
+    try:
+        build_classifier(cfg, 5, size)
+    except ModelError as exc:
+        print("ModelError:", exc)
 """
 
 
@@ -268,6 +270,23 @@ def test_unreachable_imagenet_download_says_where_to_put_the_file(tmp_path: Path
     # No network here; on a machine with one, a proxy that refuses keeps the test offline.
     env = {**os.environ, "KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": ""}
     done = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
-    line = done.stdout.strip().splitlines()[-1]
-    assert line.startswith("ModelError: could not load ImageNet weights for efficientnet_b0")
-    assert "efficientnetb0_notop.h5" in line and str(tmp_path / "keras" / "models") in line
+    efficientnet, mobilenet = [line for line in done.stdout.splitlines() if line.startswith("ModelError:")]
+    assert efficientnet.startswith("ModelError: could not load ImageNet weights for efficientnet_b0")
+    assert "efficientnetb0_notop.h5" in efficientnet and str(tmp_path / "keras" / "models") in efficientnet
+    # New-user report: at 160 px the line asked for the 160 px file alone, though any size's loads.
+    models = tmp_path / "keras" / "models"
+    assert mobilenet == (
+        "ModelError: could not load ImageNet weights for mobilenet_v2 (offline?): put "
+        f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_160_no_top.h5 in {models}/, or set "
+        "model.weights=<path> to the no-top file of alpha 0.35 for any input size, such as "
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5 (Keras names them by size; "
+        "each loads at every data.image_size)"
+    )
+
+
+@pytest.mark.shared
+def test_a_no_top_weights_file_of_another_size_loads(shared_dir: Path) -> None:
+    """What the offline hint promises: the 224 px no-top file, set as model.weights, at 160 px."""
+    cfg = ModelConfig("mobilenet_v2", alpha=0.35, weights=str(shared_dir / MOBILENET_V2_WEIGHTS))
+    model = build_classifier(cfg, 5, 160)
+    assert model.backbone.input_shape == (None, 160, 160, 3)

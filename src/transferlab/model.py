@@ -90,11 +90,19 @@ def weights_argument(cfg: ModelConfig) -> str | None:
 
 
 def _missing_imagenet_hint(cfg: ModelConfig, image_size: int) -> str:
-    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
+    """Where Keras looks for the weights file it could not download, and what `model.weights` takes
+    instead: for a backbone whose files Keras names by input size (the MobileNets), any size's
+    no-top file of the alpha, since no-top weights load at every input size."""
+    models = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
     filename = imagenet_weights_filename(cfg.backbone, cfg.alpha, image_size)
+    missing = f"could not load ImageNet weights for {cfg.backbone} (offline?): put {filename} in {models}/"
+    if len(BACKBONES[cfg.backbone].imagenet_sizes) == 1:
+        return f"{missing} or set model.weights=/path/to/{filename}"
+    alpha = cfg.alpha if cfg.alpha is not None else 1.0
+    example = imagenet_weights_filename(cfg.backbone, cfg.alpha, 224)
     return (
-        f"could not load ImageNet weights for {cfg.backbone} (offline?): put {filename} in "
-        f"{keras_home / 'models'}/ or set model.weights=/path/to/{filename}"
+        f"{missing}, or set model.weights=<path> to the no-top file of alpha {alpha} for any input size, "
+        f"such as {example} (Keras names them by size; each loads at every data.image_size)"
     )
 
 
