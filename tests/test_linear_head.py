@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from helpers import REPO_ROOT, mlflow_client, tiny_cfg, train_killed_after, train_to_the_end
 from PIL import Image
@@ -78,6 +79,61 @@ def test_a_head_phase_without_cached_pooled_features_steps_adam(overrides) -> No
 
     assert plan_phases(compose(list(overrides), CONF))[0].solver == "adam"
     assert plan_phases(compose([], CONF))[0].solver == "lbfgs", "the default, on cached features"
+
+
+def test_the_settings_an_lbfgs_head_leaves_unread_are_named_with_the_reason() -> None:
+    """New-user report: `make sweep` swept learning rate and dropout over the default L-BFGS head
+    and trained four identical models without a word."""
+    from transferlab.trainer import describe_inert, inert_settings
+
+    frozen = inert_settings(compose([], CONF))
+    assert {"train.learning_rate", "train.optimizer", "train.epochs", "model.dropout"} <= set(frozen)
+    assert not {"train.label_smoothing", "model.feature_power", "model.test_time_crops"} & set(frozen), "it reads them"
+    assert describe_inert({"train.learning_rate": frozen["train.learning_rate"]}) == (
+        "train.learning_rate has no effect here: the frozen backbone's head is fitted by L-BFGS, its L2 strength "
+        "searched on validation (add train.head_solver=adam to step it with Adam)"
+    )
+    assert describe_inert({k: frozen[k] for k in ("model.dropout", "train.learning_rate")}).startswith(
+        "model.dropout, train.learning_rate have no effect here: the frozen backbone's head is fitted by L-BFGS"
+    )
+    without_finetuning = {"finetune.learning_rate", "finetune.warmup_epochs", "finetune.schedule"}
+    assert without_finetuning <= set(frozen)
+    assert set(inert_settings(compose(["train.head_solver=adam"], CONF))) == without_finetuning
+    assert set(inert_settings(compose(["augment=light", "augment.cached_views=0"], CONF))) == without_finetuning
+    # Fine-tuning steps with train.optimizer and weight decay, and trains the head with dropout, at
+    # its own finetune.learning_rate, epochs, warm-up and schedule.
+    top20 = inert_settings(compose(["finetune=top20"], CONF))
+    assert not {"model.dropout", "train.optimizer", "train.weight_decay"} & set(top20)
+    assert set(top20) == {"train.learning_rate", "train.epochs", "train.warmup_epochs", "train.schedule"}
+    assert "train.schedule" not in inert_settings(compose(["finetune=top20", "finetune.schedule=null"], CONF))
+
+
+@pytest.mark.slow
+def test_the_settings_named_unread_leave_an_lbfgs_run_unchanged(prepared_project: StagePaths) -> None:
+    """What `inert_settings` names for the frozen L-BFGS head, all changed at once, trains the same model."""
+    from transferlab.trainer import inert_settings
+
+    base = ("train.head_solver=lbfgs", "train.calibrate=true", "mlflow.log_model=false")
+    changed = (
+        "train.learning_rate=0.05",
+        "train.epochs=7",
+        "train.warmup_epochs=2",
+        "train.schedule=cosine",
+        "train.optimizer=sgd",
+        "train.weight_decay=0.01",
+        "model.dropout=0.6",
+    )
+    assert {o.split("=")[0] for o in changed} == {
+        k for k in inert_settings(tiny_cfg(*base)) if k.startswith(("train", "model"))
+    }
+    first = train(tiny_cfg(*base), prepared_project)
+    assert first.classifier is not None
+    weights = [np.array(w) for w in first.classifier.model.get_weights()]
+    second = train(tiny_cfg(*base, *changed), prepared_project)
+    assert second.classifier is not None
+    pd.testing.assert_frame_equal(first.history, second.history)
+    for ours, theirs in zip(weights, second.classifier.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 def test_an_lbfgs_head_phase_is_one_epoch_with_every_strength_in_mlflow(prepared_project: StagePaths) -> None:

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN, job_outputs
+from helpers import REPO_ROOT, SYNTHETIC_OVERRIDES, VENV_BIN, job_outputs, prepare_project
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from transferlab import tracking
-from transferlab.config import MlflowConfig, compose, config_hash
+from transferlab.config import Config, MlflowConfig, compose, config_hash
 from transferlab.paths import StagePaths
 from transferlab.sweep import ERROR_FILE, SweepInfo, free_memory, job_name_and_tags, sweep_keys
 from transferlab.sweep_bookkeeping import best_row
@@ -205,6 +205,22 @@ def test_grid_sweep_is_one_parent_with_a_child_per_job(grid_sweep: Sweep) -> Non
 
 
 @pytest.mark.slow
+def test_each_job_warns_once_of_the_swept_keys_its_lbfgs_head_leaves_unread(grid_sweep: Sweep) -> None:
+    """New-user report: `make sweep` trained four identical models without a word."""
+    inert = "train.learning_rate train.epochs model.dropout"
+    finished = [run for run in grid_sweep.children if run.info.status == "FINISHED"]
+    assert [run.data.tags[tracking.TAG_INERT_OVERRIDES] for run in finished] == [inert] * len(TRAINED_JOBS)
+    warned = [line for line in grid_sweep.console.splitlines() if "no effect here" in line]
+    assert len(warned) == len(TRAINED_JOBS), (
+        "one line per job that trained; a job that fails validation warns of nothing"
+    )
+    assert "[WARNING]" in warned[0] and warned[0].split(" - ", 1)[1] == (
+        f"{inert.replace(' ', ', ')} have no effect here: the frozen backbone's head is fitted by L-BFGS, "
+        "its L2 strength searched on validation (add train.head_solver=adam to step it with Adam)"
+    )
+
+
+@pytest.mark.slow
 def test_every_finished_job_has_its_figures_on_disk_and_in_its_run(grid_sweep: Sweep) -> None:
     """Later jobs leave their figures to follow them (drawn in the figure worker while the next
     job trains): by the sweep's end each is in its job's folder and run, before the test metrics."""
@@ -377,6 +393,21 @@ def test_a_sweep_in_which_every_job_fails_exits_non_zero(sweep_project: Path) ->
     assert tracking.TAG_BEST_CHILD not in parent.data.tags
     again = run_train_cli(sweep_project, *args, status=1)
     assert f"resuming sweep parent run {parent.info.run_id}" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_a_single_run_is_named_by_its_overrides_and_warns_of_those_without_effect(
+    synthetic_cfg: Config, tmp_path: Path
+) -> None:
+    root = prepare_project(synthetic_cfg, tmp_path / "project", conf=True).root
+    overrides = (*TINY, "train.learning_rate=0.01", "model.feature_power=0.5", "mlflow.log_model=false")
+    done = run_train_cli(root, *overrides)
+    [warned] = [line for line in (done.stdout + done.stderr).splitlines() if "no effect here" in line]
+    assert "WARNING" in warned and "train.learning_rate, train.epochs have no effect here" in warned
+    (run,) = client_for(root).search_runs([experiment_id(client_for(root))])
+    # Named by its overrides as Hydra parses them (null -> None, false -> False).
+    assert run.info.run_name == " ".join(overrides).replace("=null", "=None").replace("=false", "=False")
+    assert run.data.tags[tracking.TAG_INERT_OVERRIDES] == "train.learning_rate train.epochs"
 
 
 # --- Optuna --------------------------------------------------------------------------------

@@ -218,11 +218,27 @@ def _train_and_evaluate(
     from transferlab.stages.evaluate import evaluate
     from transferlab.stages.train import train
 
+    tags = {**tags, **_inert_override_tags(cfg, tags)}
     result = train(cfg, paths, run_name=name, parent_run_id=parent, extra_tags=tags, register_model=parent is None)
     trained = result.classifier
     if worker_role(cfg.train).is_chief:  # multi_worker: the other workers only train along
         evaluate(cfg, paths, model=trained.model if trained else None, features=trained.features if trained else None)
     return result.run_id, result.val_accuracy
+
+
+def _inert_override_tags(cfg: Config, tags: dict[str, str]) -> dict[str, str]:
+    """Warn, in one line, of the job's overrides (its `transferlab.override.<key>` tags) that have no
+    effect under its config (`trainer.inert_settings`); the tag naming them, or none."""
+    from transferlab.trainer import describe_inert, inert_settings
+
+    overridden = {
+        key.removeprefix(tracking.TAG_OVERRIDE_PREFIX) for key in tags if key.startswith(tracking.TAG_OVERRIDE_PREFIX)
+    }
+    inert = {key: reason for key, reason in inert_settings(cfg).items() if key in overridden}
+    if not inert:
+        return {}
+    log.warning("%s", describe_inert(inert))
+    return {tracking.TAG_INERT_OVERRIDES: " ".join(inert)}
 
 
 def free_memory() -> None:

@@ -57,6 +57,7 @@ TAG_BEST_CHILD = "transferlab.best_child_run_id"
 TAG_ERROR = "transferlab.error"
 TAG_JOB = "transferlab.job"
 TAG_OVERRIDE_PREFIX = "transferlab.override."  # one tag per Hydra override of a job
+TAG_INERT_OVERRIDES = "transferlab.inert_overrides"  # overridden keys with no effect on the run (trainer.py)
 TAG_SWEEP_KEYS = "transferlab.sweep_keys"
 TAG_SWEEP_DIR = "transferlab.sweep_dir"
 TAG_SWEEP_ID = "transferlab.sweep_id"  # the same sweep command on the same project settings

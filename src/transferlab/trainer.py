@@ -119,6 +119,47 @@ def plan_phases(cfg: Config) -> list[Phase]:
     return phases
 
 
+LBFGS_HEAD = "the frozen backbone's head is fitted by L-BFGS, its L2 strength searched on validation"
+ADAM_HEAD = "add train.head_solver=adam to step it with Adam"
+# Settings only phases stepped by an optimizer read; an L-BFGS head reads none of them (its fit
+# is one epoch, the first, so no schedule acts; dropout is the identity there). A fine-tuning
+# phase 2 has finetune.epochs, learning_rate, warmup_epochs and schedule (null: train.schedule)
+# of its own, but steps with train.optimizer and weight_decay and trains the head with dropout.
+_STEPPED_HEAD_ONLY = ("train.learning_rate", "train.epochs", "train.warmup_epochs")
+_STEPPED = ("train.optimizer", "train.weight_decay", "model.dropout")
+# Read by phase 2 alone (`finetune.epochs` > 0).
+_FINETUNE_ONLY = ("finetune.learning_rate", "finetune.warmup_epochs", "finetune.schedule")
+
+
+def inert_settings(cfg: Config) -> dict[str, str]:
+    """The settings that have no effect on what `cfg` trains, each with the reason (`plan_phases`):
+    with the head fitted by L-BFGS, what only an optimizer's epochs read; without fine-tuning
+    (`finetune.epochs: 0`), phase 2's own settings."""
+    phases = plan_phases(cfg)
+    inert: dict[str, str] = {}
+    if phases[0].solver == "lbfgs" and len(phases) == 1:
+        inert.update(dict.fromkeys([*_STEPPED_HEAD_ONLY, "train.schedule", *_STEPPED], f"{LBFGS_HEAD} ({ADAM_HEAD})"))
+    elif phases[0].solver == "lbfgs":
+        keys = [*_STEPPED_HEAD_ONLY, *(["train.schedule"] if cfg.finetune.schedule is not None else [])]
+        reason = f"{LBFGS_HEAD} ({ADAM_HEAD}), and fine-tuning has finetune.* settings of its own"
+        inert.update(dict.fromkeys(keys, reason))
+    if not cfg.finetune.two_phase:
+        inert.update(dict.fromkeys(_FINETUNE_ONLY, "finetune.epochs is 0, so no fine-tuning phase runs"))
+    return inert
+
+
+def describe_inert(inert: Mapping[str, str]) -> str:
+    """One line for the settings of `inert_settings`: `a, b have no effect here: reason`."""
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in inert.items():
+        by_reason.setdefault(reason, []).append(key)
+    parts = [
+        f"{', '.join(keys)} {'has' if len(keys) == 1 else 'have'} no effect here: {reason}"
+        for reason, keys in by_reason.items()
+    ]
+    return "; ".join(parts)
+
+
 @dataclass
 class Fit:
     """What a phase fits, on what: images (a dataset), or cached activations."""
