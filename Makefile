@@ -59,8 +59,8 @@ run: setup             ## the main job: download -> split -> train -> evaluate w
 demo: setup            ## the whole pipeline offline on synthetic images, in a scratch copy
 	$(BIN)/python -m transferlab.demo
 
-sweep: setup           ## an example Hydra multirun sweep on the prepared splits
-	$(BIN)/transferlab-train -m train.learning_rate=1e-2,1e-3 model.dropout=0.2,0.5
+sweep: setup           ## an example Hydra multirun sweep on the prepared splits: feature power x label smoothing (4 jobs)
+	$(BIN)/transferlab-train -m model.feature_power=0.5,1.0 train.label_smoothing=0,0.1
 
 exps: setup            ## compare DVC experiments: params that differ, test accuracy, F1, ECE, MLflow run
 	$(BIN)/transferlab exps

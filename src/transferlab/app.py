@@ -1,7 +1,7 @@
 """`transferlab-train`: the Hydra app. Composes `conf/`, trains and evaluates, logs to MLflow.
 
     transferlab-train model.dropout=0.3                       # one run
-    transferlab-train -m train.learning_rate=1e-2,1e-3        # a sweep: parent + child runs
+    transferlab-train -m model.feature_power=0.5,1.0          # a sweep: parent + child runs
     transferlab-train -m hparams_search=optuna                # Optuna TPE over the same knobs
 
 Jobs read the splits prepared by `dvc repro split` and write models and reports into their
