@@ -119,8 +119,8 @@ def plan_phases(cfg: Config) -> list[Phase]:
     return phases
 
 
-LBFGS_HEAD = "the frozen backbone's head is fitted by L-BFGS, its L2 strength searched on validation"
-ADAM_HEAD = "add train.head_solver=adam to step it with Adam"
+_LBFGS_HEAD = "the frozen backbone's head is fitted by L-BFGS, its L2 strength searched on validation"
+_ADAM_HEAD = "add train.head_solver=adam to step it with Adam"
 # Settings only phases stepped by an optimizer read; an L-BFGS head reads none of them (its fit
 # is one epoch, the first, so no schedule acts; dropout is the identity there). A fine-tuning
 # phase 2 has finetune.epochs, learning_rate, warmup_epochs and schedule (null: train.schedule)
@@ -138,10 +138,10 @@ def inert_settings(cfg: Config) -> dict[str, str]:
     phases = plan_phases(cfg)
     inert: dict[str, str] = {}
     if phases[0].solver == "lbfgs" and len(phases) == 1:
-        inert.update(dict.fromkeys([*_STEPPED_HEAD_ONLY, "train.schedule", *_STEPPED], f"{LBFGS_HEAD} ({ADAM_HEAD})"))
+        inert.update(dict.fromkeys([*_STEPPED_HEAD_ONLY, "train.schedule", *_STEPPED], f"{_LBFGS_HEAD} ({_ADAM_HEAD})"))
     elif phases[0].solver == "lbfgs":
         keys = [*_STEPPED_HEAD_ONLY, *(["train.schedule"] if cfg.finetune.schedule is not None else [])]
-        reason = f"{LBFGS_HEAD} ({ADAM_HEAD}), and fine-tuning has finetune.* settings of its own"
+        reason = f"{_LBFGS_HEAD} ({_ADAM_HEAD}), and fine-tuning has finetune.* settings of its own"
         inert.update(dict.fromkeys(keys, reason))
     if not cfg.finetune.two_phase:
         inert.update(dict.fromkeys(_FINETUNE_ONLY, "finetune.epochs is 0, so no fine-tuning phase runs"))
