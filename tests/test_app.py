@@ -70,8 +70,13 @@ def _started_run(folder: Path, **files: str) -> Path:
 
 @pytest.mark.parametrize(
     ("files", "removed"),
-    [({}, True), ({"app.log": "epoch 1/100\n"}, False), ({"model.keras": ""}, False)],
-    ids=["nothing-done", "log-written", "results"],
+    [
+        ({}, True),
+        ({"error.txt": "Traceback ...\nConfigError: ...\n"}, True),
+        ({"app.log": "epoch 1/100\n"}, False),
+        ({"model.keras": "", "error.txt": "Traceback ...\n"}, False),
+    ],
+    ids=["nothing-done", "failed-at-once", "log-written", "results"],
 )
 def test_only_a_folder_without_results_is_removed(tmp_path: Path, files: dict[str, str], removed: bool) -> None:
     folder = _started_run(tmp_path / "run", **files)

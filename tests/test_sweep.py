@@ -410,6 +410,20 @@ def test_a_single_run_is_named_by_its_overrides_and_warns_of_those_without_effec
     assert run.data.tags[tracking.TAG_INERT_OVERRIDES] == "train.learning_rate train.epochs"
 
 
+def test_a_single_run_that_fails_at_work_keeps_its_traceback_in_its_folder(sweep_project: Path) -> None:
+    """The one line on the terminal; the folder it leaves (MLflow run, checkpoint state) says why."""
+    missing = sweep_project / "no-such-weights.h5"
+    done = run_train_cli(
+        sweep_project, *TINY, f"model.weights={missing}", "hydra.run.dir=outputs/runs/failed", status=2
+    )
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("ModelError: ") and str(missing) in line
+    folder = sweep_project / "outputs" / "runs" / "failed"
+    traceback = (folder / ERROR_FILE).read_text()
+    assert traceback.startswith("Traceback") and traceback.rstrip().endswith(line.split(": ", 1)[1])
+    assert (folder / "checkpoints").is_dir()
+
+
 # --- Optuna --------------------------------------------------------------------------------
 
 

@@ -80,11 +80,14 @@ def with_output_dir(argv: Sequence[str]) -> tuple[list[str], Path | None]:
 
 def remove_if_unused(folder: Path) -> None:
     """Remove `folder` when it holds only what Hydra writes as a job starts (`.hydra/`, empty log
-    files), as after a run that failed before doing any work."""
+    files) and the traceback of the failure (`error.txt`, whose line was printed), as after a run
+    that failed before doing any work."""
+    from transferlab.sweep import ERROR_FILE
+
     for entry in folder.iterdir():
         started = entry.name == HYDRA_SUBDIR and entry.is_dir()
         empty_log = entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0
-        if not (started or empty_log):
+        if not (started or empty_log or entry.name == ERROR_FILE):
             return
     shutil.rmtree(folder)
     for parent in (folder.parent, folder.parent.parent):

@@ -346,11 +346,16 @@ def _run_job(node: DictConfig) -> float:
 
 
 def _single_run(node: DictConfig, paths: StagePaths, name: str, tags: dict[str, str]) -> float:
-    """`transferlab-train` without `-m`: a bad config or data prints one line and exits non-zero."""
+    """`transferlab-train` without `-m`: a bad config or data prints one line and exits non-zero,
+    and the run's folder keeps the traceback (`error.txt`), as a sweep job's does."""
     val_accuracy: list[float] = []
 
     def task() -> int:
-        val_accuracy.append(_train_and_evaluate(from_omegaconf(node), paths, name, None, tags)[1])
+        try:
+            val_accuracy.append(_train_and_evaluate(from_omegaconf(node), paths, name, None, tags)[1])
+        except Exception:
+            atomic.write_text(paths.out / ERROR_FILE, strip_ansi(traceback.format_exc()))
+            raise
         return 0
 
     status = run_reporting_errors(task)
