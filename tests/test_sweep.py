@@ -247,6 +247,11 @@ def test_sweep_logs_are_quiet_and_plain(grid_sweep: Sweep) -> None:
     assert len(failures) == len(FAILED_JOBS)
     assert all(f"{ERROR_FILE})" in line for line in failures)
     assert "Traceback" in (grid_sweep.sweep_dir / str(FAILED_JOBS[0]) / ERROR_FILE).read_text()
+    # New-user report: the sweep's closing lines, ours, carried Hydra's `[HYDRA]` tag.
+    lines = grid_sweep.console.splitlines()
+    [summary] = [line for line in lines if "sweep summary: " in line]
+    assert "][transferlab.sweep][INFO] - sweep summary: " in summary
+    assert any("][HYDRA] Launching " in line for line in lines), "Hydra's own lines keep their tag"
 
 
 @pytest.mark.slow

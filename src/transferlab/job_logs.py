@@ -5,6 +5,8 @@
   is dropped (the `tensorflow` logger's other warnings stay).
 - Log files hold plain text: ANSI colour codes (Keras puts bold codes into its exception
   messages, progress bars colour themselves) are removed from every record.
+- The sweep's own console (`hydra.hydra_logging`, between and after jobs) tags Hydra's lines
+  `[HYDRA]`, as Hydra does, and every other logger's as a job does (`DriverFormatter`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,21 @@ class PlainText(logging.Filter):
         if "\x1b" in message:
             record.msg, record.args = strip_ansi(message), None
         return True
+
+
+class DriverFormatter(logging.Formatter):
+    """Hydra's format for Hydra's lines, `[<time>][HYDRA] ...`; a job's for the rest,
+    `[<time>][<logger>][<LEVEL>] - ...`. Hydra's own format tags every line `[HYDRA]`, so the lines
+    transferlab logs as a sweep ends (its summary, the best model logged and registered) passed
+    for Hydra's."""
+
+    HYDRA_LOGGERS = ("hydra", "hydra_plugins")
+    _hydra = logging.Formatter("[%(asctime)s][HYDRA] %(message)s")
+    _job = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        hydra = record.name.split(".", 1)[0] in self.HYDRA_LOGGERS
+        return (self._hydra if hydra else self._job).format(record)
 
 
 def quiet_job_logs() -> None:
