@@ -55,6 +55,7 @@ def test_exports_carry_their_class_names_and_predict_on_their_own(
     monkeypatch.chdir(elsewhere)
     exported = load_export(moved)
     assert exported.classes == COLOURS and exported.image_size == 64
+    assert load_export(str(moved)).classes == COLOURS, "a path as text too, as the README calls it"
     images = [colour_image("r.png", (230, 20, 20)), colour_image("b.png", (20, 20, 230))]
     assert main(["predict", str(moved), *map(str, images), "-k", "1", "--json"]) == 0
     results = json.loads(capsys.readouterr().out)

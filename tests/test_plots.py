@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 from PIL import Image
 
 from transferlab import plots
@@ -120,12 +121,36 @@ def test_sweep_plot_has_a_panel_per_swept_key(tmp_path: Path) -> None:
             "val_accuracy": [0.8, 0.9, 0.7, 0.85, 0.95, None],
         }
     )
-    two_panels = plots.plot_sweep(table, ["train.learning_rate", "augment"], tmp_path / "sweep.png")
-    one_panel = plots.plot_sweep(table, ["augment"], tmp_path / "one.png")
+    two_panels = plots.plot_sweep(table, ["train.learning_rate", "augment"], tmp_path / "sweep.png", 4)
+    one_panel = plots.plot_sweep(table, ["augment"], tmp_path / "one.png", 4)
     assert_png(two_panels) and assert_png(one_panel)
     with Image.open(two_panels) as wide, Image.open(one_panel) as narrow:
         assert wide.width > 1.5 * narrow.width
-    assert_png(plots.plot_sweep(table.iloc[:0], ["augment"], tmp_path / "empty.png"))
+    assert_png(plots.plot_sweep(table.iloc[:0], ["augment"], tmp_path / "empty.png", None))
+
+
+def test_sweep_plot_stars_the_best_child_also_on_a_tie_of_accuracy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New-user report: two jobs at the same validation accuracy; the parent named the one with the
+    lower validation loss as its best child, the plot starred the other."""
+    from transferlab.sweep_bookkeeping import best_row
+
+    table = pd.DataFrame(
+        {
+            "model.dropout": ["0.1", "0.2", "0.3"],
+            "status": ["FINISHED"] * 3,
+            "val_accuracy": [0.9, 0.8, 0.9],
+            "val_loss": [0.33, 0.40, 0.32],
+        }
+    )
+    best = best_row(table)
+    assert best is not None and best.name == 2
+    drawn: list[Figure] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    plots.plot_sweep(table, ["model.dropout"], tmp_path / "sweep.png", best.name)
+    [star] = [c for c in drawn[0].axes[0].collections if c.get_label() == "best"]
+    assert star.get_offsets().tolist() == [[0.3, 0.9]]
 
 
 def test_sweep_axes_are_logarithmic_from_a_decade_up() -> None:

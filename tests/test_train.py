@@ -292,6 +292,21 @@ def test_after_fine_tuning_the_head_refitted_on_the_new_features_is_kept_when_it
     assert _validation_loss(paths.model_file, paths)[0] == pytest.approx(again.history["val_loss"].iloc[-1], abs=2e-3)
 
 
+def test_no_refit_when_fine_tuning_never_beat_the_head_phase(
+    prepared_project: StagePaths, caplog: pytest.LogCaptureFixture
+) -> None:
+    """New-user report: the kept epoch was phase 1's (every fine-tuning epoch validated worse), and
+    the refit still ran, on phase 1's features, and was described as a refit after fine-tuning."""
+    diverging = [o for o in REFIT if not o.startswith(("train.early_stopping", "finetune.learning_rate"))]
+    with caplog.at_level(logging.INFO, logger="transferlab"):
+        result = train(tiny_cfg(*diverging, "finetune.learning_rate=5.0"), prepared_project)
+    assert result.best_epoch == 1 and len(result.history) == 4, "phase 1's one epoch kept, 3 fine-tuning epochs run"
+    assert "finetune: the head is not refitted: the kept epoch, 1, is phase head's" in caplog.text
+    run = mlflow_client(prepared_project).get_run(result.run_id)
+    assert not {"refit_l2", "refit_kept"} & set(run.data.metrics)
+    assert "Head refitted" not in run.data.tags["mlflow.note.content"]
+
+
 def test_calibration_puts_a_fitted_temperature_inside_the_saved_model(prepared_project: StagePaths) -> None:
     from transferlab.inference import load_model
     from transferlab.model import single_view_model

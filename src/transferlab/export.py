@@ -181,8 +181,9 @@ def export_tflite(model: keras.Model, out: Path, classes: Sequence[str]) -> Path
     return out
 
 
-def load_export(path: Path) -> ExportedClassifier:
+def load_export(path: str | Path) -> ExportedClassifier:
     """A SavedModel folder or `.tflite` file written by `export_model`, ready to predict."""
+    path = Path(path)
     try:
         return _load_savedmodel(path) if path.is_dir() else _load_tflite(path)
     except (OSError, ValueError, KeyError) as exc:

@@ -9,7 +9,7 @@ can run in a figure worker (figure_workers.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -269,8 +269,9 @@ def spans_a_decade(numbers: np.ndarray) -> bool:
     return bool(numbers.max() >= 10 * numbers.min())
 
 
-def plot_sweep(table: pd.DataFrame, keys: Sequence[str], path: Path) -> Path:
-    """Validation accuracy against each swept key (one panel per key), best job starred, failed jobs as x.
+def plot_sweep(table: pd.DataFrame, keys: Sequence[str], path: Path, best: Hashable | None) -> Path:
+    """Validation accuracy against each swept key (one panel per key), failed jobs as x, and the
+    row labelled `best` in `table` starred (the sweep's best child: `sweep_bookkeeping.best_row`).
 
     `table` is a sweep summary (`sweep_bookkeeping.summary_table`): a column per key, `status`,
     `val_accuracy`.
@@ -281,7 +282,6 @@ def plot_sweep(table: pd.DataFrame, keys: Sequence[str], path: Path) -> Path:
     rows = int(np.ceil(len(keys) / columns))
     fig = Figure(figsize=(4.5 * columns, 3.6 * rows), layout="constrained")
     scored = table["val_accuracy"].notna()
-    best = table.loc[scored, "val_accuracy"].idxmax() if scored.any() else None
     for i, key in enumerate(keys):
         ax = fig.add_subplot(rows, columns, i + 1)
         x, labels = _sweep_positions(table[key].fillna("").astype(str))

@@ -156,11 +156,11 @@ def finish_parent_run(
     table.to_csv(summary_csv, index=False)
     run.log_artifact(summary_csv)
     run.log_table(table, "sweep_summary.json")
+    best = best_row(table)
     if keys:
-        run.log_artifact(plot_sweep(table, keys, summary_csv.parent / SWEEP_PLOT))
+        run.log_artifact(plot_sweep(table, keys, summary_csv.parent / SWEEP_PLOT, None if best is None else best.name))
     for path in extra_artifacts:
         run.log_artifact(path)
-    best = best_row(table)
     if best is not None:
         run.set_tag(tracking.TAG_BEST_CHILD, best["run_id"])
         log_deferred_model(store, rows, best["run_id"])

@@ -380,7 +380,8 @@ class Trainer:
         when its validation loss is lower than that of the kept epoch.
 
         What it found goes to `self.refit`, which stays None when no phase fine-tuned from the
-        cut-point cache (a frozen backbone; a phase on images has no cached views). Nothing of it
+        cut-point cache (a frozen backbone; a phase on images has no cached views) or when the kept
+        epoch is not a fine-tuning one (the backbone is then as phase 1 left it). Nothing of it
         is checkpointed: it is a function of the kept weights, so a run resumed before its model
         was saved refits again, to the same head.
         """
@@ -388,10 +389,17 @@ class Trainer:
 
         if not self.cfg.finetune.refit_head or self.phases[-1].unfreeze == 0:
             return
+        last = self.phases[-1].name
+        kept_phase = next(row["phase"] for row in self.state.history if row["epoch"] == self.kept_epoch)
+        if kept_phase != last:
+            log.info(
+                "finetune: the head is not refitted: the kept epoch, %d, is phase %s's", self.kept_epoch, kept_phase
+            )
+            return
         fit = self._final_fit(classifier)
         train = fit.train_activations
         if fit.cut is None or train is None:
-            log.info("finetune: the head is not refitted: phase %s trained on images", self.phases[-1].name)
+            log.info("finetune: the head is not refitted: phase %s trained on images", last)
             return
         batch = self.cfg.train.batch_size
         views = np.stack(
