@@ -390,10 +390,12 @@ class Trainer:
         if not self.cfg.finetune.refit_head or self.phases[-1].unfreeze == 0:
             return
         last = self.phases[-1].name
-        kept_phase = next(row["phase"] for row in self.state.history if row["epoch"] == self.kept_epoch)
-        if kept_phase != last:
+        kept_row = next(row for row in self.state.history if row["epoch"] == self.kept_epoch)
+        if kept_row["phase"] != last:
             log.info(
-                "finetune: the head is not refitted: the kept epoch, %d, is phase %s's", self.kept_epoch, kept_phase
+                "finetune: the head is not refitted: the kept epoch, %d, is phase %s's",
+                self.kept_epoch,
+                kept_row["phase"],
             )
             return
         fit = self._final_fit(classifier)
@@ -411,7 +413,7 @@ class Trainer:
         log.info("finetune: refitting the head by L-BFGS on %d cached views of %d images", *views.shape[:2])
         trained = head_affine(classifier.head)
         _, refit = self._search_head(classifier, views, train.labels, self._validation_pooled(classifier))
-        trained_loss = next(row["val_loss"] for row in self.state.history if row["epoch"] == self.kept_epoch)
+        trained_loss = kept_row["val_loss"]
         kept = refit.val_loss < trained_loss
         if not kept:
             set_head_affine(classifier.head, *trained)
