@@ -327,8 +327,7 @@ def _run_job(node: DictConfig) -> float:
         raise
     except Exception as exc:  # one failing job (bad value, out of memory) must not end the sweep
         message = describe(exc)
-        details = strip_ansi(traceback.format_exc())
-        atomic.write_text(output_dir / ERROR_FILE, details)
+        details = _keep_traceback(output_dir)
         log.error("job %s failed: %s (traceback: %s)", name, message, output_dir / ERROR_FILE)
         record.update(status="FAILED", run_id=None, val_accuracy=None, error=message)
         try:
@@ -345,6 +344,13 @@ def _run_job(node: DictConfig) -> float:
     return float(value) if value is not None and not math.isnan(value) else FAILED_VALUE
 
 
+def _keep_traceback(folder: Path) -> str:
+    """The traceback of the exception being handled, as plain text, written to `folder`'s `error.txt`."""
+    details = strip_ansi(traceback.format_exc())
+    atomic.write_text(folder / ERROR_FILE, details)
+    return details
+
+
 def _single_run(node: DictConfig, paths: StagePaths, name: str, tags: dict[str, str]) -> float:
     """`transferlab-train` without `-m`: a bad config or data prints one line and exits non-zero,
     and the run's folder keeps the traceback (`error.txt`), as a sweep job's does."""
@@ -354,7 +360,7 @@ def _single_run(node: DictConfig, paths: StagePaths, name: str, tags: dict[str, 
         try:
             val_accuracy.append(_train_and_evaluate(from_omegaconf(node), paths, name, None, tags)[1])
         except Exception:
-            atomic.write_text(paths.out / ERROR_FILE, strip_ansi(traceback.format_exc()))
+            _keep_traceback(paths.out)
             raise
         return 0
 
