@@ -221,6 +221,28 @@ def test_resume_restores_optimizer_schedule_and_stopping_state_exactly(prepared_
     pd.testing.assert_frame_equal(pd.read_csv(paths.history), uninterrupted)
 
 
+def test_each_epoch_logs_the_learning_rate_of_its_first_step(prepared_project: StagePaths) -> None:
+    """Warm-up over 2 epochs, then cosine decay over 2: the last epoch trains at half the rate, not 0."""
+    from transferlab.model import WARMUP_START
+
+    rate = 0.01
+    cfg = tiny_cfg(
+        "train.epochs=4",
+        f"train.learning_rate={rate}",
+        "train.schedule=cosine",
+        "train.warmup_epochs=2",
+        "train.early_stopping=null",
+        "mlflow.log_model=false",
+    )
+    result = train(cfg, prepared_project)
+    history = result.history
+    halfway_up = WARMUP_START + (1 - WARMUP_START) / 2
+    expected = [rate * WARMUP_START, rate * halfway_up, rate, rate / 2]
+    assert history["learning_rate"].tolist() == pytest.approx(expected, rel=1e-5)
+    logged = mlflow_client(prepared_project).get_metric_history(result.run_id, "learning_rate")
+    assert [m.value for m in sorted(logged, key=lambda m: m.step)] == pytest.approx(expected, rel=1e-5)
+
+
 def test_cached_augmented_views_train_the_head_at_cache_speed(prepared_project: StagePaths, caplog) -> None:
     from transferlab.feature_cache import FeatureCache
 

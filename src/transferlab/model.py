@@ -358,6 +358,13 @@ def learning_rate_schedule(
     )
 
 
+def current_learning_rate(model: keras.Model) -> float:
+    """The rate of the optimizer's next step: a constant, or its schedule at the step reached."""
+    import keras
+
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
 def compile_classifier(
     model: keras.Model, cfg: TrainConfig, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
 ) -> None:

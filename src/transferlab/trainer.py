@@ -545,12 +545,19 @@ class Trainer:
         """Keras callback: judge and checkpoint the epoch, then log it, so a kill never duplicates a metric."""
         import keras
 
+        from transferlab.model import current_learning_rate
+
         trainer = self
 
         class EpochMonitor(keras.callbacks.Callback):
+            rate = float("nan")
+
+            def on_epoch_begin(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
+                self.rate = current_learning_rate(self.model)  # at the end, a cosine's last epoch shows 0
+
             def on_epoch_end(self, epoch: int, logs: Mapping[str, float] | None = None) -> None:
                 stop_if_received()  # a stop during the epoch: it is not checkpointed
-                decisions = trainer.finish_epoch(self.model, phase, epoch + 1, dict(logs or {}))
+                decisions = trainer.finish_epoch(self.model, phase, epoch + 1, dict(logs or {}), self.rate)
                 row = trainer.state.history[-1]
                 shown = ", ".join(f"{k} {row[k]:.4f}" for k in EPOCH_METRICS[:4])
                 log.info("epoch %d/%d (%s): %s", epoch + 1, last, phase.name, shown)
@@ -560,19 +567,15 @@ class Trainer:
         return EpochMonitor()
 
     def finish_epoch(
-        self, model: keras.Model, phase: Phase, epoch: int, logs: dict[str, float], learning_rate: float | None = None
+        self, model: keras.Model, phase: Phase, epoch: int, logs: dict[str, float], learning_rate: float
     ) -> list[str]:
         """Record an epoch: history, best model, plateau, early stopping, checkpoint, MLflow.
 
-        The learning rate recorded is the optimizer's unless `learning_rate` is given (NaN: none, an
-        L-BFGS head). Returns what was decided (a lower learning rate, early stopping), for the log.
+        `learning_rate` is the rate of the epoch's first step (NaN: none, an L-BFGS head). Returns
+        what was decided (a lower learning rate, early stopping), for the log.
         """
-        import keras
-
         cfg, state = self.cfg.train, self.state
         rate = learning_rate
-        if rate is None:
-            rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
         row = {"epoch": epoch, "phase": phase.name, **{k: float(logs[k]) for k in EPOCH_METRICS[:4]}}
         row["learning_rate"] = rate
         state.history.append(row)
