@@ -12,6 +12,7 @@ lock that makes concurrent jobs safe is tested below.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -458,7 +459,11 @@ def test_optuna_sweep_runs_trials_as_children(sweep_project: Path) -> None:
     done = run_train_cli(
         sweep_project, "-m", *TINY, "hparams_search=optuna", "hydra.sweeper.n_trials=2", head_rate, *fixed
     )
-    assert "Best parameters" in done.stdout + done.stderr
+    console = done.stdout + done.stderr
+    assert "Best parameters" in console
+    assert re.search(r"\]\[optuna\.[\w.]+\]\[INFO\] - A new study created", console), "tagged as ours are"
+    assert "\x1b[" not in console and "alembic" not in console, "no colours, no lines of Optuna's imports"
+    assert re.search(r"\]\[transferlab\.sweep_bookkeeping\]\[INFO\] - best child: job [01] ", console)
     client = client_for(sweep_project)
     parent = parent_of_sweep(client, sweep_project / "outputs" / "sweeps" / "optuna")
     assert parent.info.run_name == "optuna-optuna"

@@ -9,7 +9,13 @@ import pandas as pd
 
 from transferlab import tracking
 from transferlab.config import MlflowConfig
-from transferlab.sweep_bookkeeping import best_row, find_finished_run, finish_parent_run, summary_table
+from transferlab.sweep_bookkeeping import (
+    best_row,
+    describe_best,
+    find_finished_run,
+    finish_parent_run,
+    summary_table,
+)
 
 
 def _row(job: int, val_accuracy: float | None, val_loss: float | None) -> dict:
@@ -21,6 +27,20 @@ def test_best_row_prefers_accuracy_then_lower_loss_and_skips_unscored_jobs() -> 
     assert best_row(table)["job"] == 2
     assert best_row(pd.DataFrame([_row(0, 0.9, None), _row(1, 0.9, 0.3)]))["job"] == 1
     assert best_row(pd.DataFrame([_row(0, None, None)])) is None
+
+
+def test_the_best_child_is_named_with_the_tie_its_loss_broke() -> None:
+    rows = [_row(0, 0.9, 0.7), _row(1, 0.8, 0.2), _row(2, 0.9, 0.4), _row(3, 0.9, 0.5)]
+    table = pd.DataFrame([{**row, "lr": 0.1 * row["job"], "run_id": f"r{row['job']}"} for row in rows])
+    line = describe_best(table, best_row(table), ["lr"])
+    assert line == (
+        "best child: job 2 (lr=0.2): validation accuracy 0.9000, loss 0.4000; MLflow run r2"
+        " (tied on accuracy with job 0, 3: the lower validation loss chose it)"
+    )
+    alone = table[table["job"] != 0].assign(val_accuracy=[0.8, 0.9, 0.85])
+    assert describe_best(alone, best_row(alone), []) == (
+        "best child: job 2: validation accuracy 0.9000, loss 0.4000; MLflow run r2"
+    )
 
 
 def test_only_evaluated_finished_runs_count_as_done(tmp_path: Path) -> None:

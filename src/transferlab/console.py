@@ -43,8 +43,9 @@ QUIET_ENVIRONMENT = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per model logged (its signature check)
     "MLFLOW_DISABLE_TELEMETRY": "true",  # offline-first: MLflow must not call home
 }
-# Python loggers whose INFO lines are internals ("Assets written to ...").
-QUIET_LOGGERS = ("tensorflow", "absl")
+# Python loggers whose INFO lines are internals ("Assets written to ...", "setup plugin ...": the
+# import of Optuna imports Alembic, whose plugins log each as it is set up).
+QUIET_LOGGERS = ("tensorflow", "absl", "alembic")
 # Modules whose import prints C++ log lines on fd 2.
 NOISY_IMPORTS = frozenset({"tensorflow"})
 _ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"

@@ -48,6 +48,15 @@ class DriverFormatter(logging.Formatter):
         return (self._hydra if hydra else self._job).format(record)
 
 
+def optuna_logs_as_ours() -> None:
+    """Optuna's lines through the root logger, formatted as the driver's others (`DriverFormatter`),
+    instead of through Optuna's own handler, whose ANSI colours stay in redirected output."""
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
 def quiet_job_logs() -> None:
     """Install both filters: on the `tensorflow` logger, and on the handlers Hydra set up for this job."""
     _add_once(logging.getLogger("tensorflow"), DropRetracingWarnings)

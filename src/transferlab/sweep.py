@@ -42,7 +42,7 @@ from transferlab.errors import (
     stops_handled,
     strip_ansi,
 )
-from transferlab.job_logs import quiet_job_logs
+from transferlab.job_logs import optuna_logs_as_ours, quiet_job_logs
 from transferlab.manifests import load_classes
 from transferlab.paths import StagePaths, project_root
 from transferlab.ray_launcher import exit_worker_on_sigterm, leave_cluster, placement_tags
@@ -134,6 +134,8 @@ class SweepTracker(Callback):
         sweeper = str(config.hydra.sweeper.get("_target_", "")).rsplit(".", 1)[-1]
         launcher = str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
         name = f"{'optuna' if 'Optuna' in sweeper else 'sweep'}-{sweep_dir.name}"
+        if "Optuna" in sweeper:  # before Hydra creates the sweeper, whose study logs its first line
+            optuna_logs_as_ours()
         tags = {
             tracking.TAG_OVERRIDES: " ".join(task),
             tracking.TAG_SWEEP_KEYS: " ".join(keys),

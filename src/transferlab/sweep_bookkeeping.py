@@ -108,6 +108,22 @@ def best_row(table: pd.DataFrame) -> pd.Series | None:
     return ranked.sort_values(["val_accuracy", "_loss"], ascending=[False, True], kind="stable").iloc[0]
 
 
+def describe_best(table: pd.DataFrame, best: pd.Series, keys: Sequence[str]) -> str:
+    """One line on the best child: its job, swept values, validation scores and run; and, when other
+    jobs tie with it on accuracy, that the lower loss chose it (Optuna's "Best parameters" name the
+    first trial of a tie, which may be another job)."""
+    values = ", ".join(f"{key}={best[key]}" for key in keys)
+    line = (
+        f"best child: job {best['job']}{f' ({values})' if values else ''}: validation accuracy "
+        f"{best['val_accuracy']:.4f}, loss {best['val_loss']:.4f}; MLflow run {best['run_id']}"
+    )
+    tied = table[(table["val_accuracy"] == best["val_accuracy"]) & (table["job"] != best["job"])]
+    if len(tied):
+        others = ", ".join(str(job) for job in tied["job"])
+        line += f" (tied on accuracy with job {others}: the lower validation loss chose it)"
+    return line
+
+
 def log_deferred_model(store: tracking.Store, rows: list[dict[str, Any]], run_id: str) -> None:
     """Log the model of the child `run_id` if its job left that to the end of the sweep (`sweep.log_models: best`)."""
     pending = next((row.get("model_to_log") for row in rows if row.get("run_id") == run_id), None)
@@ -162,6 +178,7 @@ def finish_parent_run(
     for path in extra_artifacts:
         run.log_artifact(path)
     if best is not None:
+        log.info("%s", describe_best(table, best, keys))
         run.set_tag(tracking.TAG_BEST_CHILD, best["run_id"])
         log_deferred_model(store, rows, best["run_id"])
         run.log_metrics({"best_val_accuracy": float(best["val_accuracy"])})
