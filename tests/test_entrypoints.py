@@ -38,7 +38,7 @@ SETTINGS = (
 )
 SWEEP_DIR = "outputs/sweeps/entrypoints"
 EXPERIMENT = "dropout-03"
-VEGA_PLOTS = 4  # dvc.yaml: confusion, accuracy, loss, per_class_f1 (the other four are PNG images)
+VEGA_PLOTS = 5  # dvc.yaml: confusion, accuracy, loss, l2_search, per_class_f1 (the other four are PNG images)
 
 
 @dataclass

@@ -68,18 +68,22 @@ def test_decode_falls_back_to_pillow_for_formats_tensorflow_lacks(tmp_path: Path
     assert pixels[4, 4].tolist() == list(RED)
 
 
-def test_unreadable_bytes_raise_value_error() -> None:
-    with pytest.raises(ValueError, match="not a readable image"):
+def test_unreadable_bytes_raise_value_error_in_the_split_stages_words() -> None:
+    with pytest.raises(ValueError, match=r"^not an image \(no format Pillow can read\)$"):
         decode_image_bytes(b"\x00\x01 not an image", 8)
+    with pytest.raises(ValueError, match=r"^empty file$"):
+        decode_image_bytes(b"", 8)
 
 
 def test_a_damaged_jpeg_is_refused_without_libjpeg_messages(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """New-user report: predict printed libjpeg's "Corrupt JPEG data: ..." lines (C code, file
     descriptor 2) before its own warning; Pillow reads the JPEG first, as the split stage does."""
     damaged = damaged_jpeg(tmp_path / "damaged.jpg")
-    assert check_image(damaged) is not None
-    with pytest.raises(ValueError, match="not a readable image"):
+    reason = check_image(damaged)
+    assert reason is not None and reason.startswith("corrupt or truncated: ")
+    with pytest.raises(ValueError) as refused:
         decode_image_bytes(damaged.read_bytes(), 16)
+    assert str(refused.value) == reason, "predict says what split says"
     assert capfd.readouterr().err == ""
 
 

@@ -17,6 +17,7 @@ from transferlab.config import compose, write_params
 from transferlab.linear_head import L2_STRENGTHS, PATIENCE, best_fit, fit_logistic, search_l2, targets
 from transferlab.paths import StagePaths
 from transferlab.stages.train import train
+from transferlab.trainer import L2_SEARCH_COLUMNS
 
 CONF = REPO_ROOT / "conf"
 
@@ -156,6 +157,18 @@ def test_an_lbfgs_head_phase_is_one_epoch_with_every_strength_in_mlflow(prepared
     assert metrics["best_epoch"] == 1
     assert "learning_rate" not in metrics, "no NaN learning rate in MLflow"
     assert _panels(paths.training_curves) == 3, "loss, accuracy and the L2 search"
+    table = pd.read_csv(paths.l2_search)  # what `dvc plots` draws: the search is this head's curve
+    assert table["l2"].tolist() == searched["l2"] and table["val_loss"].tolist() == pytest.approx(searched["val_loss"])
+    assert table["log10_l2"].tolist() == pytest.approx(np.log10(searched["l2"]).tolist())
+    logged = Path(client.download_artifacts(result.run_id, "l2_search.csv", str(paths.root / "fetched")))
+    assert logged.read_bytes() == paths.l2_search.read_bytes()
+
+
+def test_a_head_stepped_by_adam_writes_an_empty_l2_search(prepared_project: StagePaths) -> None:
+    paths = prepared_project
+    train(tiny_cfg("train.head_solver=adam", "mlflow.log_model=false"), paths)
+    table = pd.read_csv(paths.l2_search)
+    assert table.empty and list(table.columns) == L2_SEARCH_COLUMNS
 
 
 @pytest.mark.slow

@@ -153,5 +153,5 @@ def test_cli_predict_reports_a_damaged_jpeg_in_one_line(colour_model: Path, colo
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=user_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     [line] = done.stderr.splitlines()
-    assert f"WARNING transferlab.predict: cannot predict {damaged}: not a readable image" in line
+    assert f"WARNING transferlab.predict: cannot predict {damaged}: corrupt or truncated: " in line
     assert done.stdout.splitlines()[1].split()[:3] == [str(good), "1", "green"]

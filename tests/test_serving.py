@@ -107,7 +107,7 @@ def test_python_model_predicts_from_base64(colour_model: Path, colour_requests: 
     assert model.predict(context, pd.DataFrame({IMAGE_COLUMN: [data_url]}))["label"].tolist() == ["red"]
     with pytest.raises(ValueError, match="row 1: 'image' is not valid base64"):
         model.predict(context, pd.DataFrame({IMAGE_COLUMN: [images[0], "%%% not base64"]}))
-    with pytest.raises(ValueError, match="row 0: not a readable image"):
+    with pytest.raises(ValueError, match=r"row 0: not an image \(no format Pillow can read\)"):
         model.predict(context, pd.DataFrame({IMAGE_COLUMN: ["aGVsbG8gd29ybGQ="]}))
 
 
@@ -195,7 +195,7 @@ def test_mlflow_models_serve_round_trip(
     assert status == 200 and body["predictions"][0]["label"] == "green"
     status, body = model_server.post({"dataframe_records": [{IMAGE_COLUMN: "bm90IGFuIGltYWdl"}]})
     assert status == 400
-    assert "row 0: not a readable image" in body["message"]
+    assert "row 0: not an image (no format Pillow can read)" in body["message"]
 
 
 def test_logging_a_model_does_not_load_it_again(

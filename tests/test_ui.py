@@ -246,3 +246,6 @@ def test_dvc_plots_draw_the_confusion_matrix_and_accuracy_curves(demo: Demo, tmp
     assert "Test confusion matrix" in confusion
     assert "<svg" in accuracy and accuracy.count('aria-roledescription="line mark"') >= 2  # train and validation
     assert "Training and validation accuracy" in accuracy
+    search = sections["l2_search"]  # the demo's head is fitted by L-BFGS: its search is its curve
+    assert "<svg" in search and search.count('aria-roledescription="line mark"') >= 2
+    assert "L-BFGS head: loss per L2 strength" in search

@@ -133,8 +133,13 @@ def check_image(path: Path) -> str | None:
     except ImageTooLargeError as exc:
         return f"too large to decode safely: {exc}"
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, struct.error...) on bad data
-        return f"corrupt or truncated: {first_line(exc)}"
+        return _corrupt(exc)
     return None
+
+
+def _corrupt(exc: Exception) -> str:
+    """Why a file that claims an image format does not decode, as split and predict both say it."""
+    return f"corrupt or truncated: {first_line(exc)}"
 
 
 def _decode_small(image: Image.Image) -> None:
@@ -256,17 +261,19 @@ def decode_image_bytes(data: bytes, image_size: int, positions: Sequence[float] 
 
 def _check_readable(data: bytes) -> None:
     """The header (its declared size), and for a JPEG every pixel, read by Pillow first: a damaged
-    JPEG is reported as the split stage reports it, without libjpeg's messages on the terminal."""
+    JPEG is reported in the split stage's words, without libjpeg's messages on the terminal."""
+    if not data:
+        raise ValueError("empty file")
     try:
         with open_image(io.BytesIO(data)) as image:
             if image.format in JPEG_FORMATS:
                 _decode_small(image)
-    except UnidentifiedImageError as exc:
-        raise ValueError("not a readable image (unknown format or corrupt data)") from exc
+    except UnidentifiedImageError as exc:  # predict reads any format Pillow reads, not only split's
+        raise ValueError("not an image (no format Pillow can read)") from exc
     except ImageTooLargeError:
         raise
     except Exception as exc:  # Pillow raises many types on corrupt data
-        raise ValueError(f"not a readable image ({first_line(exc)})") from exc
+        raise ValueError(_corrupt(exc)) from exc
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray:
@@ -274,4 +281,4 @@ def _decode_with_pillow(data: bytes) -> np.ndarray:
         with open_image(io.BytesIO(data)) as image:
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"not a readable image ({first_line(exc)})") from exc
+        raise ValueError(_corrupt(exc)) from exc

@@ -125,6 +125,10 @@ class StagePaths:
         return self.reports / "history.csv"
 
     @property
+    def l2_search(self) -> Path:
+        return self.reports / "l2_search.csv"
+
+    @property
     def training_curves(self) -> Path:
         return self.reports / "training_curves.png"
 
@@ -167,7 +171,7 @@ class StagePaths:
             "source": [self.source_record],
             "download": [self.raw_root],
             "split": [self.splits],
-            "train": [self.models, self.history, self.training_curves],
+            "train": [self.models, self.history, self.l2_search, self.training_curves],
             "evaluate": [
                 self.metrics,
                 self.per_class,

@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ["epoch", "phase", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+# reports/l2_search.csv: an L-BFGS head's fit per strength tried, strongest first (log10_l2 for DVC's
+# linear axis); no rows for a head stepped by Adam
+L2_SEARCH_COLUMNS = ["l2", "log10_l2", "loss", "accuracy", "val_loss", "val_accuracy"]
 EPOCH_METRICS = ["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
 Source = Literal["pool", "cut", "images"]
 Schedule = Literal["constant", "cosine", "plateau"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from transferlab import atomic, figure_workers, keras_saving, tracking
@@ -31,7 +32,7 @@ from transferlab.locks import stage_lock
 from transferlab.manifests import SplitDataset, check_splits_fresh, load_classes, split_datasets, splits_digest
 from transferlab.paths import StagePaths
 from transferlab.registry import register_run_model
-from transferlab.trainer import HISTORY_COLUMNS, SavedModelReport, Trainer
+from transferlab.trainer import HISTORY_COLUMNS, L2_SEARCH_COLUMNS, SavedModelReport, Trainer
 
 if TYPE_CHECKING:
     from transferlab.model import Classifier
@@ -292,12 +293,16 @@ def _write_outputs(
     with_curves: bool,
 ) -> None:
     """The unit of `_save_outputs`, the curves in it `with_curves`."""
-    together = [paths.history, paths.training_curves] if with_curves else [paths.history]
-    with atomic.replace_together(paths.models, together) as (models, (history_csv, *curves_png)):
+    together = [paths.history, paths.l2_search, *([paths.training_curves] if with_curves else [])]
+    with atomic.replace_together(paths.models, together) as (models, (history_csv, l2_search_csv, *curves_png)):
         history.to_csv(history_csv, index=False)
+        searched = l2_search_table(trainer.state.l2_search)
+        searched.to_csv(l2_search_csv, index=False)
         curves = [_draw_curves(history, png, trainer) for png in curves_png]
         with figure_workers.settled(*curves):  # drawn into the folder a failure would remove
             run.log_artifact(history_csv)
+            if len(searched):
+                run.log_artifact(l2_search_csv)
             run.log_artifact(paths.classes)
             kept = kept_row(history, trainer.kept_epoch)
             final_accuracy, final_loss = final_validation(saved_model, kept)
@@ -332,6 +337,13 @@ def _write_outputs(
                 stop_if_received()  # a stop while the model was logged: models/ stays as it was
             _log_curves(run, [curve.path() for curve in curves])
             run.record.write(models / paths.run_file.name)
+
+
+def l2_search_table(l2_search: list[dict[str, float]]) -> pd.DataFrame:
+    """`reports/l2_search.csv`: an L-BFGS head's strengths tried, with their scores (none for Adam)."""
+    table = pd.DataFrame(l2_search, columns=[c for c in L2_SEARCH_COLUMNS if c != "log10_l2"])
+    table.insert(1, "log10_l2", np.log10(table["l2"].astype(float)))
+    return table
 
 
 def _draw_curves(history: pd.DataFrame, path: Path, trainer: Trainer) -> figure_workers.Drawing:
