@@ -187,7 +187,9 @@ def test_kills_while_training_leave_the_old_model_and_run_or_the_new(project: St
 
 # --- 7: Ctrl-C and SIGTERM on `transferlab-train`, one run and a sweep ---------------------
 
-LONG_RUN = (*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=50", *QUIET)
+# All 50 epochs, without early stopping: on the synthetic images it stopped a job within seconds,
+# and a stop meant for its training could land after its run had ended, before evaluate began.
+LONG_RUN = (*SYNTHETIC_OVERRIDES, *TINY_MODEL, "train.epochs=50", "train.early_stopping=null", *QUIET)
 
 
 Moment = str | Callable[[], bool]
