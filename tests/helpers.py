@@ -593,3 +593,13 @@ def train_to_the_end(paths: StagePaths) -> str:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-2000:]
     return out
+
+
+def curve_panels(curves_png: Path) -> int:
+    """How many panels `reports/training_curves.png` has (each is 5 inches wide)."""
+    from PIL import Image
+
+    from transferlab import plots
+
+    with Image.open(curves_png) as image:
+        return round(image.width / (5 * plots.DPI))

@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import REPO_ROOT, mlflow_client, tiny_cfg, train_killed_after, train_to_the_end
-from PIL import Image
+from helpers import REPO_ROOT, curve_panels, mlflow_client, tiny_cfg, train_killed_after, train_to_the_end
 
-from transferlab import plots
 from transferlab.config import compose, write_params
 from transferlab.linear_head import L2_STRENGTHS, PATIENCE, best_fit, fit_logistic, search_l2, targets
 from transferlab.paths import StagePaths
@@ -20,12 +18,6 @@ from transferlab.stages.train import train
 from transferlab.trainer import L2_SEARCH_COLUMNS
 
 CONF = REPO_ROOT / "conf"
-
-
-def _panels(curves_png: Path) -> int:
-    """How many panels the training curves have (each is 5 inches wide)."""
-    with Image.open(curves_png) as image:
-        return round(image.width / (5 * plots.DPI))
 
 
 def _blobs(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +148,7 @@ def test_an_lbfgs_head_phase_is_one_epoch_with_every_strength_in_mlflow(prepared
     assert metrics["val_loss"] == pytest.approx(searched["val_loss"][kept])
     assert metrics["best_epoch"] == 1
     assert "learning_rate" not in metrics, "no NaN learning rate in MLflow"
-    assert _panels(paths.training_curves) == 3, "loss, accuracy and the L2 search"
+    assert curve_panels(paths.training_curves) == 3, "loss, accuracy and the L2 search"
     table = pd.read_csv(paths.l2_search)  # what `dvc plots` draws: the search is this head's curve
     assert table["l2"].tolist() == searched["l2"] and table["val_loss"].tolist() == pytest.approx(searched["val_loss"])
     assert table["log10_l2"].tolist() == pytest.approx(np.log10(searched["l2"]).tolist())
@@ -198,10 +190,10 @@ def test_a_fine_tuning_run_after_an_lbfgs_head_resumes_after_a_kill_as_if_uninte
     out = train_to_the_end(paths)
     assert "resuming after epoch" in out and "head: L-BFGS" not in out, "phase 1 is not fitted again"
     assert paths.history.read_text() == uninterrupted
-    assert _panels(paths.training_curves) == 3, "the checkpoint kept the L2 search for the curves"
+    assert curve_panels(paths.training_curves) == 4, "phase 1's L2 search from the checkpoint, the refit's anew"
     steps = [m.step for m in client.get_metric_history(killed_run, "val_loss")]
     assert sorted(steps) == list(range(1, 8)), "every epoch logged exactly once"
-    assert _run_id(paths) == killed_run and len(refit) == 4
+    assert _run_id(paths) == killed_run and len(refit) == 4 + 3, "refit_*, and refit_search/* per strength"
     resumed = client.get_run(killed_run).data.metrics
     assert {k: resumed[k] for k in refit} == pytest.approx(refit), "the head refitted after fine-tuning, as before"
 

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import mlflow_client, run_cli, tiny_cfg, train_killed_after, train_to_the_end, widen_photos
+from helpers import (
+    curve_panels,
+    mlflow_client,
+    run_cli,
+    tiny_cfg,
+    train_killed_after,
+    train_to_the_end,
+    widen_photos,
+)
 
 from transferlab import errors, tracking
 from transferlab.config import write_params
@@ -308,9 +316,17 @@ def test_after_fine_tuning_the_head_refitted_on_the_new_features_is_kept_when_it
     outcome = "kept" if logged["refit_kept"] else "the fine-tuned head stays"
     assert "**Head refitted** after fine-tuning" in run.data.tags["mlflow.note.content"]
     assert f"against {trained:.3f}: {outcome}." in run.data.tags["mlflow.note.content"]
+    client = mlflow_client(paths)
+    history = {name: client.get_metric_history(run.info.run_id, f"refit_search/{name}") for name in ("l2", "val_loss")}
+    searched = {name: [m.value for m in sorted(steps, key=lambda m: m.step)] for name, steps in history.items()}
+    assert len(searched["l2"]) >= 2 and logged["refit_l2"] in searched["l2"], "every strength the refit tried"
+    assert min(searched["val_loss"]) == pytest.approx(logged["refit_val_loss"])
+    assert curve_panels(paths.training_curves) == 4, "loss, accuracy, phase 1's L2 search and the refit's"
 
     again = train(tiny_cfg(*REFIT, "finetune.refit_head=false"), paths)
-    assert not {"refit_l2", "refit_kept"} & set(mlflow_client(paths).get_run(again.run_id).data.metrics)
+    not_refitted = mlflow_client(paths).get_run(again.run_id).data.metrics
+    assert not {"refit_l2", "refit_kept", "refit_search/l2"} & set(not_refitted)
+    assert curve_panels(paths.training_curves) == 3
     assert _validation_loss(paths.model_file, paths)[0] == pytest.approx(again.history["val_loss"].iloc[-1], abs=2e-3)
 
 

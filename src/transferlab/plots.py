@@ -62,6 +62,7 @@ def plot_training_curves(
     path: Path,
     kept_epoch: int | None = None,
     l2_search: Sequence[dict[str, float]] = (),
+    refit_search: Sequence[dict[str, float]] = (),
 ) -> Path:
     """Loss and accuracy per epoch, training and validation, with phase boundaries marked.
 
@@ -69,16 +70,26 @@ def plot_training_curves(
     (`epoch,phase,loss,accuracy,val_loss,val_accuracy,learning_rate`); missing ones are skipped.
     `kept_epoch`, the epoch whose weights the model keeps (early stopping), is marked too. With
     `l2_search` (an L-BFGS head's strengths, strongest first: `linear_head.LinearFit.scores`), a
-    third panel shows how the head scored at each: that phase is one epoch in the other two.
+    third panel shows how the head scored at each: that phase is one epoch in the other two. With
+    `refit_search` (the head fitted again after fine-tuning, `finetune.refit_head`), a last panel
+    shows that search.
     """
     if history.empty:
         return _message_figure("no training history", path)
     x = _epoch_axis(history)
     panels = (("loss", "Loss"), ("accuracy", "Accuracy"))
-    columns = len(panels) + (1 if l2_search else 0)
+    searches = [
+        (searched, title)
+        for searched, title in (
+            (l2_search, "Head: L-BFGS fits by L2 strength"),
+            (refit_search, "Head refitted after fine-tuning"),
+        )
+        if searched
+    ]
+    columns = len(panels) + len(searches)
     fig = Figure(figsize=(5 * columns, 4), layout="constrained")
-    if l2_search:
-        _draw_l2_search(fig.add_subplot(1, columns, columns), l2_search)
+    for i, (searched, title) in enumerate(searches, start=len(panels) + 1):
+        _draw_l2_search(fig.add_subplot(1, columns, i), searched, title)
     for i, (metric, title) in enumerate(panels, start=1):
         ax = fig.add_subplot(1, columns, i)
         for column, label in ((metric, "train"), (f"val_{metric}", "validation")):
@@ -105,7 +116,7 @@ def plot_training_curves(
     return _save(fig, path)
 
 
-def _draw_l2_search(ax: Axes, l2_search: Sequence[dict[str, float]]) -> None:
+def _draw_l2_search(ax: Axes, l2_search: Sequence[dict[str, float]], title: str) -> None:
     """Loss (training, validation) and validation accuracy against the L2 strength, weaker to the
     right, the kept strength (lowest validation loss) marked."""
     strengths = np.array([fit["l2"] for fit in l2_search])
@@ -123,7 +134,7 @@ def _draw_l2_search(ax: Axes, l2_search: Sequence[dict[str, float]]) -> None:
         strengths, [fit["val_accuracy"] for fit in l2_search], color="C4", marker="s", markersize=3, linestyle=":"
     )
     accuracy.set_ylabel("validation accuracy (dotted)", color="C4")
-    ax.set_title("Head: L-BFGS fits by L2 strength")
+    ax.set_title(title)
     ax.legend()
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -198,9 +198,10 @@ class HeadRefit:
     val_accuracy: float
     trained_val_loss: float  # the fine-tuned head's, at the kept epoch
     kept: bool  # True: the refit head replaced the fine-tuned one
+    search: tuple[dict[str, float], ...]  # every strength tried, strongest first (`LinearFit.scores`)
 
     def metrics(self) -> dict[str, float]:
-        """Its figures as MLflow metrics (`refit_*`)."""
+        """Its figures as MLflow metrics (`refit_*`); the search is `refit_search/*`, per step."""
         return {
             "refit_l2": self.l2,
             "refit_val_loss": self.val_loss,
@@ -351,9 +352,7 @@ class Trainer:
         log.info("head: kept l2 %g (validation loss %.4f, accuracy %.4f)", kept.l2, kept.val_loss, kept.val_accuracy)
         self.state.l2_search = [fit.scores() for fit in fits]
         if self.run is not None:
-            for step, tried in enumerate(self.state.l2_search, start=1):
-                logged = {f"{self.metric_prefix}l2_search/{k}": tried[k] for k in ("l2", "val_loss", "val_accuracy")}
-                self.run.log_metrics(logged, step=step)
+            log_l2_search(self.run, f"{self.metric_prefix}l2_search", self.state.l2_search)
             self.run.log_metrics({f"{self.metric_prefix}head_l2": kept.l2})
         # The kept solution's scores are the epoch's logs (finish_epoch reads its metrics from them).
         self.finish_epoch(fit.model, phase, self.state.epochs_done + 1, kept.scores(), learning_rate=float("nan"))
@@ -415,7 +414,7 @@ class Trainer:
         )
         log.info("finetune: refitting the head by L-BFGS on %d cached views of %d images", *views.shape[:2])
         trained = head_affine(classifier.head)
-        _, refit = self._search_head(classifier, views, train.labels, self._validation_pooled(classifier))
+        fits, refit = self._search_head(classifier, views, train.labels, self._validation_pooled(classifier))
         trained_loss = kept_row["val_loss"]
         kept = refit.val_loss < trained_loss
         if not kept:
@@ -428,7 +427,8 @@ class Trainer:
             self.kept_epoch,
             "kept" if kept else "the fine-tuned head stays",
         )
-        self.refit = HeadRefit(refit.l2, refit.val_loss, refit.val_accuracy, trained_loss, kept)
+        searched = tuple(fit.scores() for fit in fits)
+        self.refit = HeadRefit(refit.l2, refit.val_loss, refit.val_accuracy, trained_loss, kept, searched)
 
     @property
     def head_refitted(self) -> bool:
@@ -711,6 +711,12 @@ class Trainer:
             self.val_set, image_size=size, batch_size=batch_size, augmenter=flip, positions=(position,)
         )
         return np.asarray(classifier.features.predict(dataset.map(lambda x, y: x), verbose=0))
+
+
+def log_l2_search(run: tracking.Run, prefix: str, searched: Sequence[dict[str, float]]) -> None:
+    """An L-BFGS search as MLflow metrics `<prefix>/l2`, `/val_loss`, `/val_accuracy`, one step per strength."""
+    for step, tried in enumerate(searched, start=1):
+        run.log_metrics({f"{prefix}/{k}": tried[k] for k in ("l2", "val_loss", "val_accuracy")}, step=step)
 
 
 def _log_test_time_views(

@@ -32,7 +32,7 @@ from transferlab.locks import stage_lock
 from transferlab.manifests import SplitDataset, check_splits_fresh, load_classes, split_datasets, splits_digest
 from transferlab.paths import StagePaths
 from transferlab.registry import register_run_model
-from transferlab.trainer import HISTORY_COLUMNS, L2_SEARCH_COLUMNS, SavedModelReport, Trainer
+from transferlab.trainer import HISTORY_COLUMNS, L2_SEARCH_COLUMNS, SavedModelReport, Trainer, log_l2_search
 
 if TYPE_CHECKING:
     from transferlab.model import Classifier
@@ -174,6 +174,7 @@ def _train_as_chief(
             saved_model = trainer.finish_model(classifier)
         if trainer.refit is not None:
             run.log_metrics(trainer.refit.metrics())
+            log_l2_search(run, "refit_search", trainer.refit.search)
         if saved_model is not None and saved_model.temperature is not None:
             _log_calibration(run, saved_model)
         if resume is not None and _saved_by(paths, run.run_id):
@@ -350,7 +351,10 @@ def _draw_curves(history: pd.DataFrame, path: Path, trainer: Trainer) -> figure_
     from transferlab.plots import plot_training_curves
 
     kept, searched = trainer.kept_epoch, trainer.state.l2_search
-    return figure_workers.draw(plot_training_curves, history, path, kept_epoch=kept, l2_search=searched)
+    refit = trainer.refit.search if trainer.refit is not None else ()
+    return figure_workers.draw(
+        plot_training_curves, history, path, kept_epoch=kept, l2_search=searched, refit_search=refit
+    )
 
 
 def _log_curves(run: tracking.Run, curves: list[Path]) -> None:
