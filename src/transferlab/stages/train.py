@@ -342,8 +342,8 @@ def _write_outputs(
 
 def l2_search_table(l2_search: list[dict[str, float]]) -> pd.DataFrame:
     """`reports/l2_search.csv`: an L-BFGS head's strengths tried, with their scores (none for Adam)."""
-    table = pd.DataFrame(l2_search, columns=[c for c in L2_SEARCH_COLUMNS if c != "log10_l2"])
-    table.insert(1, "log10_l2", np.log10(table["l2"].astype(float)))
+    table = pd.DataFrame(l2_search, columns=L2_SEARCH_COLUMNS)  # the fits' scores hold no log10_l2
+    table["log10_l2"] = np.log10(table["l2"].astype(float))
     return table
 
 
